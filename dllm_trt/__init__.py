@@ -1,0 +1,1 @@
+"""dllm-trt: exported runtime for diffusion LMs with Elastic-Cache. See README.md."""

@@ -1,0 +1,1 @@
+"""Torch-side tooling: ONNX export and artifact builders. Never needed at inference."""

@@ -1,0 +1,1 @@
+"""Backends execute pieces and own the cache buffers."""

@@ -1,0 +1,99 @@
+"""The PyTorch backend: runs the reference pieces eagerly (CPU, or CUDA when present) with device-resident caches."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import layer_ranges
+from .base import Backend, BackendError, RangeStats
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model_dir, layers_per_range: int = 1, device: str | None = None, dtype: str = "fp32"):
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("the torch backend needs PyTorch: pip install 'dllm-trt[export]'") from None
+        from ..checkpoint import Checkpoint
+        from ..model_torch import Embedding, Head, LayerRange
+
+        if dtype not in _DTYPES:
+            raise BackendError(f"unknown dtype {dtype!r} (choose {', '.join(_DTYPES)})")
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, _DTYPES[dtype])
+        ckpt = Checkpoint(model_dir)
+        self.config = ckpt.config
+        self.ranges = layer_ranges(self.config.n_layers, layers_per_range)
+        self.embedding = Embedding(self.config, self.dtype).load(ckpt).to(self.device).eval()
+        self.layers = [LayerRange(self.config, a, b, self.dtype).load(ckpt).to(self.device).eval()
+                       for a, b in self.ranges]
+        self.head_piece = Head(self.config, self.dtype).load(ckpt).to(self.device).eval()
+        torch.set_grad_enabled(False)
+
+    def describe(self) -> str:
+        return f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
+
+    def _t(self, a: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def _allocate(self, n: int) -> None:
+        c, t = self.config, self.torch
+        shape = (c.n_heads, n, c.head_dim)
+        self.k = [t.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
+        self.v = [t.zeros_like(x) for x in self.k]
+        self.q = [t.zeros_like(x) for x in self.k]
+        self.boundary = [t.zeros((n, c.d_model), dtype=self.dtype, device=self.device) for _ in self.ranges]
+        self.positions = t.arange(n, device=self.device)
+
+    def _store(self, r: int, positions, hidden) -> None:
+        """Keep `hidden` as the current rows and as the input of range r (if it exists)."""
+        self.current = hidden
+        if r < len(self.ranges):
+            if positions is None:
+                self.boundary[r].copy_(hidden)
+            else:
+                self.boundary[r].index_copy_(0, self._t(positions), hidden)
+
+    def _embed(self, ids, positions):
+        self._store(0, positions, self.embedding(self._t(ids)))
+
+    def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
+        a, b = self.ranges[r]
+        pos, track = self._t(positions), self._t(track_positions)
+        caches = []
+        for layer in range(a, b):
+            caches += [self.k[layer], self.v[layer], self.q[layer].index_select(1, track)]
+        out = self.layers[r].window(self.current, pos, self._t(track_rows), self._t(window_rows),
+                                    self._t(key_is_mask), *caches)
+        drift, colsum = [], []
+        for i, layer in enumerate(range(a, b)):
+            k, v, q, d, c = out[1 + 5 * i: 6 + 5 * i]
+            self.k[layer].index_copy_(1, pos, k)
+            self.v[layer].index_copy_(1, pos, v)
+            self.q[layer].index_copy_(1, pos, q)
+            drift.append(d)
+            colsum.append(c)
+        self._store(r + 1, positions, out[0])
+        return RangeStats(colsum=self.torch.stack(colsum).cpu().numpy(), drift=self.torch.stack(drift).cpu().numpy())
+
+    def _refresh(self, r, window_positions, key_is_mask):
+        a, b = self.ranges[r]
+        out = self.layers[r].refresh(self.boundary[r], self.positions, self._t(window_positions),
+                                     self._t(key_is_mask))
+        colsum = []
+        for i, layer in enumerate(range(a, b)):
+            k, v, q, c = out[1 + 4 * i: 5 + 4 * i]
+            self.k[layer].copy_(k)
+            self.v[layer].copy_(v)
+            self.q[layer].copy_(q)
+            colsum.append(c)
+        self._store(r + 1, None, out[0])
+        return RangeStats(colsum=self.torch.stack(colsum).cpu().numpy())
+
+    def _head(self, rows):
+        tokens, probs = self.head_piece(self.current, self._t(rows))
+        return tokens.cpu().numpy(), probs.float().cpu().numpy()

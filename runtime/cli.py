@@ -1,0 +1,171 @@
+"""`dllm-trt` command line. User mistakes end with one line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .backends.base import BackendError
+from .config import ModelError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "tiny"
+
+
+class UsageError(Exception):
+    """A bad command-line value."""
+
+
+def fail(msg: str, code: int = 2):
+    print(f"dllm-trt: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---- decoding options shared by generate / eval / bench ---------------------------------------------------------
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--cache", default="elastic", help="none | prefix | dual | elastic (default elastic)")
+    g.add_argument("--gen-length", type=int, default=256, help="positions to generate (default 256)")
+    g.add_argument("--block-length", type=int, help="LLaDA block schedule: block length (default 32)")
+    g.add_argument("--steps", type=int, help="LLaDA block schedule: total steps (one token per step = gen length)")
+    g.add_argument("--window", type=int, help="sliding-window schedule: the beta left-most masks (default 16)")
+    g.add_argument("--threshold", type=float, help="unmask every position with confidence >= this (at least one)")
+    g.add_argument("--tokens-per-step", type=int, default=1, help="window schedule without --threshold")
+    g.add_argument("--early-stop", dest="early_stop", action="store_true", default=None,
+                   help="stop at the first committed EOS (default: on for the window, off for blocks)")
+    g.add_argument("--no-early-stop", dest="early_stop", action="store_false")
+    e = p.add_argument_group("elastic cache")
+    e.add_argument("--gamma", type=float, default=0.9, help="drift threshold: refresh when similarity < gamma")
+    e.add_argument("--track-num", type=int, default=1, help="most-attended tokens tracked per layer")
+    e.add_argument("--drift-metric", default="heads", choices=["heads", "keys"])
+    e.add_argument("--refresh-alignment", default="rerun", choices=["rerun", "next"])
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", default="auto", help="auto | torch | onnxruntime")
+    b.add_argument("--layers-per-range", type=int, default=1, help="layers per piece (torch backend, export)")
+    b.add_argument("--device", help="torch backend device (default cuda when present, else cpu)")
+    b.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | bf16 | fp16")
+
+
+def make_schedule(a, cache: str, gen_length: int):
+    from .schedule import BlockSchedule, WindowSchedule
+
+    use_blocks = a.block_length is not None or a.steps is not None or (cache in ("none", "prefix", "dual")
+                                                                         and a.window is None)
+    if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], got {a.threshold}")
+    if a.tokens_per_step < 1:
+        raise UsageError(f"--tokens-per-step must be at least 1, got {a.tokens_per_step}")
+    try:
+        if use_blocks:
+            if a.window is not None:
+                raise UsageError("choose either the block schedule (--block-length/--steps) or --window, not both")
+            block = a.block_length or min(32, gen_length)
+            if block < 1:
+                raise UsageError(f"--block-length must be at least 1, got {block}")
+            threshold = a.threshold
+            steps = a.steps
+            if steps is None and threshold is None:
+                # LLaDA's baseline is one token per step; Fast-dLLM's caches come with its 0.9 threshold
+                if cache == "none":
+                    steps = gen_length
+                else:
+                    threshold = 0.9
+            early = bool(a.early_stop) if a.early_stop is not None else False
+            return BlockSchedule(gen_length, block, steps, threshold if steps is None else None, early)
+        window = a.window if a.window is not None else 16
+        if window < 1:
+            raise UsageError(f"--window must be at least 1, got {window}")
+        threshold = a.threshold if a.threshold is not None else (0.9 if a.tokens_per_step == 1 else None)
+        early = True if a.early_stop is None else a.early_stop
+        return WindowSchedule(gen_length, window, threshold, a.tokens_per_step, early)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def make_policy_from_args(a, cache: str):
+    from .policies import make_policy
+
+    if math.isnan(a.gamma) or not -1.0 <= a.gamma <= 2.0:
+        raise UsageError(f"--gamma must be in [-1, 2] (similarities are in [-1, 1]; > 1 always refreshes), "
+                         f"got {a.gamma}")
+    if a.track_num < 1:
+        raise UsageError(f"--track-num must be at least 1, got {a.track_num}")
+    try:
+        return make_policy(cache, a.gamma, a.track_num, a.drift_metric, a.refresh_alignment)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def open_backend(a):
+    """The backend named by --backend for --model or --engines."""
+    from .engine import load_backend
+
+    return load_backend(model=a.model, engines=getattr(a, "engines", None), backend=a.backend,
+                        layers_per_range=a.layers_per_range, device=a.device, dtype=a.dtype)
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+def cmd_generate(a) -> None:
+    from .decoder import Decoder
+    from .tokenizer import TextTokenizer
+
+    if not a.prompt or not a.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if a.gen_length < 1:
+        raise UsageError(f"--gen-length must be at least 1, got {a.gen_length}")
+    schedule = make_schedule(a, a.cache, a.gen_length)
+    policy = make_policy_from_args(a, a.cache)
+    backend, source_dir = open_backend(a)
+    tok = TextTokenizer(source_dir)
+    prompt_ids = tok.encode_prompt(a.prompt, chat=a.chat)
+    limit = backend.config.max_sequence_length
+    if len(prompt_ids) + a.gen_length > limit:
+        raise UsageError(f"prompt ({len(prompt_ids)} tokens) + gen length ({a.gen_length}) exceeds the model's "
+                         f"maximum of {limit} positions")
+    try:
+        decoder = Decoder(backend, policy, schedule, detokenize=tok.decode)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    result = decoder.generate(prompt_ids)
+    if a.json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(result.text)
+    extra = f", refresh fraction {result.refresh_fraction:.3f}" if policy.name == "elastic" else ""
+    print(f"[{result.backend} | cache {policy.name} | {schedule.name} schedule] {result.tokens} tokens in "
+          f"{result.steps} steps, {result.seconds:.2f} s, {result.tokens_per_second:.1f} tok/s{extra}",
+          file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dllm-trt", description="Diffusion LM runtime with Elastic-Cache.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", help=f"LLaDA checkpoint directory (default: the bundled {DEFAULT_MODEL.name})")
+    src.add_argument("--engines", help="exported engine directory (manifest.json)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
+    add_decoding_args(g)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model", None) is None and getattr(args, "engines", None) is None:
+        args.model = str(DEFAULT_MODEL)
+    try:
+        args.func(args)
+    except (UsageError, ModelError, BackendError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""LLaDA in PyTorch, expressed as the pieces that get exported: embedding, layer ranges (window / refresh), head.
+
+This is the reference used by the torch backend and by the exporter. Every piece takes and returns plain tensors
+(no batch dimension: decoding is batch 1), so the same modules export to ONNX unchanged.
+
+Layouts: hidden states [S, d_model]; per-layer K/V/Q [n_heads, S, head_dim] after RoPE; positions are absolute
+canvas indices. Numerics follow LLaDA: RMSNorm statistics, RoPE, softmax and every statistic in float32, matmuls in
+the model dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .checkpoint import PREFIX, Checkpoint, layer_keys
+from .config import ModelConfig
+
+_COS_EPS = 1e-8  # same guard as torch.cosine_similarity
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight
+
+
+def rope(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE at absolute positions, in float32. x: [H, S, hd], position_ids: [S]."""
+    freqs = position_ids.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * emb.cos() + rotated * emb.sin()).to(x.dtype)
+
+
+def masked_colsum(probs_rows: torch.Tensor, key_is_mask: torch.Tensor) -> torch.Tensor:
+    """Attention received by each key position, summed over heads and rows; still-MASK keys get 0. -> [N]."""
+    score = probs_rows.sum(dim=(0, 1))
+    return torch.where(key_is_mask, torch.zeros_like(score), score)
+
+
+def head_axis_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over (row, key) of the cosine between a[:, row, key] and b[:, row, key] taken across heads."""
+    num = (a * b).sum(0)
+    den = torch.sqrt(torch.clamp((a * a).sum(0) * (b * b).sum(0), min=_COS_EPS * _COS_EPS))
+    return (num / den).mean()
+
+
+def key_axis_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over (head, row) of the cosine between two attention rows taken across key positions (paper formula)."""
+    num = (a * b).sum(-1)
+    den = torch.sqrt(torch.clamp((a * a).sum(-1) * (b * b).sum(-1), min=_COS_EPS * _COS_EPS))
+    return (num / den).mean()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        d, f = cfg.d_model, cfg.mlp_hidden_size
+        kw = dict(bias=False, dtype=dtype)
+        self.attn_norm = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.ff_norm = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d, **kw), nn.Linear(d, d, **kw), nn.Linear(d, d, **kw)
+        self.attn_out = nn.Linear(d, d, **kw)
+        self.ff_proj, self.up_proj = nn.Linear(d, f, **kw), nn.Linear(d, f, **kw)
+        self.ff_out = nn.Linear(f, d, **kw)
+        self.n_heads, self.head_dim, self.eps = cfg.n_heads, cfg.head_dim, cfg.rms_norm_eps
+
+    def qkv(self, h: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor):
+        x = rms_norm(h, self.attn_norm, self.eps)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [..., S, D] -> [..., H, S, hd]
+            return t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(-3, -2)
+
+        q = rope(heads(self.q_proj(x)), position_ids, inv_freq)
+        k = rope(heads(self.k_proj(x)), position_ids, inv_freq)
+        return q, k, heads(self.v_proj(x))
+
+    def finish(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual and SwiGLU MLP. ctx: [..., H, S, hd]."""
+        h = h + self.attn_out(ctx.transpose(-3, -2).flatten(-2))
+        x = rms_norm(h, self.ff_norm, self.eps)
+        return h + self.ff_out(torch.nn.functional.silu(self.ff_proj(x)) * self.up_proj(x))
+
+
+class LayerRange(nn.Module):
+    """Layers [first, last) of LLaDA. `window` and `refresh` are the two exported modes (see docs/CONTRACT.md)."""
+
+    def __init__(self, cfg: ModelConfig, first: int, last: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg, self.first, self.last, self.dtype = cfg, first, last, dtype
+        self.blocks = nn.ModuleList(Block(cfg, dtype) for _ in range(first, last))
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    @property
+    def n(self) -> int:
+        return self.last - self.first
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+
+    def window(self, hidden, position_ids, track_rows, window_rows, key_is_mask, *caches):
+        """Recompute only the query rows; read every other key from the cache.
+
+        hidden [Sq, D] (range input for the query rows), position_ids [Sq] (their canvas slots), track_rows [T]
+        (rows of the tracked tokens), window_rows [W] (rows of the decoding window), key_is_mask [N] bool, then for
+        each layer: past_key [H, N, hd], past_value [H, N, hd] (cache before this step's writes), track_query
+        [H, T, hd] (the tracked tokens' cached queries).
+        Returns hidden_out [Sq, D], then per layer: new_key, new_value, new_query [H, Sq, hd], drift [2] (float32:
+        the similarity across heads as the reference code computes it, and across keys as the paper writes it),
+        attn_colsum [N] (float32).
+        """
+        n_keys = key_is_mask.shape[0]
+        # slot_of_row[i, p] = 1 where query row i lives in canvas slot p: maps new-key columns onto canvas columns.
+        slot_of_row = (position_ids[:, None] == torch.arange(n_keys, device=hidden.device)[None, :]).float()
+        stale_bias = torch.where(slot_of_row.sum(0) > 0, float("-inf"), 0.0)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            past_k, past_v, track_q = caches[3 * i], caches[3 * i + 1], caches[3 * i + 2]
+            q, k, v = block.qkv(hidden, position_ids, self.inv_freq)
+            s_past = self.scores(q, past_k) + stale_bias
+            s_new = self.scores(q, k)
+            probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1)
+            p_past, p_new = probs[..., :n_keys], probs[..., n_keys:]
+            ctx = torch.matmul(p_past.to(v.dtype), past_v) + torch.matmul(p_new.to(v.dtype), v)
+
+            def aligned(rows: torch.Tensor) -> torch.Tensor:  # attention of some query rows over canvas slots
+                return p_past.index_select(1, rows) + torch.matmul(p_new.index_select(1, rows), slot_of_row)
+
+            colsum = masked_colsum(aligned(window_rows), key_is_mask)
+            old = torch.softmax(self.scores(track_q, past_k), dim=-1)
+            new = aligned(track_rows)
+            drift = torch.stack([head_axis_cosine(old, new), key_axis_cosine(old, new)])
+            hidden = block.finish(hidden, ctx)
+            outputs += [k, v, q, drift, colsum]
+        return (hidden, *outputs)
+
+    def refresh(self, hidden, position_ids, window_rows, key_is_mask):
+        """Recompute every position of the range. hidden [N, D] is the full range input; window_rows are canvas
+        slots of the decoding window. Returns hidden_out [N, D], then per layer: key, value, query [H, N, hd],
+        attn_colsum [N] (float32)."""
+        outputs = []
+        for block in self.blocks:
+            q, k, v = block.qkv(hidden, position_ids, self.inv_freq)
+            probs = torch.softmax(self.scores(q, k), dim=-1)
+            ctx = torch.matmul(probs.to(v.dtype), v)
+            colsum = masked_colsum(probs.index_select(1, window_rows), key_is_mask)
+            hidden = block.finish(hidden, ctx)
+            outputs += [k, v, q, colsum]
+        return (hidden, *outputs)
+
+    def load(self, ckpt: Checkpoint) -> "LayerRange":
+        weights = ckpt.read(layer_keys(self.first, self.last), dtype=self.dtype)
+        self.load_state_dict(range_state_dict(weights, self.first, self.last))
+        return self
+
+
+def range_state_dict(weights: dict, first: int, last: int) -> dict:
+    """Map checkpoint names of layers [first, last) to LayerRange parameter names."""
+    out = {}
+    for i in range(first, last):
+        src = f"{PREFIX}blocks.{i}."
+        local = f"blocks.{i - first}."
+        for name in ("attn_norm", "ff_norm"):
+            out[local + name] = weights[src + name + ".weight"]
+        for name in ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"):
+            out[local + name + ".weight"] = weights[src + name + ".weight"]
+    return out
+
+
+class WindowMode(nn.Module):
+    """Adapter so that each mode of a LayerRange is its own forward() for export and tracing."""
+
+    def __init__(self, layers: LayerRange):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, *args):
+        return self.layers.window(*args)
+
+
+class RefreshMode(nn.Module):
+    def __init__(self, layers: LayerRange):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, *args):
+        return self.layers.refresh(*args)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.embedding_size, cfg.d_model, dtype=dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[input_ids]
+
+    def load(self, ckpt: Checkpoint) -> "Embedding":
+        self.weight.data = ckpt.read([PREFIX + "wte.weight"], dtype=self.weight.dtype)[PREFIX + "wte.weight"]
+        return self
+
+
+class Head(nn.Module):
+    """Final norm + LM head for some rows; returns only argmax token and its float32 softmax probability.
+
+    The MASK token is never proposed (its logit is -inf): committing MASK would leave the position undecoded.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
+        self.weight = nn.Parameter(torch.zeros(cfg.embedding_size, cfg.d_model, dtype=dtype))
+        self.eps, self.vocab, self.mask_id = cfg.rms_norm_eps, cfg.vocab_size, cfg.mask_token_id
+
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor):
+        x = rms_norm(hidden.index_select(0, rows), self.norm, self.eps)
+        logits = torch.matmul(x, self.weight[: self.vocab].t()).float()
+        banned = torch.arange(self.vocab, device=logits.device) == self.mask_id
+        logits = torch.where(banned, float("-inf"), logits)
+        probs, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+        return tokens, probs
+
+    def load(self, ckpt: Checkpoint) -> "Head":
+        w = ckpt.read([PREFIX + "ln_f.weight", PREFIX + "ff_out.weight"], dtype=self.weight.dtype)
+        self.norm.data, self.weight.data = w[PREFIX + "ln_f.weight"], w[PREFIX + "ff_out.weight"]
+        return self
+
+
+def dense_logits(embedding: Embedding, layers: LayerRange, head: Head, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full bidirectional forward with batch support and fused attention, returning all logits [..., S, V].
+    For training and quick checks; decoding uses the pieces above."""
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    h = embedding(input_ids)
+    for block in layers.blocks:
+        q, k, v = block.qkv(h, positions, layers.inv_freq)
+        h = block.finish(h, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    return torch.matmul(rms_norm(h, head.norm, head.eps), head.weight.t())
