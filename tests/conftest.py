@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaDA checkpoint in the Hugging Face layout (sharded safetensors, index, tokenizer)."""
+    from dllm_trt.export.checkpoint_writer import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=1)
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    """20 distinct prompts of varied length over ordinary byte tokens."""
+    rng = np.random.default_rng(123)
+    return [rng.integers(32, 127, size=int(rng.integers(3, 17))).tolist() for _ in range(20)]

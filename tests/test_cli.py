@@ -1,0 +1,67 @@
+"""The command line: happy path and one-line errors with exit code 2 for bad values."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dllm_trt.runtime.cli import main
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+def test_generate_json(tiny_dir, capsys):
+    main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--gen-length", "16", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    for key in ("text", "token_ids", "steps", "tokens", "seconds", "tokens_per_second", "refresh_fraction"):
+        assert key in out
+    assert out["tokens"] == len(out["token_ids"]) <= 16
+
+
+def test_generate_text_and_stats_line(tiny_dir, capsys):
+    main(["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--chat", "--cache", "dual", "--gen-length", "16",
+          "--block-length", "8"])
+    captured = capsys.readouterr()
+    assert "cache dual" in captured.err and "block schedule" in captured.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gamma", "5"], "--gamma must be in [-1, 2]"),
+    (["--gamma", "nan"], "--gamma must be in [-1, 2]"),
+    (["--window", "0"], "--window must be at least 1"),
+    (["--gen-length", "0"], "--gen-length must be at least 1"),
+    (["--gen-length", "4096"], "exceeds the model's maximum of 512 positions"),
+    (["--threshold", "1.5"], "--threshold must be in [0, 1]"),
+    (["--track-num", "0"], "--track-num must be at least 1"),
+    (["--cache", "bogus"], "unknown cache policy 'bogus'"),
+    (["--cache", "dual", "--window", "8"], "use the block schedule"),
+    (["--block-length", "7", "--gen-length", "16"], "must be a multiple of block length 7"),
+    (["--layers-per-range", "9"], "layers per range must be in 1..4"),
+    (["--backend", "nope"], "unknown backend 'nope'"),
+])
+def test_bad_values_exit_2(tiny_dir, capsys, args, message):
+    code, err = run_cli(["generate", "--model", str(tiny_dir), "--prompt", "Hi", *args], capsys)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_empty_prompt(tiny_dir, capsys):
+    code, err = run_cli(["generate", "--model", str(tiny_dir), "--prompt", "  "], capsys)
+    assert code == 2 and "--prompt is empty" in err
+
+
+def test_bad_model_dir(tmp_path, capsys):
+    code, err = run_cli(["generate", "--model", str(tmp_path), "--prompt", "Hi"], capsys)
+    assert code == 2 and "config.json: missing" in err
+
+
+def test_entry_point_subprocess(tiny_dir):
+    """The installed console script, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "dllm_trt.runtime.cli", "generate", "--model", str(tiny_dir),
+                           "--prompt", "Hi", "--gamma", "7"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("dllm-trt: error: --gamma") and not proc.stdout
