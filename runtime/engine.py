@@ -1,4 +1,4 @@
-"""Open a backend for a checkpoint directory (--model) or an exported engine directory (--engines)."""
+"""Open a backend: exported engines (manifest.json) run on ONNX Runtime; checkpoints run on the torch backend."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,21 +6,40 @@ from pathlib import Path
 from .backends.base import Backend, BackendError
 from .config import ModelError
 
+BACKENDS = ("auto", "torch", "onnxruntime")
 
-def load_backend(model: str | None = None, engines: str | None = None, backend: str = "auto",
-                 layers_per_range: int = 1, device: str | None = None, dtype: str = "fp32") -> tuple[Backend, Path]:
-    """Returns the backend and the directory holding the tokenizer files."""
-    if backend not in ("auto", "torch", "onnxruntime"):
-        raise BackendError(f"unknown backend {backend!r} (choose auto, torch or onnxruntime)")
-    if engines is not None:
-        raise BackendError("--engines needs the ONNX Runtime backend, which is not part of this build yet")
-    if model is None:
-        raise ModelError("give --model DIR or --engines DIR")
-    if backend == "onnxruntime":
-        raise BackendError("the ONNX Runtime backend runs exported engines: export first, then use --engines")
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r} (choose {', '.join(BACKENDS)})")
+
+
+def open_engines(engines: str | Path, backend: str = "auto", threads: int | None = None) -> Backend:
+    check_backend_name(backend)
+    if backend == "torch":
+        raise BackendError("the torch backend runs checkpoints: use --model DIR (or --backend onnxruntime)")
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(engines, threads=threads)
+
+
+def open_checkpoint(model: str | Path, layers_per_range: int = 1, device: str | None = None,
+                    dtype: str = "fp32") -> Backend:
     from .backends.torch_backend import TorchBackend
 
     try:
-        return TorchBackend(model, layers_per_range, device, dtype), Path(model)
+        return TorchBackend(model, layers_per_range, device, dtype)
     except ValueError as e:
         raise ModelError(str(e)) from None
+
+
+def export_cache_dir(model: str | Path, cache_root: str | Path, **settings) -> Path:
+    """Where an automatic export of `model` with these settings lives: <cache_root>/<name>-<key>, the key
+    covering the checkpoint fingerprint and the settings (so a changed checkpoint exports anew)."""
+    import hashlib
+    import json
+
+    from .checkpoint import Checkpoint
+
+    key_src = json.dumps({"checkpoint": Checkpoint(model).fingerprint(), **settings}, sort_keys=True)
+    return Path(cache_root) / f"{Path(model).resolve().name}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dllm_trt.runtime.cli import main
+from dllm_trt.cli import main
 
 
 def run_cli(args, capsys):
@@ -62,6 +62,6 @@ def test_bad_model_dir(tmp_path, capsys):
 
 def test_entry_point_subprocess(tiny_dir):
     """The installed console script, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "dllm_trt.runtime.cli", "generate", "--model", str(tiny_dir),
+    proc = subprocess.run([sys.executable, "-m", "dllm_trt.cli", "generate", "--model", str(tiny_dir),
                            "--prompt", "Hi", "--gamma", "7"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("dllm-trt: error: --gamma") and not proc.stdout

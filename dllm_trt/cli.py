@@ -1,4 +1,8 @@
-"""`dllm-trt` command line. User mistakes end with one line on stderr and exit code 2, never a traceback."""
+"""`dllm-trt` command line. User mistakes end with one line on stderr and exit code 2, never a traceback.
+
+This module sits above both halves of the package: runtime commands (generate, eval, check) and the torch-side
+tools (export) are wired here, so that dllm_trt.runtime never imports dllm_trt.export.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +11,8 @@ import math
 import sys
 from pathlib import Path
 
-from .backends.base import BackendError
-from .config import ModelError
+from .runtime.backends.base import BackendError
+from .runtime.config import ModelError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "tiny"
@@ -44,12 +48,13 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("backend")
     b.add_argument("--backend", default="auto", help="auto | torch | onnxruntime")
     b.add_argument("--layers-per-range", type=int, default=1, help="layers per piece (torch backend, export)")
+    b.add_argument("--engine-cache", default="engines", help="where --model exports are cached (default engines/)")
     b.add_argument("--device", help="torch backend device (default cuda when present, else cpu)")
     b.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | bf16 | fp16")
 
 
 def make_schedule(a, cache: str, gen_length: int):
-    from .schedule import BlockSchedule, WindowSchedule
+    from .runtime.schedule import BlockSchedule, WindowSchedule
 
     use_blocks = a.block_length is not None or a.steps is not None or (cache in ("none", "prefix", "dual")
                                                                          and a.window is None)
@@ -85,7 +90,7 @@ def make_schedule(a, cache: str, gen_length: int):
 
 
 def make_policy_from_args(a, cache: str):
-    from .policies import make_policy
+    from .runtime.policies import make_policy
 
     if math.isnan(a.gamma) or not -1.0 <= a.gamma <= 2.0:
         raise UsageError(f"--gamma must be in [-1, 2] (similarities are in [-1, 1]; > 1 always refreshes), "
@@ -99,17 +104,33 @@ def make_policy_from_args(a, cache: str):
 
 
 def open_backend(a):
-    """The backend named by --backend for --model or --engines."""
-    from .engine import load_backend
+    """(backend, directory with the tokenizer) for --engines DIR or --model DIR.
 
-    return load_backend(model=a.model, engines=getattr(a, "engines", None), backend=a.backend,
-                        layers_per_range=a.layers_per_range, device=a.device, dtype=a.dtype)
+    A checkpoint runs on the torch backend when asked for; otherwise it is exported once into engines/ (cached by
+    checkpoint fingerprint and export settings) and runs on ONNX Runtime like any exported engine."""
+    from .runtime.engine import check_backend_name, export_cache_dir, open_checkpoint, open_engines
+
+    check_backend_name(a.backend)
+    if getattr(a, "engines", None):
+        return open_engines(a.engines, a.backend), Path(a.engines)
+    if a.backend == "torch":
+        return open_checkpoint(a.model, a.layers_per_range, a.device, a.dtype), Path(a.model)
+    engines = export_cache_dir(a.model, a.engine_cache, layers_per_range=a.layers_per_range)
+    if not (engines / "manifest.json").is_file():
+        try:
+            from .export.onnx_export import export_into
+        except ImportError as e:
+            raise BackendError(f"running a checkpoint on ONNX Runtime exports it first, which needs the export "
+                               f"extra (pip install 'dllm-trt[export]'; missing {e.name}); or pass --engines DIR"
+                               ) from None
+        export_into(a.model, engines, layers_per_range=a.layers_per_range)
+    return open_engines(engines, a.backend), engines
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
 def cmd_generate(a) -> None:
-    from .decoder import Decoder
-    from .tokenizer import TextTokenizer
+    from .runtime.decoder import Decoder
+    from .runtime.tokenizer import TextTokenizer
 
     if not a.prompt or not a.prompt.strip():
         raise UsageError("--prompt is empty")
@@ -139,6 +160,24 @@ def cmd_generate(a) -> None:
           file=sys.stderr)
 
 
+def cmd_export(a) -> None:
+    from .export.onnx_export import export_model
+
+    export_model(a.model, a.out, layers_per_range=a.layers_per_range, dtype=a.dtype, opset=a.opset,
+                 max_len=a.max_len, max_active=a.max_active)
+
+
+def cmd_check(a) -> None:
+    from .export.check import check_engines, format_table
+
+    rows = check_engines(a.engines, a.model)
+    print(format_table(rows))
+    bad = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(bad)}/{len(rows)} outputs within tolerance", file=sys.stderr)
+    if bad:
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dllm-trt", description="Diffusion LM runtime with Elastic-Cache.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     add_decoding_args(g)
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export", help="export a checkpoint as ONNX pieces + manifest.json")
+    x.add_argument("--model", required=True, help="LLaDA checkpoint directory")
+    x.add_argument("--out", required=True, help="output directory, e.g. engines/NAME")
+    x.add_argument("--layers-per-range", type=int, default=1)
+    x.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 for ONNX Runtime on CPU; bf16/fp16 for TensorRT")
+    x.add_argument("--opset", type=int, default=20, choices=[20, 23])
+    x.add_argument("--max-len", type=int, help="largest canvas (prompt + gen length); default: the model's maximum")
+    x.add_argument("--max-active", type=int, default=256, help="largest number of query rows in a window pass")
+    x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("check", help="compare every exported piece with the PyTorch reference")
+    c.add_argument("engines", help="exported engine directory")
+    c.add_argument("--model", help="source checkpoint (default: the one recorded in manifest.json)")
+    c.set_defaults(func=cmd_check)
     return p
 
 

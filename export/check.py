@@ -1,0 +1,100 @@
+"""`dllm-trt check`: run every exported piece on fixed random inputs through ONNX Runtime and through the PyTorch
+reference built from the source checkpoint, and compare output by output with per-dtype tolerances."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dllm_trt.runtime.checkpoint import Checkpoint
+from dllm_trt.runtime.manifest import Manifest, PieceSpec, load_manifest
+
+from .onnx_export import TORCH_DTYPES, _module_and_weights
+
+# max |ort - torch| allowed per output kind and activation dtype (probabilities and statistics are float32 always)
+TOLERANCE = {"fp32": {"act": 2e-4, "stat": 2e-5}, "bf16": {"act": 6e-2, "stat": 2e-2},
+             "fp16": {"act": 2e-2, "stat": 5e-3}}
+
+
+@dataclass
+class Row:
+    piece: str
+    output: str
+    max_abs: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.tolerance
+
+
+def random_inputs(spec: PieceSpec, cfg, sizes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Valid inputs for a piece: distinct positions, rows inside range, a canvas with some MASK slots."""
+    n = sizes["seq_len"]
+    out = {}
+    for t in spec.inputs:
+        shape = [sizes[s] if isinstance(s, str) else s for s in t.shape]
+        if t.name == "input_ids":
+            out[t.name] = rng.integers(0, cfg.vocab_size, shape).astype(np.int64)
+        elif t.name == "position_ids":
+            out[t.name] = (np.sort(rng.choice(n, shape[0], replace=False)) if spec.kind == "window"
+                           else np.arange(n)).astype(np.int64)
+        elif t.name in ("track_rows", "window_rows"):
+            out[t.name] = rng.choice(sizes["active_len"], shape[0], replace=False).astype(np.int64)
+        elif t.name == "window_positions":
+            out[t.name] = rng.choice(n, shape[0], replace=False).astype(np.int64)
+        elif t.name == "rows":
+            out[t.name] = rng.choice(sizes["n_hidden"], shape[0], replace=False).astype(np.int64)
+        elif t.name == "key_is_mask":
+            out[t.name] = rng.random(shape) < 0.5
+        else:
+            out[t.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def check_engines(engine_dir: str | Path, model_dir: str | Path | None = None, seed: int = 0,
+                  sizes: dict[str, int] | None = None) -> list[Row]:
+    import onnxruntime as ort
+
+    m: Manifest = load_manifest(engine_dir, verify_data=True)
+    model_dir = model_dir or m.export.get("source")
+    ckpt = Checkpoint(model_dir)
+    dtype = TORCH_DTYPES[m.dtype]
+    sizes = sizes or {"seq_len": 29, "active_len": 9, "track_len": 2, "window_len": 4, "n_tokens": 6,
+                      "n_hidden": 9, "n_rows": 4}
+    tol = TOLERANCE[m.dtype]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for spec in m.pieces:
+        inputs = random_inputs(spec, ckpt.config, sizes, rng)
+        session = ort.InferenceSession(str(Path(engine_dir) / spec.file), providers=["CPUExecutionProvider"])
+        got = session.run([t.name for t in spec.outputs], inputs)
+        module, weights = _module_and_weights(spec, ckpt, dtype)
+        module = module.to_empty(device="cpu")
+        module.load_state_dict(weights, strict=False, assign=True)
+        if hasattr(module, "layers"):
+            module.layers.inv_freq = weights["layers.inv_freq"]
+        args = [torch.from_numpy(inputs[t.name]) for t in spec.inputs]
+        with torch.no_grad():
+            want = module(*[a.to(dtype) if a.is_floating_point() else a for a in args])
+        want = want if isinstance(want, tuple) else (want,)
+        for t, g, w in zip(spec.outputs, got, want):
+            w = w.float().numpy() if w.is_floating_point() else w.numpy()
+            diff = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) if g.size else 0.0
+            kind = "stat" if t.dtype == "float32" and m.dtype != "fp32" else "act"
+            if t.dtype == "int64":  # argmax tokens: must agree exactly
+                rows.append(Row(spec.name, t.name, float(np.sum(g != w)), 0.0))
+            else:
+                rows.append(Row(spec.name, t.name, diff, tol[kind]))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    width = max(len(r.piece) for r in rows)
+    lines = [f"{'piece':<{width}}  {'output':<28} {'max |ort-torch|':>16} {'tolerance':>10}  ok"]
+    for r in rows:
+        lines.append(f"{r.piece:<{width}}  {r.output:<28} {r.max_abs:>16.3e} {r.tolerance:>10.1e}  "
+                     f"{'yes' if r.ok else 'NO'}")
+    return "\n".join(lines)

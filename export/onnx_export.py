@@ -1,0 +1,176 @@
+"""Export a LLaDA checkpoint as ONNX pieces (embedding, each layer range in window and refresh mode, head) plus
+manifest.json and the tokenizer files.
+
+Each piece is traced on the meta device (no weights in memory), then only that piece's tensors are read from the
+safetensors shards and attached, so peak memory is about one piece, not the whole model. Every file must pass
+onnx.checker's full check before it is listed in the manifest.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+from tqdm import tqdm
+
+from dllm_trt.runtime.checkpoint import PREFIX, Checkpoint, layer_keys
+from dllm_trt.runtime.config import ModelError, layer_ranges
+from dllm_trt.runtime.manifest import DTYPES, Manifest, PieceSpec, dims_for, piece_specs, sha256_file
+from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Example sizes for tracing: distinct, >= 2, and unlike any static dim, so the exporter neither specialises a
+# dynamic dim to a constant nor ties two of them together.
+EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_tokens": 11, "n_hidden": 19,
+           "n_rows": 7}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _example(spec: PieceSpec, dtype: torch.dtype):
+    def make(t):
+        shape = [EXAMPLE[s] if isinstance(s, str) else s for s in t.shape]
+        dt = {"int64": torch.int64, "bool": torch.bool, "float32": torch.float32}.get(t.dtype, dtype)
+        return torch.zeros(shape, dtype=dt, device="meta")
+    return tuple(make(t) for t in spec.inputs)
+
+
+def _dynamic_shapes(spec: PieceSpec, dims: dict):
+    made: dict[str, Dim] = {}
+
+    def dim(name: str) -> Dim:
+        if name not in made:
+            made[name] = Dim(name, min=dims[name]["min"], max=dims[name]["max"])
+        return made[name]
+    return tuple({i: dim(s) for i, s in enumerate(t.shape) if isinstance(s, str)} for t in spec.inputs)
+
+
+def _module_and_weights(spec: PieceSpec, ckpt: Checkpoint, dtype: torch.dtype):
+    """The meta-device module of a piece and the real tensors for it (read from the checkpoint now)."""
+    cfg = ckpt.config
+    with torch.device("meta"):
+        if spec.kind == "embed":
+            module = Embedding(cfg, dtype)
+        elif spec.kind == "head":
+            module = Head(cfg, dtype)
+        else:
+            layers = LayerRange(cfg, spec.layers[0], spec.layers[1], dtype)
+            module = WindowMode(layers) if spec.kind == "window" else RefreshMode(layers)
+    if spec.kind == "embed":
+        weights = {"weight": ckpt.read([PREFIX + "wte.weight"], dtype)[PREFIX + "wte.weight"]}
+    elif spec.kind == "head":
+        w = ckpt.read([PREFIX + "ln_f.weight", PREFIX + "ff_out.weight"], dtype)
+        weights = {"norm": w[PREFIX + "ln_f.weight"], "weight": w[PREFIX + "ff_out.weight"]}
+    else:
+        a, b = spec.layers
+        raw = ckpt.read(layer_keys(a, b), dtype)
+        weights = {"layers." + k: v for k, v in range_state_dict(raw, a, b).items()}
+        weights["layers.inv_freq"] = LayerRange(cfg, 0, 0).inv_freq  # a computed constant, not a checkpoint tensor
+    return module.eval(), weights
+
+
+def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset: int, dims: dict) -> None:
+    tdtype = TORCH_DTYPES[dtype]
+    module, weights = _module_and_weights(spec, ckpt, tdtype)
+    shapes = _dynamic_shapes(spec, dims)
+    if spec.kind in ("window", "refresh"):  # these modules take *args, which torch.export sees as one tuple
+        shapes = (shapes,)
+    program = torch.onnx.export(
+        module, _example(spec, tdtype), dynamic_shapes=shapes,
+        input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+        opset_version=opset, dynamo=True, optimize=False, verbose=False)
+    program.apply_weights(weights)
+    del weights
+    program.optimize()
+    spec.file = f"{spec.name}.onnx"
+    spec.data_file = f"{spec.name}.onnx.data"
+    path = out / spec.file
+    program.save(str(path), external_data=True)
+    if not (out / spec.data_file).is_file():  # exporter kept everything inline (tiny piece): nothing external
+        spec.data_file = ""
+    onnx.checker.check_model(str(path), full_check=True)
+    spec.sha256 = sha256_file(path)
+    if spec.data_file:
+        spec.data_size = (out / spec.data_file).stat().st_size
+        spec.data_sha256 = sha256_file(out / spec.data_file)
+
+
+def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
+                 opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False) -> Manifest:
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
+    if opset not in (20, 23):
+        raise ModelError(f"opset must be 20 or 23, got {opset}")
+    ckpt = Checkpoint(model_dir)
+    cfg = ckpt.config
+    max_len = max_len or cfg.max_sequence_length
+    if not 2 <= max_len <= cfg.max_sequence_length:
+        raise ModelError(f"--max-len must be in 2..{cfg.max_sequence_length}, got {max_len}")
+    if not 1 <= max_active <= max_len:
+        raise ModelError(f"--max-active must be in 1..{max_len}, got {max_active}")
+    try:
+        ranges = layer_ranges(cfg.n_layers, layers_per_range)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dims = dims_for(max_len, max_active)
+    pieces = piece_specs(cfg, ranges, dtype)
+    t0 = time.perf_counter()
+    bar = tqdm(pieces, desc="export", unit="piece", disable=quiet, file=sys.stderr)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        _quietly(export_piece, spec, ckpt, out, dtype, opset, dims)
+    tokenizer_files = []
+    for name in TOKENIZER_FILES:
+        if (ckpt.dir / name).is_file():
+            shutil.copy2(ckpt.dir / name, out / name)
+            tokenizer_files.append(name)
+    manifest = Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, {
+        "source": str(ckpt.dir.resolve()), "source_fingerprint": ckpt.fingerprint(), "layers_per_range": layers_per_range, "opset": opset,
+        "max_len": max_len, "max_active": max_active,
+        "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": _version("onnxscript")},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }, out)
+    manifest.save(out)
+    if not quiet:
+        total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)
+        print(f"exported {len(pieces)} pieces ({dtype}, opset {opset}, {len(ranges)} layer ranges) to {out}: "
+              f"{total / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return manifest
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def _quietly(fn, *args):
+    """The torch exporter prints progress lines of its own; keep the terminal to our progress bar."""
+    import contextlib
+    import io
+    import warnings
+
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return fn(*args)
+
+
+
+def export_into(model_dir: str | Path, target: Path, **settings) -> Path:
+    """Export into `target` through a temporary sibling folder, so an interrupted export leaves nothing behind
+    that looks complete."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exporting {model_dir} to {target} (once; later runs reuse it)", file=sys.stderr)
+    export_model(model_dir, tmp, **settings)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,149 @@
+"""The ONNX Runtime backend: one InferenceSession per exported piece, persistent numpy caches bound with IOBinding.
+
+Refresh outputs are bound straight onto the cache buffers (no copy of a whole cache per call); window outputs are
+the new rows only and are scattered into the caches in place. Only numpy and onnxruntime are imported here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelError
+from ..manifest import load_manifest, range_name
+from .base import Backend, BackendError, RangeStats
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, engine_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime "
+                               "(or onnxruntime-gpu)") from None
+        self.ort = ort
+        self.manifest = load_manifest(engine_dir)
+        self.config = self.manifest.config
+        self.ranges = [tuple(r) for r in self.manifest.layer_ranges]
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.providers = providers
+        if self.manifest.dtype != "fp32" and providers[0] == "CPUExecutionProvider":
+            raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
+                               f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
+        opts = ort.SessionOptions()
+        # Pieces run one after another, never concurrently: all cores for each, and no spinning threads left
+        # behind by one session to fight the next one.
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        d = Path(engine_dir)
+        try:
+            self.sessions = {p.name: ort.InferenceSession(str(d / p.file), opts, providers=providers)
+                             for p in self.manifest.pieces}
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+            raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
+        self.max_len = self.manifest.dims["seq_len"]["max"]
+        self.max_active = self.manifest.dims["active_len"]["max"]
+
+    def describe(self) -> str:
+        return f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider').lower()}, {self.manifest.dtype})"
+
+    # ---- running one piece with IOBinding ----------------------------------------------------------------------
+    def _run(self, piece: str, inputs: dict[str, np.ndarray], bound_outputs: dict[str, np.ndarray],
+             other_outputs: list[str]) -> list[np.ndarray]:
+        ov = self.ort.OrtValue
+        session = self.sessions[piece]
+        binding = session.io_binding()
+        for name, arr in inputs.items():
+            binding.bind_ortvalue_input(name, ov.ortvalue_from_numpy(arr))
+        for name, arr in bound_outputs.items():   # written in place by the graph
+            binding.bind_ortvalue_output(name, ov.ortvalue_from_numpy(arr))
+        for name in other_outputs:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return [outputs[len(bound_outputs) + i].numpy() for i in range(len(other_outputs))]
+
+    # ---- the backend primitives ----------------------------------------------------------------------------------
+    def _allocate(self, n: int) -> None:
+        if n > self.max_len:
+            raise ModelError(f"the canvas needs {n} positions but the engines were exported for at most "
+                             f"{self.max_len} (re-export with a larger --max-len)")
+        c = self.config
+        shape = (c.n_heads, n, c.head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
+        self.q = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
+        self.boundary = [np.zeros((n, c.d_model), np.float32) for _ in self.ranges]
+        self.final = np.zeros((n, c.d_model), np.float32)
+        self.positions = np.arange(n, dtype=np.int64)
+
+    def _check_active(self, count: int, what: str) -> None:
+        if count > self.max_active:
+            raise ModelError(f"{what} needs {count} rows but the engines were exported for at most "
+                             f"{self.max_active} (re-export with a larger --max-active)")
+
+    def _store(self, r: int, positions, hidden) -> None:
+        self.current = hidden
+        if positions is not None and r < len(self.ranges):
+            self.boundary[r][positions] = hidden
+
+    def _embed(self, ids, positions):
+        if positions is None:
+            self._run("embed", {"input_ids": ids}, {"hidden_states": self.boundary[0]}, [])
+            self.current = self.boundary[0]
+        else:
+            self._check_active(len(ids), "a window pass")
+            (hidden,) = self._run("embed", {"input_ids": ids}, {}, ["hidden_states"])
+            self._store(0, positions, hidden)
+
+    def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
+        a, b = self.ranges[r]
+        inputs = {"hidden_states": self.current, "position_ids": positions, "track_rows": track_rows,
+                  "window_rows": window_rows, "key_is_mask": key_is_mask}
+        names = []
+        for L in range(a, b):
+            inputs[f"past_key_values.{L}.key"] = self.k[L]
+            inputs[f"past_key_values.{L}.value"] = self.v[L]
+            inputs[f"track_queries.{L}"] = np.ascontiguousarray(self.q[L][:, track_positions])
+            names += [f"new_key_values.{L}.key", f"new_key_values.{L}.value", f"new_queries.{L}", f"drift.{L}",
+                      f"attn_colsum.{L}"]
+        out = self._run(f"{range_name(a, b)}.window", inputs, {}, ["hidden_states_out"] + names)
+        drift, colsum = [], []
+        for i, L in enumerate(range(a, b)):
+            k, v, q, d, c = out[1 + 5 * i: 6 + 5 * i]
+            self.k[L][:, positions] = k
+            self.v[L][:, positions] = v
+            self.q[L][:, positions] = q
+            drift.append(d)
+            colsum.append(c)
+        self._store(r + 1, positions, out[0])
+        return RangeStats(colsum=np.stack(colsum), drift=np.stack(drift))
+
+    def _refresh(self, r, window_positions, key_is_mask):
+        a, b = self.ranges[r]
+        target = self.boundary[r + 1] if r + 1 < len(self.ranges) else self.final
+        bound = {"hidden_states_out": target}
+        names = []
+        for L in range(a, b):
+            bound |= {f"key_values.{L}.key": self.k[L], f"key_values.{L}.value": self.v[L],
+                      f"queries.{L}": self.q[L]}
+            names.append(f"attn_colsum.{L}")
+        colsum = self._run(f"{range_name(a, b)}.refresh",
+                           {"hidden_states": self.boundary[r], "position_ids": self.positions,
+                            "window_positions": window_positions, "key_is_mask": key_is_mask}, bound, names)
+        self.current = target
+        return RangeStats(colsum=np.stack(colsum))
+
+    def _head(self, rows):
+        tokens, probs = self._run("head", {"hidden_states": self.current, "rows": rows}, {}, ["tokens", "probs"])
+        return tokens, probs
