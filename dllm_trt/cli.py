@@ -115,6 +115,12 @@ def open_backend(a):
         return open_engines(a.engines, a.backend), Path(a.engines)
     if a.backend == "torch":
         return open_checkpoint(a.model, a.layers_per_range, a.device, a.dtype), Path(a.model)
+    from .runtime.config import layer_ranges, load_config
+
+    try:
+        layer_ranges(load_config(a.model).n_layers, a.layers_per_range)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     engines = export_cache_dir(a.model, a.engine_cache, layers_per_range=a.layers_per_range)
     if not (engines / "manifest.json").is_file():
         try:

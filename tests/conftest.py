@@ -20,3 +20,14 @@ def prompts():
     """20 distinct prompts of varied length over ordinary byte tokens."""
     rng = np.random.default_rng(123)
     return [rng.integers(32, 127, size=int(rng.integers(3, 17))).tolist() for _ in range(20)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_threaded_torch():
+    """The test models are tiny: one thread is as fast, and it avoids OpenMP barrier thrashing when another
+    process (or ONNX Runtime in the same process) is busy on the machine's two cores."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)

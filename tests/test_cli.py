@@ -8,6 +8,12 @@ import pytest
 from dllm_trt.cli import main
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Engine cache for automatic exports (the default backend runs checkpoints through ONNX Runtime)."""
+    return ["--engine-cache", str(tmp_path_factory.mktemp("engines"))]
+
+
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -15,17 +21,17 @@ def run_cli(args, capsys):
     return exc.value.code, err
 
 
-def test_generate_json(tiny_dir, capsys):
-    main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--gen-length", "16", "--json"])
+def test_generate_json(tiny_dir, capsys, cache):
+    main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--gen-length", "16", "--json", *cache])
     out = json.loads(capsys.readouterr().out)
     for key in ("text", "token_ids", "steps", "tokens", "seconds", "tokens_per_second", "refresh_fraction"):
         assert key in out
     assert out["tokens"] == len(out["token_ids"]) <= 16
 
 
-def test_generate_text_and_stats_line(tiny_dir, capsys):
+def test_generate_text_and_stats_line(tiny_dir, capsys, cache):
     main(["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--chat", "--cache", "dual", "--gen-length", "16",
-          "--block-length", "8"])
+          "--block-length", "8", "--backend", "torch", *cache])
     captured = capsys.readouterr()
     assert "cache dual" in captured.err and "block schedule" in captured.err
 
@@ -44,8 +50,8 @@ def test_generate_text_and_stats_line(tiny_dir, capsys):
     (["--layers-per-range", "9"], "layers per range must be in 1..4"),
     (["--backend", "nope"], "unknown backend 'nope'"),
 ])
-def test_bad_values_exit_2(tiny_dir, capsys, args, message):
-    code, err = run_cli(["generate", "--model", str(tiny_dir), "--prompt", "Hi", *args], capsys)
+def test_bad_values_exit_2(tiny_dir, capsys, cache, args, message):
+    code, err = run_cli(["generate", "--model", str(tiny_dir), "--prompt", "Hi", *args, *cache], capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 

@@ -1,0 +1,185 @@
+"""Exported ONNX pieces on ONNX Runtime: contract, numerical parity with the torch reference, generation parity,
+the lean import path and the user-facing errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from dllm_trt.export.check import check_engines
+from dllm_trt.export.onnx_export import export_model
+from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from dllm_trt.runtime.backends.torch_backend import TorchBackend
+from dllm_trt.runtime.config import ModelError
+from dllm_trt.runtime.decoder import Decoder
+from dllm_trt.runtime.manifest import load_manifest
+from dllm_trt.runtime.policies import make_policy
+from dllm_trt.runtime.schedule import BlockSchedule, WindowSchedule
+
+GEN, THRESHOLD = 32, 0.08
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eng") / "tiny"
+    export_model(tiny_dir, out, layers_per_range=2, max_len=128, max_active=64, quiet=True)
+    return out
+
+
+def test_manifest_matches_onnx_graphs(engines):
+    m = load_manifest(engines, verify_data=True)
+    types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
+    for piece in m.pieces:
+        graph = onnx.load(str(engines / piece.file), load_external_data=False).graph
+        for specs, values in ((piece.inputs, graph.input), (piece.outputs, graph.output)):
+            assert [t.name for t in specs] == [v.name for v in values], piece.name
+            for t, v in zip(specs, values):
+                assert types[v.type.tensor_type.elem_type] == t.dtype, (piece.name, t.name)
+                dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                assert dims == t.shape, (piece.name, t.name, dims, t.shape)
+
+
+@pytest.mark.parametrize("sizes", [
+    {"seq_len": 2, "active_len": 1, "track_len": 1, "window_len": 1, "n_tokens": 1, "n_hidden": 1, "n_rows": 1},
+    {"seq_len": 50, "active_len": 20, "track_len": 4, "window_len": 16, "n_tokens": 50, "n_hidden": 50, "n_rows": 16},
+    {"seq_len": 128, "active_len": 64, "track_len": 7, "window_len": 9, "n_tokens": 3, "n_hidden": 64, "n_rows": 9},
+])
+def test_every_piece_matches_torch_at_other_sizes(engines, tiny_dir, sizes):
+    rows = check_engines(engines, tiny_dir, seed=sizes["seq_len"], sizes=sizes)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+    assert len(rows) > 20
+
+
+@pytest.fixture(scope="module")
+def both(engines, tiny_dir):
+    return OnnxRuntimeBackend(engines, threads=1), TorchBackend(tiny_dir, layers_per_range=2)
+
+
+SCHEDULES = {
+    "none": lambda: BlockSchedule(GEN, 16, steps=GEN),
+    "prefix": lambda: BlockSchedule(GEN, 16, threshold=THRESHOLD),
+    "dual": lambda: BlockSchedule(GEN, 16, threshold=THRESHOLD),
+    "elastic": lambda: WindowSchedule(GEN, 8, threshold=THRESHOLD),
+}
+
+
+@pytest.mark.parametrize("cache", list(SCHEDULES))
+def test_generation_matches_torch_backend(both, prompts, cache):
+    ort_backend, torch_backend = both
+    for prompt in prompts:
+        a = Decoder(ort_backend, make_policy(cache), SCHEDULES[cache]()).generate(prompt)
+        b = Decoder(torch_backend, make_policy(cache), SCHEDULES[cache]()).generate(prompt)
+        assert a.canvas_ids == b.canvas_ids
+        assert (a.steps, a.layer_steps_refreshed) == (b.steps, b.layer_steps_refreshed)
+
+
+def test_elastic_always_refresh_equals_none_on_onnxruntime(both, prompts):
+    ort_backend, _ = both
+    for prompt in prompts:
+        want = Decoder(ort_backend, make_policy("none"), WindowSchedule(GEN, 8, THRESHOLD)).generate(prompt)
+        got = Decoder(ort_backend, make_policy("elastic", gamma=1.5), WindowSchedule(GEN, 8, THRESHOLD)).generate(prompt)
+        assert got.canvas_ids == want.canvas_ids and got.refresh_fraction == 1.0
+
+
+def test_onnxruntime_path_never_imports_torch(engines):
+    code = (
+        "import sys\n"
+        "from dllm_trt.cli import main\n"
+        f"main(['generate', '--engines', r'{engines}', '--prompt', 'Hello', '--gen-length', '16', '--json'])\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+        "print('NO_TORCH')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "NO_TORCH" in proc.stdout and '"tokens"' in proc.stdout
+
+
+def cli(args):
+    proc = subprocess.run([sys.executable, "-m", "dllm_trt.cli", *args], capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+@pytest.fixture
+def engines_copy(engines, tmp_path):
+    return shutil.copytree(engines, tmp_path / "copy")
+
+
+def test_edited_onnx_file_is_refused(engines_copy):
+    with open(engines_copy / "head.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match=r"head.onnx: sha256 does not match manifest.json"):
+        load_manifest(engines_copy)
+    proc = cli(["generate", "--engines", str(engines_copy), "--prompt", "Hi"])
+    assert proc.returncode == 2 and "sha256 does not match" in proc.stderr
+
+
+def test_missing_onnx_file_is_refused(engines_copy):
+    (engines_copy / "embed.onnx").unlink()
+    proc = cli(["generate", "--engines", str(engines_copy), "--prompt", "Hi"])
+    assert proc.returncode == 2 and "embed.onnx: missing" in proc.stderr
+
+
+def test_unknown_manifest_version_is_refused(engines_copy):
+    raw = json.loads((engines_copy / "manifest.json").read_text())
+    raw["format_version"] = 99
+    (engines_copy / "manifest.json").write_text(json.dumps(raw))
+    proc = cli(["generate", "--engines", str(engines_copy), "--prompt", "Hi"])
+    assert proc.returncode == 2 and "manifest format version 99 is not supported" in proc.stderr
+
+
+def test_prompt_longer_than_export_is_refused(engines):
+    proc = cli(["generate", "--engines", str(engines), "--prompt", "x" * 120, "--gen-length", "32"])
+    assert proc.returncode == 2 and "exported for at most 128" in proc.stderr
+
+
+def test_backend_not_installed(engines):
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from dllm_trt.cli import main\n"
+            f"main(['generate', '--engines', r'{engines}', '--prompt', 'Hi'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "needs ONNX Runtime: pip install onnxruntime" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tmp_path):
+    """bf16 graphs are for TensorRT; on CPU they are checked with onnx's reference evaluator against torch bf16."""
+    import ml_dtypes
+    import torch
+    from onnx.reference import ReferenceEvaluator
+
+    from dllm_trt.export.check import random_inputs
+    from dllm_trt.export.onnx_export import _module_and_weights
+
+    m = export_model(tiny_dir, tmp_path / "bf16", layers_per_range=4, dtype="bf16", max_len=64, max_active=32,
+                     quiet=True)
+    spec = m.piece("layers_00_04.window")
+    sizes = {"seq_len": 12, "active_len": 5, "track_len": 2, "window_len": 3}
+    inputs = random_inputs(spec, m.config, sizes, np.random.default_rng(0))
+    feeds = {k: (v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v) for k, v in inputs.items()}
+    got = ReferenceEvaluator(str(tmp_path / "bf16" / spec.file)).run(None, feeds)
+    from dllm_trt.runtime.checkpoint import Checkpoint
+
+    module, weights = _module_and_weights(spec, Checkpoint(tiny_dir), torch.bfloat16)
+    module = module.to_empty(device="cpu")
+    module.load_state_dict(weights, strict=False, assign=True)
+    module.layers.inv_freq = weights["layers.inv_freq"]
+    with torch.no_grad():
+        want = module(*[torch.from_numpy(inputs[t.name]).to(torch.bfloat16) if inputs[t.name].dtype == np.float32
+                        else torch.from_numpy(inputs[t.name]) for t in spec.inputs])
+    for t, g, w in zip(spec.outputs, got, want):
+        g = np.asarray(g).astype(np.float32)
+        w = w.float().numpy()
+        # bf16 keeps 8 significant bits: compare relative to the output's scale
+        err = np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))
+        assert err < (2e-2 if t.dtype == "float32" else 5e-2), (t.name, err)
+    graph = onnx.load(str(tmp_path / "bf16" / spec.file), load_external_data=False).graph
+    softmax_inputs = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
+    value_types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+    assert softmax_inputs and all(value_types.get(x, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+                                  for x in softmax_inputs), "softmax must run in float32"
