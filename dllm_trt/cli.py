@@ -46,7 +46,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--drift-metric", default="heads", choices=["heads", "keys"])
     e.add_argument("--refresh-alignment", default="rerun", choices=["rerun", "next"])
     b = p.add_argument_group("backend")
-    b.add_argument("--backend", default="auto", help="auto | torch | onnxruntime")
+    b.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     b.add_argument("--layers-per-range", type=int, default=1, help="layers per piece (torch backend, export)")
     b.add_argument("--engine-cache", default="engines", help="where --model exports are cached (default engines/)")
     b.add_argument("--device", help="torch backend device (default cuda when present, else cpu)")
@@ -184,6 +184,18 @@ def cmd_check(a) -> None:
         sys.exit(1)
 
 
+def cmd_doctor(a) -> None:
+    from .runtime.doctor import report
+
+    print("\n".join(report()))
+
+
+def cmd_build(a) -> None:
+    from .runtime.backends.tensorrt_backend import build_plans
+
+    build_plans(a.engines, a.precision, a.max_len, a.max_active, a.opt_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dllm-trt", description="Diffusion LM runtime with Elastic-Cache.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -213,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("engines", help="exported engine directory")
     c.add_argument("--model", help="source checkpoint (default: the one recorded in manifest.json)")
     c.set_defaults(func=cmd_check)
+
+    bld = sub.add_parser("build", help="build TensorRT plans for this GPU (once; a no-op when up to date)")
+    bld.add_argument("engines", help="exported engine directory (export with --dtype bf16 or fp16 for speed)")
+    bld.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bld.add_argument("--max-len", type=int, help="largest canvas (default: the export's)")
+    bld.add_argument("--max-active", type=int, help="largest window pass (default: the export's)")
+    bld.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5")
+    bld.set_defaults(func=cmd_build)
+
+    d = sub.add_parser("doctor", help="what this machine has and which backends are usable")
+    d.set_defaults(func=cmd_doctor)
     return p
 
 

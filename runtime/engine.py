@@ -6,7 +6,7 @@ from pathlib import Path
 from .backends.base import Backend, BackendError
 from .config import ModelError
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def check_backend_name(backend: str) -> None:
@@ -18,9 +18,23 @@ def open_engines(engines: str | Path, backend: str = "auto", threads: int | None
     check_backend_name(backend)
     if backend == "torch":
         raise BackendError("the torch backend runs checkpoints: use --model DIR (or --backend onnxruntime)")
+    if backend == "tensorrt" or (backend == "auto" and _may_have_plans(engines)):
+        from .backends.tensorrt_backend import TensorRTBackend
+
+        try:
+            return TensorRTBackend(engines)
+        except BackendError:
+            if backend == "tensorrt":
+                raise  # auto falls back to ONNX Runtime; it never builds plans by itself
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(engines, threads=threads)
+
+
+def _may_have_plans(engines) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None and (Path(engines) / "trt").is_dir()
 
 
 def open_checkpoint(model: str | Path, layers_per_range: int = 1, device: str | None = None,
@@ -43,3 +57,4 @@ def export_cache_dir(model: str | Path, cache_root: str | Path, **settings) -> P
 
     key_src = json.dumps({"checkpoint": Checkpoint(model).fingerprint(), **settings}, sort_keys=True)
     return Path(cache_root) / f"{Path(model).resolve().name}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
+
