@@ -25,6 +25,9 @@ class TorchBackend(Backend):
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, _DTYPES[dtype])
+        torch.set_grad_enabled(False)
+        if model_dir is None:  # filled in by random()
+            return
         ckpt = Checkpoint(model_dir)
         self.config = ckpt.config
         self.ranges = layer_ranges(self.config.n_layers, layers_per_range)
@@ -32,7 +35,27 @@ class TorchBackend(Backend):
         self.layers = [LayerRange(self.config, a, b, self.dtype).load(ckpt).to(self.device).eval()
                        for a, b in self.ranges]
         self.head_piece = Head(self.config, self.dtype).load(ckpt).to(self.device).eval()
-        torch.set_grad_enabled(False)
+
+    @classmethod
+    def random(cls, config, layers_per_range: int = 1, device: str | None = None, dtype: str = "bf16",
+               seed: int = 0) -> "TorchBackend":
+        """Random weights made directly on the device: for timing model shapes (e.g. LLaDA-8B) with no checkpoint."""
+        from ..model_torch import Embedding, Head, LayerRange
+
+        self = cls(None, layers_per_range, device, dtype)
+        torch = self.torch
+        torch.manual_seed(seed)
+        self.config = config
+        self.ranges = layer_ranges(config.n_layers, layers_per_range)
+        with torch.device(self.device):
+            self.embedding = Embedding(config, self.dtype)
+            self.layers = [LayerRange(config, a, b, self.dtype) for a, b in self.ranges]
+            self.head_piece = Head(config, self.dtype)
+        for module in [self.embedding, self.head_piece, *self.layers]:
+            for p in module.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+        return self
 
     def describe(self) -> str:
         return f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
