@@ -166,6 +166,37 @@ def cmd_generate(a) -> None:
           file=sys.stderr)
 
 
+def _eval_inputs(a):
+    from .runtime.evaluate import load_problems, standard_configs
+    from .runtime.tokenizer import TextTokenizer
+
+    if a.gen_length < 1:
+        raise UsageError(f"--gen-length must be at least 1, got {a.gen_length}")
+    if a.limit is not None and a.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {a.limit}")
+    try:
+        problems = load_problems(a.data, a.limit)
+        configs = standard_configs([c.strip() for c in a.cache.split(",") if c.strip()], a.gamma, a.window or 16)
+    except OSError as e:
+        raise UsageError(f"{a.data}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    backend, source = open_backend(a)
+    return problems, configs, backend, TextTokenizer(source)
+
+
+def cmd_eval(a) -> None:
+    from .runtime.evaluate import evaluate, save_json, table
+
+    problems, configs, backend, tok = _eval_inputs(a)
+    summaries = evaluate(backend, tok, problems, configs, a.gen_length)
+    print(table(summaries, f"{len(problems)} problems from {a.data}, gen length {a.gen_length}, "
+                           f"backend {backend.describe()}"))
+    save_json(a.out, summaries, {"data": a.data, "gen_length": a.gen_length, "backend": backend.describe(),
+                                 "problems": len(problems)})
+    print(f"results saved to {a.out}", file=sys.stderr)
+
+
 def cmd_export(a) -> None:
     from .export.onnx_export import export_model
 
@@ -209,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats)")
     add_decoding_args(g)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="accuracy and speed of cache policies side by side on a GSM8K-style JSONL")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--model", help=f"LLaDA checkpoint directory (default: the bundled {DEFAULT_MODEL.name})")
+    src.add_argument("--engines", help="exported engine directory (manifest.json)")
+    e.add_argument("--data", required=True, help="JSONL with 'question' and 'answer' ('... #### N') per line")
+    e.add_argument("--limit", type=int, help="first N problems only")
+    e.add_argument("--out", default="eval-results.json", help="where to save the results as JSON")
+    add_decoding_args(e)
+    e.set_defaults(func=cmd_eval, cache="none,dual,elastic", gen_length=128)
 
     x = sub.add_parser("export", help="export a checkpoint as ONNX pieces + manifest.json")
     x.add_argument("--model", required=True, help="LLaDA checkpoint directory")

@@ -1,0 +1,159 @@
+"""Accuracy and speed of decoding configurations, side by side on the same problems in one process.
+
+Every report uses the same three named baselines:
+- "LLaDA baseline": block 32, one token per step, no cache (the papers' baseline);
+- "Fast-dLLM": dual cache, confidence threshold 0.9, block 32;
+- "same schedule, no cache": Elastic-Cache's sliding window (16) and threshold (0.9) without any cache, which
+  isolates what the cache itself buys.
+Throughput counts generated tokens up to the first EOS only (never prompt tokens, EOS padding or leftover masks).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from .decoder import Decoder
+from .policies import make_policy
+from .schedule import BlockSchedule, WindowSchedule
+from .scoring import extract_answer, is_correct
+
+BASELINES = ("LLaDA baseline", "Fast-dLLM", "same schedule, no cache")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    label: str
+    cache: str
+    schedule: str                 # "block" | "window"
+    block_length: int = 32
+    steps_per_token: bool = False  # block schedule with one token per step
+    threshold: float | None = 0.9
+    window: int = 16
+    gamma: float = 0.9
+    track_num: int = 1
+
+    def make(self, backend, gen_length: int, detokenize) -> Decoder:
+        if self.schedule == "block":
+            block = min(self.block_length, gen_length)
+            schedule = BlockSchedule(gen_length, block, gen_length if self.steps_per_token else None,
+                                     None if self.steps_per_token else self.threshold)
+        else:
+            schedule = WindowSchedule(gen_length, self.window, self.threshold)
+        policy = make_policy(self.cache, gamma=self.gamma, track_num=self.track_num)
+        return Decoder(backend, policy, schedule, detokenize)
+
+
+def standard_configs(caches: list[str], gamma: float = 0.9, window: int = 16) -> list[RunConfig]:
+    """The three baselines first, then one configuration per requested cache policy (defaults as in the papers)."""
+    configs = [RunConfig("LLaDA baseline", "none", "block", steps_per_token=True),
+               RunConfig("Fast-dLLM", "dual", "block"),
+               RunConfig("same schedule, no cache", "none", "window", window=window)]
+    for cache in caches:
+        if cache == "none":
+            continue  # both no-cache schedules are already baselines
+        if cache == "dual":
+            continue  # Fast-dLLM
+        if cache == "prefix":
+            configs.append(RunConfig("Fast-dLLM prefix", "prefix", "block"))
+        elif cache == "elastic":
+            configs.append(RunConfig(f"Elastic-Cache (gamma {gamma})", "elastic", "window", window=window,
+                                     gamma=gamma))
+        else:
+            raise ValueError(f"unknown cache policy {cache!r} (choose none, prefix, dual or elastic)")
+    return configs
+
+
+@dataclass
+class Summary:
+    label: str
+    problems: int = 0
+    correct: int = 0
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    layer_steps_refreshed: int = 0
+    layer_steps_total: int = 0
+    outputs: list = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.problems if self.problems else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def row(self) -> dict:
+        return {"label": self.label, "problems": self.problems, "accuracy": self.accuracy,
+                "tokens_per_second": self.tokens_per_second, "steps_per_problem": self.steps / max(self.problems, 1),
+                "tokens_per_step": self.tokens / max(self.steps, 1),
+                "refresh_fraction": self.layer_steps_refreshed / max(self.layer_steps_total, 1),
+                "tokens": self.tokens, "seconds": self.seconds}
+
+
+def load_problems(path: str, limit: int | None = None) -> list[dict]:
+    problems = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                problems.append({"question": str(item["question"]), "answer": str(item["answer"])})
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{i}: expected a JSON object with 'question' and 'answer'") from None
+            if limit and len(problems) >= limit:
+                break
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems
+
+
+def evaluate(backend, tokenizer, problems: list[dict], configs: list[RunConfig], gen_length: int,
+             progress: bool = True) -> list[Summary]:
+    """Run every configuration on every problem; configurations alternate per problem so that drift in machine
+    load affects all of them alike."""
+    from tqdm import tqdm
+
+    prompts = [tokenizer.encode_prompt(p["question"], chat=True) for p in problems]
+    summaries = [Summary(c.label) for c in configs]
+    for c in configs:  # warm-up, untimed: first calls pay one-off allocation costs
+        c.make(backend, gen_length, tokenizer.decode).generate(prompts[0])
+    bar = tqdm(total=len(problems) * len(configs), desc="eval", unit="run", disable=not progress, file=sys.stderr)
+    for problem, prompt in zip(problems, prompts):
+        for cfg, summary in zip(configs, summaries):
+            res = cfg.make(backend, gen_length, tokenizer.decode).generate(prompt)
+            ok = is_correct(res.text, problem["answer"])
+            summary.problems += 1
+            summary.correct += ok
+            summary.tokens += res.tokens
+            summary.steps += res.steps
+            summary.seconds += res.seconds
+            summary.layer_steps_refreshed += res.layer_steps_refreshed
+            summary.layer_steps_total += res.layer_steps_total
+            summary.outputs.append({"answer": extract_answer(res.text), "correct": ok, "tokens": res.tokens,
+                                    "steps": res.steps})
+            bar.update()
+    bar.close()
+    return summaries
+
+
+def table(summaries: list[Summary], title: str = "") -> str:
+    base = {s.label: s.tokens_per_second for s in summaries if s.label in BASELINES}
+    head = ("| configuration | accuracy | tok/s | steps/problem | tokens/step | refresh fraction | "
+            + " | ".join(f"vs {b}" for b in BASELINES) + " |")
+    lines = ([title, ""] if title else []) + [head, "|" + "---|" * (6 + len(BASELINES))]
+    for s in summaries:
+        r = s.row()
+        ratios = " | ".join(f"{r['tokens_per_second'] / base[b]:.2f}x" if base.get(b) else "-" for b in BASELINES)
+        lines.append(f"| {s.label} | {100 * r['accuracy']:.1f}% | {r['tokens_per_second']:.1f} | "
+                     f"{r['steps_per_problem']:.1f} | {r['tokens_per_step']:.2f} | {r['refresh_fraction']:.3f} | "
+                     f"{ratios} |")
+    return "\n".join(lines)
+
+
+def save_json(path: str, summaries: list[Summary], meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": [{**s.row(), "outputs": s.outputs} for s in summaries]}, f, indent=1)
+
