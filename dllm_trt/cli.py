@@ -197,6 +197,75 @@ def cmd_eval(a) -> None:
     print(f"results saved to {a.out}", file=sys.stderr)
 
 
+def cmd_bench(a) -> None:
+    from .runtime.evaluate import RunConfig, bench_speed, bench_table, evaluate, save_json, table
+
+    try:
+        lengths = [int(x) for x in a.gen_lengths.split(",")]
+        gammas = [float(x) for x in a.gamma_sweep.split(",")] if a.gamma_sweep else []
+    except ValueError:
+        raise UsageError("--gen-lengths and --gamma-sweep take comma-separated numbers") from None
+    if a.repeats < 1 or any(n < 1 for n in lengths):
+        raise UsageError("--repeats and every gen length must be at least 1")
+    a.gen_length, a.limit = max(lengths), a.prompts
+    problems, configs, backend, tok = _eval_inputs(a)
+    limit = backend.config.max_sequence_length
+    prompts = [p["question"] for p in problems]
+    results = {}
+    for n in lengths:
+        if max(len(tok.encode_prompt(p, chat=True)) for p in prompts) + n > limit:
+            print(f"skipping gen length {n}: prompt + {n} exceeds the model's {limit} positions", file=sys.stderr)
+            continue
+        results[n] = bench_speed(backend, tok, prompts, configs, n, a.repeats)
+    print(f"speed on {len(prompts)} prompts from {a.data}, median of {a.repeats} repeats, backend "
+          f"{backend.describe()}\n")
+    print(bench_table(results))
+    report = {"speed": results}
+    if gammas:
+        from .runtime.evaluate import load_problems
+
+        sweep_problems = load_problems(a.data, a.sweep_limit)
+        sweep = [RunConfig("LLaDA baseline", "none", "block", steps_per_token=True),
+                 RunConfig("Fast-dLLM", "dual", "block"),
+                 RunConfig("same schedule, no cache", "none", "window", window=a.window or 16)]
+        sweep += [RunConfig(f"elastic gamma {g}", "elastic", "window", window=a.window or 16, gamma=g) for g in gammas]
+        summaries = evaluate(backend, tok, sweep_problems, sweep, a.sweep_gen_length)
+        print()
+        print(table(summaries, f"gamma sweep: {len(sweep_problems)} problems, gen length {a.sweep_gen_length}"))
+        report["gamma_sweep"] = [s.row() for s in summaries]
+        if a.plot:
+            plot_sweep(summaries, a.plot)
+            print(f"plot saved to {a.plot}", file=sys.stderr)
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"results saved to {a.out}", file=sys.stderr)
+
+
+def plot_sweep(summaries, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    elastic = [s for s in summaries if s.label.startswith("elastic")]
+    ax.plot([s.tokens_per_second for s in elastic], [100 * s.accuracy for s in elastic], "o-", label="Elastic-Cache")
+    for s in elastic:
+        ax.annotate(s.label.split()[-1], (s.tokens_per_second, 100 * s.accuracy), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    for s, marker in zip([s for s in summaries if not s.label.startswith("elastic")], "s^D"):
+        ax.plot([s.tokens_per_second], [100 * s.accuracy], marker, label=s.label)
+    ax.set_xlabel("tokens/s (generated tokens up to EOS)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("gamma sweep: accuracy vs speed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def cmd_export(a) -> None:
     from .export.onnx_export import export_model
 
@@ -250,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval-results.json", help="where to save the results as JSON")
     add_decoding_args(e)
     e.set_defaults(func=cmd_eval, cache="none,dual,elastic", gen_length=128)
+
+    bn = sub.add_parser("bench", help="speed of cache policies side by side at several gen lengths; gamma sweep")
+    src = bn.add_mutually_exclusive_group()
+    src.add_argument("--model", help=f"LLaDA checkpoint directory (default: the bundled {DEFAULT_MODEL.name})")
+    src.add_argument("--engines", help="exported engine directory (manifest.json)")
+    bn.add_argument("--data", required=True, help="JSONL whose questions are the prompts")
+    bn.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
+    bn.add_argument("--gen-lengths", default="128,256,512")
+    bn.add_argument("--repeats", type=int, default=3)
+    bn.add_argument("--gamma-sweep", help="comma-separated gammas for an accuracy-vs-speed sweep")
+    bn.add_argument("--sweep-limit", type=int, default=100, help="problems in the sweep (default 100)")
+    bn.add_argument("--sweep-gen-length", type=int, default=128)
+    bn.add_argument("--plot", help="PNG path for the sweep plot (needs matplotlib)")
+    bn.add_argument("--out", default="bench-results.json")
+    add_decoding_args(bn)
+    bn.set_defaults(func=cmd_bench, cache="none,dual,elastic")
 
     x = sub.add_parser("export", help="export a checkpoint as ONNX pieces + manifest.json")
     x.add_argument("--model", required=True, help="LLaDA checkpoint directory")

@@ -157,3 +157,45 @@ def save_json(path: str, summaries: list[Summary], meta: dict) -> None:
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": [{**s.row(), "outputs": s.outputs} for s in summaries]}, f, indent=1)
 
+
+
+def bench_speed(backend, tokenizer, prompts: list[str], configs: list[RunConfig], gen_length: int, repeats: int,
+                progress: bool = True) -> dict[str, dict]:
+    """Median over repeats of (generated tokens up to EOS / seconds) over all prompts, per configuration.
+    Configurations alternate inside each repeat, on the same prompts."""
+    import statistics
+
+    from tqdm import tqdm
+
+    ids = [tokenizer.encode_prompt(p, chat=True) for p in prompts]
+    for c in configs:
+        c.make(backend, gen_length, tokenizer.decode).generate(ids[0])  # warm-up
+    per_repeat = {c.label: [] for c in configs}
+    steps = {c.label: 0 for c in configs}
+    tokens = {c.label: 0 for c in configs}
+    bar = tqdm(total=repeats * len(configs) * len(ids), desc=f"bench gen {gen_length}", unit="run",
+               disable=not progress, file=sys.stderr)
+    for _ in range(repeats):
+        for c in configs:
+            n_tokens = seconds = 0.0
+            for p in ids:
+                res = c.make(backend, gen_length, tokenizer.decode).generate(p)
+                n_tokens, seconds = n_tokens + res.tokens, seconds + res.seconds
+                steps[c.label] += res.steps
+                tokens[c.label] += res.tokens
+                bar.update()
+            per_repeat[c.label].append(n_tokens / seconds if seconds else 0.0)
+    bar.close()
+    return {label: {"tokens_per_second": statistics.median(v), "runs": v,
+                    "tokens_per_step": tokens[label] / max(steps[label], 1)} for label, v in per_repeat.items()}
+
+
+def bench_table(results: dict[int, dict[str, dict]]) -> str:
+    lines = ["| gen length | configuration | tok/s (median) | tokens/step | "
+             + " | ".join(f"vs {b}" for b in BASELINES) + " |", "|" + "---|" * (4 + len(BASELINES))]
+    for gen, rows in results.items():
+        for label, r in rows.items():
+            ratios = " | ".join(f"{r['tokens_per_second'] / rows[b]['tokens_per_second']:.2f}x"
+                                if rows.get(b, {}).get("tokens_per_second") else "-" for b in BASELINES)
+            lines.append(f"| {gen} | {label} | {r['tokens_per_second']:.1f} | {r['tokens_per_step']:.2f} | {ratios} |")
+    return "\n".join(lines)
