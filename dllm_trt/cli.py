@@ -266,6 +266,21 @@ def plot_sweep(summaries, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def cmd_serve(a) -> None:
+    from .runtime.api import Engine
+
+    try:
+        from .runtime.server import serve
+        import fastapi, uvicorn  # noqa: E401, F401
+    except ImportError as e:
+        raise UsageError(f"serving needs the serve extra: pip install 'dllm-trt[serve]' (missing {e.name})") from None
+    if not 1 <= a.port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {a.port}")
+    engine = Engine.load(a.engines, a.backend)
+    print(f"serving {engine.name} ({engine.backend.describe()}) on http://{a.host}:{a.port}/v1", file=sys.stderr)
+    serve(engine, a.host, a.port, a.max_queue)
+
+
 def cmd_export(a) -> None:
     from .export.onnx_export import export_model
 
@@ -335,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", default="bench-results.json")
     add_decoding_args(bn)
     bn.set_defaults(func=cmd_bench, cache="none,dual,elastic")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server over exported engines")
+    sv.add_argument("--engines", required=True, help="exported engine directory (manifest.json)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
+    sv.add_argument("--max-queue", type=int, default=16, help="requests in progress before 503 (default 16)")
+    sv.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a checkpoint as ONNX pieces + manifest.json")
     x.add_argument("--model", required=True, help="LLaDA checkpoint directory")

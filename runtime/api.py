@@ -1,0 +1,173 @@
+"""The Python API: load once, generate many times.
+
+    from dllm_trt.runtime.api import Engine
+    engine = Engine.load("engines/NAME")                  # ONNX Runtime, or TensorRT when plans are built
+    result = engine.generate("What is 7 plus 5?", cache="elastic", gamma=0.9, max_tokens=128)
+    for text in engine.stream([{"role": "user", "content": "Hi"}], max_tokens=64):
+        print(text, end="")
+
+One decoding runs at a time per Engine (a lock serialises callers), so an Engine can be shared by server threads.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends.base import Backend
+from .config import ModelError
+from .decoder import Decoder, GenerationResult
+from .policies import make_policy
+from .schedule import BlockSchedule, WindowSchedule
+from .tokenizer import TextTokenizer
+
+
+class Cancelled(Exception):
+    """Raised inside a decoding whose caller went away."""
+
+
+@dataclass
+class Options:
+    cache: str = "elastic"
+    max_tokens: int = 256
+    gamma: float = 0.9
+    window: int = 16
+    threshold: float | None = 0.9
+    block_length: int = 32
+    track_num: int = 1
+
+    def validate(self) -> None:
+        if self.cache not in ("none", "prefix", "dual", "elastic"):
+            raise ValueError(f"cache must be one of none, prefix, dual, elastic; got {self.cache!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not -1.0 <= self.gamma <= 2.0:
+            raise ValueError(f"gamma must be in [-1, 2], got {self.gamma}")
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.track_num < 1:
+            raise ValueError(f"track_num must be at least 1, got {self.track_num}")
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class Engine:
+    def __init__(self, backend: Backend, tokenizer: TextTokenizer, name: str):
+        self.backend, self.tokenizer, self.name = backend, tokenizer, name
+        self.max_positions = backend.config.max_sequence_length
+        if hasattr(backend, "max_len"):  # exported engines cover fewer positions than the model may
+            self.max_positions = min(self.max_positions, backend.max_len)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto") -> "Engine":
+        """An exported engine directory (manifest.json), or a checkpoint directory with backend='torch'."""
+        from .engine import open_checkpoint, open_engines
+
+        path = Path(path)
+        if (path / "manifest.json").is_file():
+            be = open_engines(path, backend)
+        elif backend == "torch":
+            be = open_checkpoint(path)
+        else:
+            raise ModelError(f"{path}: no manifest.json; export it first (dllm-trt export) or use backend='torch'")
+        return cls(be, TextTokenizer(path), path.name)
+
+    def encode(self, prompt: str | list[dict]) -> list[int]:
+        return self.tokenizer.encode_prompt(prompt, chat=isinstance(prompt, list))
+
+    def _decoder(self, opts: Options) -> Decoder:
+        opts.validate()
+        n = opts.max_tokens
+        if opts.cache in ("prefix", "dual"):
+            block = min(opts.block_length, n)
+            if n % block:
+                raise ValueError(f"max_tokens ({n}) must be a multiple of the block length ({block}) for the "
+                                 f"{opts.cache} cache")
+            schedule = BlockSchedule(n, block, None, opts.threshold if opts.threshold is not None else 0.9)
+        else:
+            schedule = WindowSchedule(n, opts.window, opts.threshold)
+        policy = make_policy(opts.cache, opts.gamma, opts.track_num)
+        return Decoder(self.backend, policy, schedule, self.tokenizer.decode)
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if len(prompt_ids) + max_tokens > self.max_positions:
+            raise PromptTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                f"engine's {self.max_positions} positions")
+
+    def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, **options) -> GenerationResult:
+        """Decode one prompt. on_text(delta) receives text as the committed prefix grows; cancelled() -> True
+        stops the decoding with Cancelled."""
+        opts = Options(**options)
+        decoder = self._decoder(opts)
+        prompt_ids = self.encode(prompt)
+        self.check_length(prompt_ids, opts.max_tokens)
+        stream = _PrefixStream(self.tokenizer, len(prompt_ids), self.backend.config, on_text)
+
+        def on_step(canvas):
+            if cancelled is not None and cancelled():
+                raise Cancelled()
+            stream.update(canvas)
+
+        with self._lock:
+            result = decoder.generate(prompt_ids, on_step=on_step)
+        stream.finish(result.text)
+        return result
+
+    def stream(self, prompt: str | list[dict], **options) -> Iterator[str]:
+        """Yield text pieces as they become final (the longest committed prefix); concatenated they equal
+        generate(...).text."""
+        q: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def work():
+            try:
+                self.generate(prompt, on_text=q.put, cancelled=stop.is_set, **options)
+                q.put(done)
+            except BaseException as e:  # handed to the consumer, raised there
+                q.put(e)
+
+        threading.Thread(target=work, daemon=True).start()
+        try:
+            while (item := q.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+
+class _PrefixStream:
+    """Turns canvas updates into text deltas that never change afterwards: only the prefix of committed tokens
+    before the first still-MASK position (and before EOS) is final, since a diffusion model commits out of order."""
+
+    def __init__(self, tokenizer, prompt_len: int, config, on_text):
+        self.tokenizer, self.prompt_len, self.on_text = tokenizer, prompt_len, on_text
+        self.mask, self.eos = config.mask_token_id, config.eos_token_id
+        self.sent = ""
+
+    def _emit(self, text: str) -> None:
+        if self.on_text is not None and text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def update(self, canvas) -> None:
+        if self.on_text is None:
+            return
+        gen = canvas.ids[self.prompt_len:].tolist()
+        stop = len(gen)
+        for marker in (self.mask, self.eos):
+            if marker in gen:
+                stop = min(stop, gen.index(marker))
+        text = self.tokenizer.decode(gen[:stop])
+        self._emit(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence may still change
+
+    def finish(self, final_text: str) -> None:
+        self._emit(final_text)
