@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from dllm_trt.runtime.checkpoint import PREFIX, Checkpoint, layer_keys
 from dllm_trt.runtime.config import ModelError, layer_ranges
-from dllm_trt.runtime.manifest import DTYPES, Manifest, PieceSpec, dims_for, piece_specs, sha256_file
+from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, piece_specs, range_name,
+                                       sha256_file)
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,6 +99,43 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
         spec.data_sha256 = sha256_file(out / spec.data_file)
 
 
+def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
+    """Point `other`'s external tensors at identical tensors (same name, type, shape and bytes) already stored in
+    `owner`'s data file, so a range's weights are on disk once although two graphs (window, refresh) use them."""
+    if not owner.data_file or not other.data_file:
+        return
+    src = onnx.load(str(out / owner.file), load_external_data=False)
+    stored = {t.name: t for t in src.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    model = onnx.load(str(out / other.file))  # this piece's tensors in memory: one range at a time
+    with open(out / owner.data_file, "rb") as f:
+        for t in model.graph.initializer:
+            s = stored.get(t.name)
+            if s is None or s.data_type != t.data_type or list(s.dims) != list(t.dims):
+                continue
+            info = {e.key: e.value for e in s.external_data}
+            f.seek(int(info.get("offset", 0)))
+            if f.read(int(info["length"])) != t.raw_data:
+                continue
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            for key in ("location", "offset", "length"):
+                if key in info:
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, info[key]
+            t.data_location = onnx.TensorProto.EXTERNAL
+    (out / other.data_file).unlink()
+    onnx.save_model(model, str(out / other.file), save_as_external_data=True, location=other.data_file,
+                    size_threshold=1024)
+    onnx.checker.check_model(str(out / other.file), full_check=True)
+    other.sha256 = sha256_file(out / other.file)
+    other.shares_data_of = owner.name
+    if (out / other.data_file).is_file():
+        other.data_size = (out / other.data_file).stat().st_size
+        other.data_sha256 = sha256_file(out / other.data_file)
+    else:
+        other.data_file, other.data_size, other.data_sha256 = "", 0, ""
+
+
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
                  opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False) -> Manifest:
     if dtype not in DTYPES:
@@ -124,6 +162,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     for spec in bar:
         bar.set_postfix_str(spec.name)
         _quietly(export_piece, spec, ckpt, out, dtype, opset, dims)
+        if spec.kind == "refresh":  # exported right after the window piece of the same range
+            share_weights(manifest_piece(pieces, f"{range_name(*spec.layers)}.window"), spec, out)
     tokenizer_files = []
     for name in TOKENIZER_FILES:
         if (ckpt.dir / name).is_file():
@@ -137,10 +177,14 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     }, out)
     manifest.save(out)
     if not quiet:
-        total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)
+        total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)  # shared data counted once
         print(f"exported {len(pieces)} pieces ({dtype}, opset {opset}, {len(ranges)} layer ranges) to {out}: "
               f"{total / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return manifest
+
+
+def manifest_piece(pieces: list[PieceSpec], name: str) -> PieceSpec:
+    return next(p for p in pieces if p.name == name)
 
 
 def _version(pkg: str) -> str:

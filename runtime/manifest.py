@@ -37,6 +37,7 @@ class PieceSpec:
     data_file: str = ""
     data_size: int = 0
     data_sha256: str = ""
+    shares_data_of: str = ""   # piece whose data file also holds some of this piece's weights (same range)
 
 
 @dataclass
