@@ -58,16 +58,21 @@ _INT_KEYS = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size", 
              "eos_token_id", "max_sequence_length")
 
 
+def read_json(path: Path, missing_hint: str) -> dict:
+    """A JSON file the user pointed us at, or one ModelError naming it."""
+    if not path.is_file():
+        raise ModelError(f"{path}: missing ({missing_hint})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise ModelError(f"{model_dir}: not a directory")
-    if not path.is_file():
-        raise ModelError(f"{path}: missing (a LLaDA checkpoint directory needs config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "a LLaDA checkpoint directory needs config.json")
     for key in _INT_KEYS:
         if key not in raw:
             raise ModelError(f"{path}: missing key '{key}'")

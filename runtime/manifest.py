@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ModelConfig, ModelError
+from .config import ModelConfig, ModelError, read_json
 
 FORMAT = "dllm-trt-manifest"
 FORMAT_VERSION = 1
@@ -153,12 +153,7 @@ def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
     """Read and validate manifest.json; check every graph file's sha256 (and data sizes, or data hashes)."""
     d = Path(directory)
     path = d / "manifest.json"
-    if not path.is_file():
-        raise ModelError(f"{path}: missing (export a model first: dllm-trt export --model DIR --out {d})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, f"export a model first: dllm-trt export --model DIR --out {d}")
     if raw.get("format") != FORMAT:
         raise ModelError(f"{path}: not a dllm-trt manifest")
     if raw.get("format_version") != FORMAT_VERSION:

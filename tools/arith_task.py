@@ -1,26 +1,27 @@
-"""Synthetic multi-step arithmetic in GSM8K's JSONL format: a running total modulo 100.
+"""Synthetic multi-step arithmetic in GSM8K's JSONL format: a two-digit counter stepped K times.
 
-Each problem is a counter that starts at a value in 0..99 and goes through a chain of K additions/subtractions
-(K in 6..9), everything modulo 100. The worked answer writes every step out as one line that restates the previous
-total, so each result depends on a token the model itself generated one line earlier:
+A counter shows a two-digit value (00..99). Every step adds the same digit d (1..9) and keeps the last two digits
+(arithmetic modulo 100); the question asks for the value after K steps (K in 5..8). The worked answer writes every
+step out as one line that restates the previous value, so each line depends on digits the model itself generated
+one line earlier, and an early mistake carries through to the final answer:
 
-    question: A counter shows 37 . It counts modulo 100 .
-              Step 1 : add 45
-              Step 2 : subtract 12
+    question: A counter shows 47 . Each step adds 8 and keeps the last two digits . What does it show after 6 steps ?
+    answer:   Step 1 : 47 + 8 = 55
+              Step 2 : 55 + 8 = 63
               ...
-              What does the counter show at the end ?
-    answer:   Step 1 : 37 + 45 = 82
-              Step 2 : 82 - 12 = 70
-              ...
-              #### 41
+              Step 6 : 79 + 8 = 87
+              #### 87
 
-Numbers 0..99 are single tokens (see build_tokenizer), so one step is a local lookup, "a +/- b = c", with a copied
-from the line above and b copied from the matching question line. An answer is 9 tokens per step plus 2 for the
-"#### N" line: 56 to 83 tokens.
+Values are always written with two digits (07, not 7). The tokenizer (build_tokenizer) has one token per digit, so
+a step is a local, learnable operation: a ones digit plus d with a carry into the tens digit. An answer is 11 tokens
+per step plus 3 for the "#### NN" line: 58 to 91 tokens.
 
     python tools/arith_task.py --seed S --n N --out FILE      (deterministic per seed)
 
-The held-out set data/arith_heldout.jsonl is seed HELDOUT_SEED, which training never uses.
+The held-out set data/arith_heldout.jsonl is seed HELDOUT_SEED, which training never uses. The whole problem space
+is small (100 starts x 9 digits x 4 lengths = 3600 questions), so tools/train_model.py also leaves every held-out
+question out of its training stream and its validation set; held-out problems still share single steps ("47 + 8")
+and chain prefixes with training problems, as any problem of this kind must.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import re
 from pathlib import Path
 
 MODULUS = 100
-MIN_STEPS, MAX_STEPS = 6, 9
+MIN_STEPS, MAX_STEPS = 5, 8
 HELDOUT_SEED = 20240917          # data/arith_heldout.jsonl; tools/train_model.py refuses to train or validate on it
 HELDOUT_N = 1000
 
@@ -40,37 +41,32 @@ EOS, MASK, BOS = "<|endoftext|>", "<|mdm_mask|>", "<|startoftext|>"
 SPECIAL_TOKENS = [EOS, MASK, BOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 UNK = "<unk>"
 
-_OP_WORD = {"+": "add", "-": "subtract"}
-_STEP_RE = re.compile(r"^Step (\d+) : (add|subtract) (\d+)$")
-_START_RE = re.compile(r"^A counter shows (\d+) \. It counts modulo 100 \.$")
+_QUESTION = ("A counter shows {start:02d} . Each step adds {d} and keeps the last two digits . "
+             "What does it show after {k} steps ?")
+_QUESTION_RE = re.compile(r"^A counter shows (\d\d) \. Each step adds (\d) and keeps the last two digits \. "
+                          r"What does it show after (\d) steps \?$")
 
 
 def make_problem(rng: random.Random, n_steps: int | None = None) -> dict:
     """One problem from rng. n_steps=None draws K uniformly from MIN_STEPS..MAX_STEPS."""
     k = rng.randint(MIN_STEPS, MAX_STEPS) if n_steps is None else n_steps
-    if not MIN_STEPS <= k <= MAX_STEPS:
-        raise ValueError(f"n_steps must be in {MIN_STEPS}..{MAX_STEPS}, got {k}")
     start = rng.randrange(MODULUS)
-    ops, operands = [], []
-    for _ in range(k):
-        ops.append(rng.choice("+-"))
-        operands.append(rng.randint(1, MODULUS - 1))
-    return format_problem(start, ops, operands)
+    d = rng.randint(1, 9)
+    return format_problem(start, d, k)
 
 
-def format_problem(start: int, ops: list[str], operands: list[int]) -> dict:
-    """The question and worked answer for a start value and a chain of (op, operand) steps."""
-    total = start
-    q_lines = [f"A counter shows {total} . It counts modulo {MODULUS} ."]
-    a_lines = []
-    for i, (op, b) in enumerate(zip(ops, operands), 1):
-        new = (total + b) % MODULUS if op == "+" else (total - b) % MODULUS
-        q_lines.append(f"Step {i} : {_OP_WORD[op]} {b}")
-        a_lines.append(f"Step {i} : {total} {op} {b} = {new}")
+def format_problem(start: int, d: int, k: int) -> dict:
+    """The question and worked answer for a start value, a step digit d and K steps."""
+    if not (0 <= start < MODULUS and 1 <= d <= 9 and MIN_STEPS <= k <= MAX_STEPS):
+        raise ValueError(f"need 0 <= start < {MODULUS}, 1 <= d <= 9, {MIN_STEPS} <= k <= {MAX_STEPS}; "
+                         f"got start={start}, d={d}, k={k}")
+    lines, total = [], start
+    for i in range(1, k + 1):
+        new = (total + d) % MODULUS
+        lines.append(f"Step {i} : {total:02d} + {d} = {new:02d}")
         total = new
-    q_lines.append("What does the counter show at the end ?")
-    a_lines.append(f"#### {total}")
-    return {"question": "\n".join(q_lines), "answer": "\n".join(a_lines)}
+    lines.append(f"#### {total:02d}")
+    return {"question": _QUESTION.format(start=start, d=d, k=k), "answer": "\n".join(lines)}
 
 
 def generate(seed: int, n: int) -> list[dict]:
@@ -78,30 +74,30 @@ def generate(seed: int, n: int) -> list[dict]:
     return [make_problem(rng) for _ in range(n)]
 
 
-def solve(question: str) -> int:
-    """Recompute the final value from the question text alone (independent of the generator's bookkeeping)."""
-    lines = question.split("\n")
-    m = _START_RE.match(lines[0])
+def parse_question(question: str) -> tuple[int, int, int]:
+    """(start, d, K) of a question."""
+    m = _QUESTION_RE.match(question)
     if not m:
-        raise ValueError(f"not an arith question: {lines[0]!r}")
-    total = int(m.group(1))
-    for line in lines[1:-1]:
-        m = _STEP_RE.match(line)
-        if not m:
-            raise ValueError(f"bad step line: {line!r}")
-        b = int(m.group(3))
-        total = (total + b if m.group(2) == "add" else total - b) % MODULUS
-    return total
+        raise ValueError(f"not an arith question: {question!r}")
+    start, d, k = (int(g) for g in m.groups())
+    return start, d, k
+
+
+def solve(question: str) -> int:
+    """Recompute the final value from the question text alone (closed form, not the step-by-step generator)."""
+    start, d, k = parse_question(question)
+    return (start + k * d) % MODULUS
 
 
 def vocabulary() -> list[str]:
-    """Every token of the word-level vocabulary, specials first. Words after the first on a line carry their
-    leading space (GPT-2 style), so decoding is plain concatenation and round-trips the text exactly."""
-    words = ["A", "Step", "What", "####", "user", "assistant", "\n"]
-    mid = ["shows", "It", "counts", "modulo", ".", ":", "add", "subtract", "does", "the", "counter", "show",
-           "at", "end", "?", "+", "-", "="]
-    mid += [str(i) for i in range(MODULUS + 1)]
-    return SPECIAL_TOKENS + [UNK] + words + [" " + w for w in mid]
+    """Every token of the word-level vocabulary, specials first. A word or the first digit of a number that
+    follows a space carries that space (GPT-2 style); further digits of a number are their own tokens without
+    one. Decoding is therefore plain concatenation and round-trips the text exactly."""
+    line_start = ["A", "Step", "####", "user", "assistant", "\n"]
+    words = ["counter", "shows", ".", "Each", "step", "adds", "and", "keeps", "the", "last", "two", "digits",
+             "What", "does", "it", "show", "after", "steps", "?", ":", "+", "="]
+    digits = [str(i) for i in range(10)]
+    return SPECIAL_TOKENS + [UNK] + line_start + [" " + w for w in words + digits] + digits
 
 
 def build_tokenizer():
@@ -110,8 +106,9 @@ def build_tokenizer():
 
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # Pieces: a newline, or a word with at most one leading space. Anything else (stray spaces) becomes <unk>.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[^ \n]+|\n"), behavior="isolated")
+    # Pieces: a newline, one digit (with at most one leading space), or a run of other non-space characters (with
+    # at most one leading space). Anything else (stray spaces, unknown words) becomes <unk>.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[0-9]| ?[^ \n0-9]+|\n"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok

@@ -18,27 +18,40 @@ from pathlib import Path
 import numpy as np
 
 
-def time_passes(backend, n: int, prompt_len: int, window: int, tracked: int, repeats: int) -> dict[str, float]:
+def step_inputs(cfg, n: int, prompt_len: int, window: int, tracked: int):
+    """A canvas with every generation slot still MASK, its window, and a query set of tracked + 1 fresh + window."""
     rng = np.random.default_rng(0)
-    cfg = backend.config
-    ids = rng.integers(0, 200, n).astype(np.int64)
+    ids = rng.integers(0, min(cfg.vocab_size, cfg.mask_token_id), n).astype(np.int64)
     ids[prompt_len:] = cfg.mask_token_id
-    key_is_mask = ids == cfg.mask_token_id
     targets = np.arange(prompt_len, prompt_len + window)
-    queries = np.concatenate([rng.choice(prompt_len, tracked, replace=False), [prompt_len - 1], targets])
-    track = queries[:tracked]
+    queries = np.concatenate([rng.choice(prompt_len - 1, tracked, replace=False), [prompt_len - 1], targets])
+    return ids, ids == cfg.mask_token_id, targets, queries, queries[:tracked]
+
+
+def refresh_step(backend, ids, key_is_mask, targets) -> None:
+    """A full recompute: embed every slot, every range in refresh mode, head on the window."""
+    backend.embed(ids)
+    for r in range(len(backend.ranges)):
+        backend.refresh(r, targets, key_is_mask)
+    backend.head(targets)
+
+
+def window_step(backend, ids, key_is_mask, targets, queries, track) -> None:
+    """An Elastic-Cache step without drift: embed the query rows, every range in window mode, head on the window."""
+    backend.embed(ids[queries], queries)
+    for r in range(len(backend.ranges)):
+        backend.window(r, queries, track, targets, key_is_mask)
+    backend.head(targets)
+
+
+def time_passes(backend, n: int, prompt_len: int, window: int, tracked: int, repeats: int) -> dict[str, float]:
+    ids, key_is_mask, targets, queries, track = step_inputs(backend.config, n, prompt_len, window, tracked)
 
     def refresh():
-        backend.embed(ids)
-        for r in range(len(backend.ranges)):
-            backend.refresh(r, targets, key_is_mask)
-        backend.head(targets)
+        refresh_step(backend, ids, key_is_mask, targets)
 
     def window_pass():
-        backend.embed(ids[queries], queries)
-        for r in range(len(backend.ranges)):
-            backend.window(r, queries, track, targets, key_is_mask)
-        backend.head(targets)
+        window_step(backend, ids, key_is_mask, targets, queries, track)
 
     backend.begin(n)
     refresh()  # fill the caches (and warm up)
@@ -84,7 +97,7 @@ def main() -> None:
                                       n_heads=a.heads, max_len=max(512, n))
         for k in a.layers_per_range:
             eng = Path(tmp) / f"e{k}"
-            export_model(model, eng, layers_per_range=k, max_len=n, max_active=64, quiet=True)
+            export_model(model, eng, layers_per_range=k, max_len=n, max_active=min(64, n), quiet=True)
             for backend in (OnnxRuntimeBackend(eng), TorchBackend(model, layers_per_range=k, device="cpu")):
                 r = time_passes(backend, n, a.prompt, a.window, a.tracked, a.repeats)
                 print(f"| {k} | {backend.describe()} | {r['refresh'] * 1e3:.1f} | {r['window'] * 1e3:.1f} | "

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pieces import refresh_step, step_inputs, window_step  # noqa: E402
 
 
 def parity(lines: list[str], device: str = "cuda") -> None:
@@ -90,12 +92,7 @@ def timings(lines: list[str], repeats: int = 10, shape: dict = LLADA_8B, device:
     del x, y
     layer_bytes = sum(p.numel() * p.element_size() for p in be.layers[0].parameters())
 
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, min(cfg.vocab_size, cfg.mask_token_id), n)
-    ids[prompt:] = cfg.mask_token_id
-    mask = ids == cfg.mask_token_id
-    targets = np.arange(prompt, prompt + window)
-    queries = np.concatenate([rng.choice(prompt, tracked, replace=False), [prompt - 1], targets])
+    ids, mask, targets, queries, track = step_inputs(cfg, n, prompt, window, tracked)
 
     def timed(fn):
         times = []
@@ -108,27 +105,12 @@ def timings(lines: list[str], repeats: int = 10, shape: dict = LLADA_8B, device:
         return statistics.median(times)
 
     be.begin(n)
-    be.embed(ids)
-    for r in range(len(be.ranges)):
-        be.refresh(r, targets, mask)
+    refresh_step(be, ids, mask, targets)
     refresh_layer = timed(lambda: be.refresh(len(be.ranges) // 2, targets, mask))
     be.embed(ids[queries], queries)
-    window_layer = timed(lambda: (be.embed(ids[queries], queries), be.window(0, queries, queries[:tracked],
-                                                                                targets, mask)))
-
-    def full_refresh():
-        be.embed(ids)
-        for r in range(len(be.ranges)):
-            be.refresh(r, targets, mask)
-        be.head(targets)
-
-    def full_window():
-        be.embed(ids[queries], queries)
-        for r in range(len(be.ranges)):
-            be.window(r, queries, queries[:tracked], targets, mask)
-        be.head(targets)
-
-    step_refresh, step_window = timed(full_refresh), timed(full_window)
+    window_layer = timed(lambda: (be.embed(ids[queries], queries), be.window(0, queries, track, targets, mask)))
+    step_refresh = timed(lambda: refresh_step(be, ids, mask, targets))
+    step_window = timed(lambda: window_step(be, ids, mask, targets, queries, track))
     floor_layer = layer_bytes / bandwidth
     lines.append(f"\n## LLaDA-8B shape, random weights, bf16, torch backend on CUDA "
                  f"(canvas {n} = prompt {prompt} + gen {gen}; window pass = {len(queries)} query rows)\n")

@@ -52,13 +52,13 @@ GEN_LEN, BLOCK_LEN = 128, 32
 MASK_EPS = 1e-3
 MAX_SEQ_LEN = 256
 
-# Sizes per device. "gpu" is the committed model; "cpu" fits the whole run (training + 1000-problem evaluation)
-# in about 90 minutes on two cores.
+# Sizes per device. "cpu" fits the whole run (training loop 55 min + the 1000-problem evaluation, about 20 min) in
+# well under 90 minutes on one core of this machine's two.
 PRESETS = {
-    "gpu": dict(d_model=256, n_heads=8, n_layers=6, mlp_hidden=768, batch=512, lr=1e-3, warmup=200,
-                time_budget=360.0, eval_every=250, n_val=512, eval_batch=512),
-    "cpu": dict(d_model=128, n_heads=4, n_layers=6, mlp_hidden=384, batch=48, lr=2e-3, warmup=100,
-                time_budget=3000.0, eval_every=250, n_val=64, eval_batch=64),
+    "gpu": dict(d_model=256, n_heads=8, n_layers=6, mlp_hidden=768, batch=256, lr=1.5e-3, warmup=300,
+                time_budget=400.0, eval_every=500, n_val=512, eval_batch=512),
+    "cpu": dict(d_model=128, n_heads=4, n_layers=6, mlp_hidden=384, batch=32, lr=2e-3, warmup=100,
+                time_budget=3300.0, eval_every=500, n_val=32, eval_batch=64),
 }
 
 
@@ -81,12 +81,14 @@ class Ids:
 
     def __init__(self, tok):
         v = tok.get_vocab()
-        self.tok, self.vocab_size = tok, tok.get_vocab_size()
+        self.tok, self.vocab_size, self.v = tok, tok.get_vocab_size(), v
         self.eos, self.mask = v[task.EOS], v[task.MASK]
-        self.num0 = v[" 0"]
-        assert all(v[f" {i}"] == self.num0 + i for i in range(task.MODULUS))
-        self.plus, self.minus, self.add, self.sub = v[" +"], v[" -"], v[" add"], v[" subtract"]
+        self.spaced = torch.tensor([v[f" {i}"] for i in range(10)])     # first digit of a number
+        self.plain = torch.tensor([v[str(i)] for i in range(10)])        # following digits
         self.templates = {k: self._template(k) for k in range(task.MIN_STEPS, task.MAX_STEPS + 1)}
+        plens = {t["plen"] for t in self.templates.values()}
+        assert len(plens) == 1, "the prompt length must not depend on K"
+        self.plen = plens.pop()
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -101,64 +103,89 @@ class Ids:
         return p + a + [self.eos] * (GEN_LEN - len(a)), len(p)
 
     def _template(self, k: int) -> dict:
-        ids, plen = self.sequence_ids(task.format_problem(0, ["+"] * k, [1] * k))
-        step = self.encode("Step")[0]
-        q_steps = [i for i in range(plen) if ids[i] == step]
-        a_steps = [i for i in range(plen, len(ids)) if ids[i] == step]
-        hashes = ids.index(self.encode("####")[0])
-        assert len(q_steps) == len(a_steps) == k
-        return dict(ids=torch.tensor(ids), plen=plen, start=ids.index(self.encode(" shows")[0]) + 1,
-                    q_op=torch.tensor(q_steps) + 3, q_b=torch.tensor(q_steps) + 4,
-                    a_a=torch.tensor(a_steps) + 3, a_op=torch.tensor(a_steps) + 4, a_b=torch.tensor(a_steps) + 5,
-                    a_c=torch.tensor(a_steps) + 7, final=hashes + 1)
+        ids, plen = self.sequence_ids(task.format_problem(0, 1, k))
+        v = self.v
+        steps = torch.tensor([i for i in range(plen, len(ids)) if ids[i] == v["Step"]])
+        hashes = ids.index(v["####"])
+        assert len(steps) == k
+        shows, adds = ids.index(v[" shows"]), ids.index(v[" adds"])
+        result = torch.zeros(GEN_LEN, dtype=torch.bool)      # answer-region positions of computed digits
+        for pos in (steps + 8, steps + 9, torch.tensor([hashes + 1, hashes + 2])):
+            result[pos - plen] = True
+        return dict(ids=torch.tensor(ids), plen=plen, result=result, s_t=shows + 1, s_o=shows + 2, q_d=adds + 1,
+                    x_t=steps + 3, x_o=steps + 4, a_d=steps + 6, y_t=steps + 8, y_o=steps + 9,
+                    f_t=hashes + 1, f_o=hashes + 2)
 
-    def batch(self, k: int, start: torch.Tensor, neg: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Ids [B, S] for problems (start [B], neg [B, k] bool = subtract, operand b [B, k]); all of one k."""
+    def batch_k(self, k: int, start: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids [B, S] and result mask [B, GEN_LEN] for problems (start [B], step digit d [B]) of K = k steps."""
         t = self.templates[k]
-        c = (start[:, None] + torch.where(neg, -b, b).cumsum(1)) % task.MODULUS
-        a = torch.cat([start[:, None], c[:, :-1]], 1)
+        y = (start[:, None] + d[:, None] * torch.arange(1, k + 1)) % task.MODULUS
+        x = torch.cat([start[:, None], y[:, :-1]], 1)
+        sp, pl = self.spaced, self.plain
         ids = t["ids"].repeat(start.shape[0], 1)
-        ids[:, t["start"]] = self.num0 + start
-        ids[:, t["q_op"]] = torch.where(neg, self.sub, self.add)
-        ids[:, t["q_b"]] = self.num0 + b
-        ids[:, t["a_a"]] = self.num0 + a
-        ids[:, t["a_op"]] = torch.where(neg, self.minus, self.plus)
-        ids[:, t["a_b"]] = self.num0 + b
-        ids[:, t["a_c"]] = self.num0 + c
-        ids[:, t["final"]] = self.num0 + c[:, -1]
-        return ids, t["plen"]
+        ids[:, t["s_t"]], ids[:, t["s_o"]], ids[:, t["q_d"]] = sp[start // 10], pl[start % 10], sp[d]
+        ids[:, t["x_t"]], ids[:, t["x_o"]] = sp[x // 10], pl[x % 10]
+        ids[:, t["a_d"]] = sp[d][:, None].expand(-1, k)
+        ids[:, t["y_t"]], ids[:, t["y_o"]] = sp[y // 10], pl[y % 10]
+        ids[:, t["f_t"]], ids[:, t["f_o"]] = sp[y[:, -1] // 10], pl[y[:, -1] % 10]
+        return ids, t["result"].expand(start.shape[0], -1)
 
-    def self_check(self, seed: int = 0, n: int = 16) -> None:
+    def batch(self, k: torch.Tensor, start: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of mixed K (all prompts have the same length): ids [B, plen + GEN_LEN], result mask [B, GEN_LEN]."""
+        ids = torch.empty(len(k), self.plen + GEN_LEN, dtype=torch.long)
+        res = torch.empty(len(k), GEN_LEN, dtype=torch.bool)
+        for kk in range(task.MIN_STEPS, task.MAX_STEPS + 1):
+            rows = (k == kk).nonzero().flatten()
+            if len(rows):
+                ids[rows], res[rows] = self.batch_k(kk, start[rows], d[rows])
+        return ids, res
+
+    def self_check(self, seed: int = 0, n: int = 64) -> None:
         """The vectorised builder must agree with tokenising the generator's text (chat template included)."""
         g = torch.Generator().manual_seed(seed)
-        for k in self.templates:
-            start, neg, b = torch.randint(0, 100, (n,), generator=g), torch.rand(n, k, generator=g) < 0.5, \
-                torch.randint(1, 100, (n, k), generator=g)
-            ids, plen = self.batch(k, start, neg, b)
-            for r in range(n):
-                prob = task.format_problem(int(start[r]), ["-" if x else "+" for x in neg[r].tolist()], b[r].tolist())
-                want, wplen = self.sequence_ids(prob)
-                assert wplen == plen and ids[r].tolist() == want, f"batch builder disagrees with tokenizer (k={k})"
+        k = torch.randint(task.MIN_STEPS, task.MAX_STEPS + 1, (n,), generator=g)
+        start, d = torch.randint(0, 100, (n,), generator=g), torch.randint(1, 10, (n,), generator=g)
+        ids, _ = self.batch(k, start, d)
+        for r in range(n):
+            want, plen = self.sequence_ids(task.format_problem(int(start[r]), int(d[r]), int(k[r])))
+            assert plen == self.plen and ids[r].tolist() == want, "batch builder disagrees with the tokenizer"
+
+
+def problem_code(k, start, d):
+    """One integer per (K, start, d): the identity of a question."""
+    return (k * task.MODULUS + start) * 10 + d
 
 
 class Stream:
-    """The training data: an endless, seeded stream of batches drawn on the CPU (device-independent)."""
+    """The training data: an endless, seeded stream of batches drawn on the CPU (device-independent), with the
+    same distribution as task.make_problem (K, start value and step digit uniform) except that the questions in
+    `excluded` (the held-out set) are redrawn, so training never sees a held-out question."""
 
-    def __init__(self, ids: Ids, seed: int, batch: int):
+    def __init__(self, ids: Ids, seed: int, batch: int, excluded: list[dict]):
         self.ids, self.batch = ids, batch
-        self.rng = random.Random(seed)
         self.g = torch.Generator().manual_seed(seed)
+        self.banned = torch.zeros(int(problem_code(task.MAX_STEPS + 1, 0, 0)), dtype=torch.bool)
+        for p in excluded:
+            start, d, k = task.parse_question(p["question"])
+            self.banned[problem_code(k, start, d)] = True
 
     def next(self):
-        k = self.rng.randint(task.MIN_STEPS, task.MAX_STEPS)   # one chain length per batch: no padding needed
-        B = self.batch
-        start = torch.randint(0, task.MODULUS, (B,), generator=self.g)
-        neg = torch.randint(0, 2, (B, k), generator=self.g).bool()
-        b = torch.randint(1, task.MODULUS, (B, k), generator=self.g)
-        ids, plen = self.ids.batch(k, start, neg, b)
-        t = torch.rand(B, 1, generator=self.g)
-        u = torch.rand(B, ids.shape[1] - plen, generator=self.g)
-        return ids, plen, t, u
+        B, g = self.batch, self.g
+        k = torch.randint(task.MIN_STEPS, task.MAX_STEPS + 1, (B,), generator=g)
+        start = torch.randint(0, task.MODULUS, (B,), generator=g)
+        d = torch.randint(1, 10, (B,), generator=g)
+        while True:
+            bad = self.banned[problem_code(k, start, d)].nonzero().flatten()
+            if not len(bad):
+                break
+            n = len(bad)
+            k[bad] = torch.randint(task.MIN_STEPS, task.MAX_STEPS + 1, (n,), generator=g)
+            start[bad] = torch.randint(0, task.MODULUS, (n,), generator=g)
+            d[bad] = torch.randint(1, 10, (n,), generator=g)
+        ids, result = self.ids.batch(k, start, d)
+        t = torch.rand(B, 1, generator=g)
+        u = torch.rand(B, GEN_LEN, generator=g)
+        return ids, self.ids.plen, t, u, result
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -194,8 +221,10 @@ class LLaDA(nn.Module):
         return {k: v.detach().float().cpu().clone().contiguous() for k, v in w.items()}
 
 
-def diffusion_loss(model, ids, plen, t, u, mask_id):
-    """LLaDA SFT loss for one batch; t [B, 1] and u [B, G] are the uniform draws (masking ratio, per token)."""
+def diffusion_loss(model, ids, plen, t, u, result, mask_id):
+    """LLaDA SFT loss for one batch; t [B, 1] and u [B, G] are the uniform draws (masking ratio, per token).
+    Also returns the number of masked tokens predicted right and masked, overall and at `result` positions
+    (the computed numbers, [G] bool): the part of the answer that needs arithmetic."""
     p = (1 - MASK_EPS) * t + MASK_EPS
     masked = u < p
     answer = ids[:, plen:]
@@ -205,8 +234,10 @@ def diffusion_loss(model, ids, plen, t, u, mask_id):
     ce = ce.view_as(answer)
     loss = (ce * masked / p).sum() / answer.numel()
     with torch.no_grad():
-        correct = ((logits.argmax(-1) == answer) & masked).sum()
-    return loss, correct, masked.sum()
+        hit = (logits.argmax(-1) == answer) & masked
+        masked_res = masked & result
+        stats = torch.stack([hit.sum(), masked.sum(), (hit & result).sum(), masked_res.sum()]).float()
+    return loss, stats
 
 
 # ---------------------------------------------------------------------------------------------------- sampler
@@ -283,9 +314,13 @@ def plot_curve(rows: list[dict], png: Path, title: str) -> None:
     ax[0].set_ylabel("masked-diffusion loss (train)")
     ax[0].grid(alpha=0.3)
     ev = [r for r in rows if r["val_exact_match"] != ""]
-    ax[1].plot([r["step"] for r in ev], [100 * r["val_exact_match"] for r in ev], marker="o", ms=3)
+    ax[1].plot([r["step"] for r in ev], [100 * r["val_exact_match"] for r in ev], marker="o", ms=3,
+               label="validation exact match (LLaDA sampler, gen 128, block 32)")
+    ax[1].plot([r["step"] for r in tr], [100 * r["masked_result_acc"] for r in tr], lw=1, alpha=0.7,
+               label="train: masked result-token accuracy")
+    ax[1].legend(fontsize=8, loc="lower right")
     ax[1].set_xlabel("step")
-    ax[1].set_ylabel("validation exact match, LLaDA sampler (%)")
+    ax[1].set_ylabel("%")
     ax[1].set_ylim(0, 100)
     ax[1].grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
@@ -318,15 +353,18 @@ def main(argv=None) -> None:
     ap.add_argument("--n-heldout", type=int, default=None, help="evaluate only the first N held-out problems")
     ap.add_argument("--out-model", default=str(REPO / "models" / "arith"))
     ap.add_argument("--out-docs", default=str(REPO / "docs" / "training"))
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: 1 on CPU, where the cores are shared; 0: torch's default)")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--state-out", default=None, help="also torch.save the kept state dict here, before evaluation")
     a = ap.parse_args(argv)
 
     t_start = time.time()
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
+    threads = a.threads if a.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     preset_name = a.preset if a.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     hp = dict(PRESETS[preset_name])
     for key in ("batch", "lr", "d_model", "n_layers", "n_heads", "mlp_hidden", "eval_every", "n_val",
@@ -369,14 +407,14 @@ def main(argv=None) -> None:
                             lr=hp["lr"], betas=(0.9, 0.98), eps=1e-8,
                             **({"fused": True} if device.type == "cuda" else {}))
 
-    val = task.generate(a.val_seed, hp["n_val"])
-    heldout = task.read_jsonl(a.heldout) if Path(a.heldout).is_file() else task.generate(task.HELDOUT_SEED, task.HELDOUT_N)
-    if a.n_heldout:
-        heldout = heldout[:a.n_heldout]
-    val_q = {p["question"] for p in val}
-    assert not val_q & {p["question"] for p in heldout}, "validation overlaps the held-out set"
+    heldout_all = task.read_jsonl(a.heldout) if Path(a.heldout).is_file() else \
+        task.generate(task.HELDOUT_SEED, task.HELDOUT_N)
+    heldout = heldout_all[:a.n_heldout] if a.n_heldout else heldout_all
+    held_q = {p["question"] for p in heldout_all}
+    val = [p for p in task.generate(a.val_seed, 20 * hp["n_val"]) if p["question"] not in held_q][:hp["n_val"]]
+    assert len(val) == hp["n_val"]
 
-    stream = Stream(ids, a.seed, hp["batch"])
+    stream = Stream(ids, a.seed, hp["batch"], heldout_all)
     total_steps = a.steps
     rows: list[dict] = []
     best = None  # (val_acc, step, state dict on CPU)
@@ -394,13 +432,14 @@ def main(argv=None) -> None:
             f"sample: {outs[0][-60:]!r}")
         return acc
 
+    if device.type == "cuda":   # warm the kernels up so that the timed evaluation below is representative
+        evaluate(model, ids, val[:8], device, hp["eval_batch"], train_autocast)
     acc = run_eval(0)
     rows.append(dict(step=0, elapsed_s=round(time.time() - t_loop, 1), lr=0.0, train_loss="", masked_token_acc="",
-                     val_exact_match=acc))
-    step, stop_reason = 0, None
+                     masked_result_acc="", val_exact_match=acc))
+    step, stop_reason, last_acc = 0, None, acc
     loss_sum = torch.zeros((), device=device)
-    corr_sum = torch.zeros((), device=device)
-    n_masked = torch.zeros((), device=device)
+    stat_sum = torch.zeros(4, device=device)
     n_in_window = 0
     t_calib = None
     while True:
@@ -412,7 +451,8 @@ def main(argv=None) -> None:
             per_step = (time.time() - t_calib) / 30
             per_eval = eval_time  # one evaluation so far
             left = hp["time_budget"] - (time.time() - t_loop)
-            total_steps = max(200, int(40 + left / (per_step + per_eval / hp["eval_every"])))
+            # evaluations come every eval_every steps, later every eval_every / 2: count them as every 2/3 of it
+            total_steps = max(200, int(40 + left / (per_step + per_eval / (hp["eval_every"] * 2 / 3))))
             log(f"timing: {per_step * 1000:.1f} ms/step, {per_eval:.1f} s/eval -> schedule of {total_steps} steps")
         sched_steps = total_steps or 10 ** 9
         lr = hp["lr"] * min(1.0, (step + 1) / hp["warmup"])
@@ -421,37 +461,42 @@ def main(argv=None) -> None:
             lr = hp["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
         for group in opt.param_groups:
             group["lr"] = lr
-        bid, plen, t, u = stream.next()
-        bid, t, u = (x.to(device, non_blocking=True) for x in (bid, t, u))
+        bid, plen, t, u, res = stream.next()
+        bid, t, u, res = (x.to(device, non_blocking=True) for x in (bid, t, u, res))
         with train_autocast():
-            loss, correct, masked = diffusion_loss(model, bid, plen, t, u, ids.mask)
+            loss, stats = diffusion_loss(model, bid, plen, t, u, res, ids.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         loss_sum += loss.detach()
-        corr_sum += correct
-        n_masked += masked
+        stat_sum += stats
         n_in_window += 1
-        do_eval = step % hp["eval_every"] == 0 or step >= sched_steps
+        # Validate every eval_every steps, twice as often once the model is within reach of --stop-at.
+        every = hp["eval_every"] if last_acc < 0.4 else max(1, hp["eval_every"] // 2)
+        do_eval = step % every == 0 or step >= sched_steps
         if step % a.log_every == 0 or do_eval:
             tl = (loss_sum / n_in_window).item()
-            ta = (corr_sum / n_masked.clamp(min=1)).item()
+            st = stat_sum.tolist()
+            ta, ra = st[0] / max(st[1], 1), st[2] / max(st[3], 1)
             row = dict(step=step, elapsed_s=round(time.time() - t_loop, 1), lr=lr, train_loss=round(tl, 5),
-                       masked_token_acc=round(ta, 5), val_exact_match="")
-            log(f"step {step:6d}  loss {tl:.4f}  masked-token acc {ta:.4f}  lr {lr:.2e}  {row['elapsed_s']:.0f}s")
-            loss_sum.zero_(), corr_sum.zero_(), n_masked.zero_()
+                       masked_token_acc=round(ta, 5), masked_result_acc=round(ra, 5), val_exact_match="")
+            log(f"step {step:6d}  loss {tl:.4f}  masked-token acc {ta:.4f}  masked-result acc {ra:.4f}  "
+                f"lr {lr:.2e}  {row['elapsed_s']:.0f}s")
+            loss_sum.zero_(), stat_sum.zero_()
             n_in_window = 0
             if do_eval:
-                row["val_exact_match"] = run_eval(step)
+                row["val_exact_match"] = last_acc = run_eval(step)
             rows.append(row)
             if do_eval and row["val_exact_match"] >= a.stop_at:
                 stop_reason = f"validation exact match {row['val_exact_match']:.4f} >= {a.stop_at}"
             elif step >= sched_steps:
                 stop_reason = f"schedule of {total_steps} steps done"
-            elif time.time() - t_loop > hp["time_budget"] * 1.1:
+            elif time.time() - t_loop > hp["time_budget"] * 1.05:
                 stop_reason = "time budget exhausted"
+                if not do_eval:
+                    row["val_exact_match"] = run_eval(step)
             if stop_reason:
                 break
     train_wall = time.time() - t_loop
@@ -461,6 +506,8 @@ def main(argv=None) -> None:
         raise SystemExit("no evaluation at or below --max-acc: nothing to save")
     val_acc, best_step, state = best
     model.load_state_dict(state)
+    if a.state_out:
+        torch.save({"config": cfg.to_dict(), "step": best_step, "val_acc": val_acc, "state_dict": state}, a.state_out)
     log(f"keeping the weights of step {best_step} (validation exact match {val_acc:.4f})")
 
     # Final held-out evaluation in float32 (TF32 off): what the exported fp32 checkpoint computes.
@@ -470,7 +517,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     held_acc, held_out = evaluate(model, ids, heldout, device, hp["eval_batch"], fp32)
     log(f"held-out exact match {held_acc:.4f} on {len(heldout)} problems (float32, {time.time() - t0:.0f}s)")
-    for i in range(3):
+    for i in range(min(3, len(heldout))):
         log(f"--- held-out #{i}: gold {heldout[i]['answer'].rsplit('####', 1)[1].strip()}, "
             f"{'correct' if is_correct(held_out[i], heldout[i]['answer']) else 'WRONG'}\n{held_out[i]}")
 
