@@ -31,9 +31,25 @@ EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _example(spec: PieceSpec, dtype: torch.dtype):
+def example_sizes(dims: dict, static: set[int]) -> dict[str, int]:
+    """EXAMPLE clipped into each dim's range, keeping all sizes distinct and unlike the static dims."""
+    taken, out = set(static), {}
+    for name, preferred in EXAMPLE.items():
+        lo, hi = max(2, dims[name]["min"]), dims[name]["max"]
+        size = min(preferred, hi)
+        while size in taken and size > lo:
+            size -= 1
+        if size in taken or size < lo:
+            raise ModelError(f"dimension {name} (range {dims[name]['min']}..{hi}) is too small to export; "
+                             f"use a larger --max-len / --max-active")
+        taken.add(size)
+        out[name] = size
+    return out
+
+
+def _example(spec: PieceSpec, dtype: torch.dtype, sizes: dict[str, int]):
     def make(t):
-        shape = [EXAMPLE[s] if isinstance(s, str) else s for s in t.shape]
+        shape = [sizes[s] if isinstance(s, str) else s for s in t.shape]
         dt = {"int64": torch.int64, "bool": torch.bool, "float32": torch.float32}.get(t.dtype, dtype)
         return torch.zeros(shape, dtype=dt, device="meta")
     return tuple(make(t) for t in spec.inputs)
@@ -79,8 +95,10 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
     shapes = _dynamic_shapes(spec, dims)
     if spec.kind in ("window", "refresh"):  # these modules take *args, which torch.export sees as one tuple
         shapes = (shapes,)
+    cfg = ckpt.config
+    sizes = example_sizes(dims, {cfg.d_model, cfg.n_heads, cfg.head_dim, 2})
     program = torch.onnx.export(
-        module, _example(spec, tdtype), dynamic_shapes=shapes,
+        module, _example(spec, tdtype, sizes), dynamic_shapes=shapes,
         input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
         opset_version=opset, dynamo=True, optimize=False, verbose=False)
     program.apply_weights(weights)

@@ -183,3 +183,14 @@ def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tmp_path):
     value_types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
     assert softmax_inputs and all(value_types.get(x, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
                                   for x in softmax_inputs), "softmax must run in float32"
+
+
+def test_example_sizes_fit_small_export_ranges():
+    from dllm_trt.export.onnx_export import example_sizes
+    from dllm_trt.runtime.manifest import dims_for
+
+    sizes = example_sizes(dims_for(max_len=16, max_active=6), static={64, 4, 16, 2})
+    assert all(2 <= v for v in sizes.values()) and len(set(sizes.values())) == len(sizes)
+    assert sizes["seq_len"] <= 16 and sizes["active_len"] <= 6 and 16 not in sizes.values()
+    with pytest.raises(ModelError, match="too small to export"):
+        example_sizes(dims_for(max_len=3, max_active=2), static={64, 4, 16, 2})
