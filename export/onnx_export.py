@@ -31,10 +31,13 @@ EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def example_sizes(dims: dict, static: set[int]) -> dict[str, int]:
-    """EXAMPLE clipped into each dim's range, keeping all sizes distinct and unlike the static dims."""
+def example_sizes(dims: dict, static: set[int], names=None) -> dict[str, int]:
+    """EXAMPLE clipped into each dim's range, keeping the sizes of the named dims (those of one piece) distinct
+    from each other and from the static dims."""
     taken, out = set(static), {}
     for name, preferred in EXAMPLE.items():
+        if names is not None and name not in names:
+            continue
         lo, hi = max(2, dims[name]["min"]), dims[name]["max"]
         size = min(preferred, hi)
         while size in taken and size > lo:
@@ -96,7 +99,8 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
     if spec.kind in ("window", "refresh"):  # these modules take *args, which torch.export sees as one tuple
         shapes = (shapes,)
     cfg = ckpt.config
-    sizes = example_sizes(dims, {cfg.d_model, cfg.n_heads, cfg.head_dim, 2})
+    used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    sizes = example_sizes(dims, {cfg.d_model, cfg.n_heads, cfg.head_dim, 2}, used)
     program = torch.onnx.export(
         module, _example(spec, tdtype, sizes), dynamic_shapes=shapes,
         input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],

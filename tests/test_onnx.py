@@ -189,8 +189,9 @@ def test_example_sizes_fit_small_export_ranges():
     from dllm_trt.export.onnx_export import example_sizes
     from dllm_trt.runtime.manifest import dims_for
 
-    sizes = example_sizes(dims_for(max_len=16, max_active=6), static={64, 4, 16, 2})
-    assert all(2 <= v for v in sizes.values()) and len(set(sizes.values())) == len(sizes)
-    assert sizes["seq_len"] <= 16 and sizes["active_len"] <= 6 and 16 not in sizes.values()
+    window_dims = {"seq_len", "active_len", "track_len", "window_len"}
+    sizes = example_sizes(dims_for(max_len=16, max_active=7), {64, 4, 16, 2}, window_dims)
+    assert set(sizes) == window_dims and len(set(sizes.values())) == len(sizes)
+    assert all(2 <= v for v in sizes.values()) and sizes["seq_len"] <= 15 and sizes["active_len"] <= 7
     with pytest.raises(ModelError, match="too small to export"):
-        example_sizes(dims_for(max_len=3, max_active=2), static={64, 4, 16, 2})
+        example_sizes(dims_for(max_len=16, max_active=3), {64, 4, 16, 2}, window_dims)
