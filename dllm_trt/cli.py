@@ -15,7 +15,7 @@ from .runtime.backends.base import BackendError
 from .runtime.config import ModelError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "tiny"
+DEFAULT_MODEL = REPO_ROOT / "models" / "arith"
 
 
 class UsageError(Exception):
