@@ -176,7 +176,8 @@ def _eval_inputs(a):
         raise UsageError(f"--limit must be at least 1, got {a.limit}")
     try:
         problems = load_problems(a.data, a.limit)
-        configs = standard_configs([c.strip() for c in a.cache.split(",") if c.strip()], a.gamma, a.window or 16)
+        configs = standard_configs([c.strip() for c in a.cache.split(",") if c.strip()], a.gamma, a.window or 16,
+                                   not getattr(a, "no_llada_baseline", False))
     except OSError as e:
         raise UsageError(f"{a.data}: {e.strerror}") from None
     except ValueError as e:
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="JSONL with 'question' and 'answer' ('... #### N') per line")
     e.add_argument("--limit", type=int, help="first N problems only")
     e.add_argument("--out", default="eval-results.json", help="where to save the results as JSON")
+    e.add_argument("--no-llada-baseline", action="store_true",
+                   help="leave out the LLaDA baseline (one token per step: much the slowest to run)")
     add_decoding_args(e)
     e.set_defaults(func=cmd_eval, cache="none,dual,elastic", gen_length=128)
 
