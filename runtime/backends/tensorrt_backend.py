@@ -132,7 +132,10 @@ class TensorRTBackend(Backend):
         for name, t in inputs.items():
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
-        ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        try:  # setDeviceMemoryV2 (pointer + size) in the 10.x/11.x bindings
+            ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        except (AttributeError, TypeError):  # bindings that only expose the pointer property
+            ctx.device_memory = self.scratch.data_ptr()
         for name, t in outputs.items():
             ctx.set_tensor_address(name, t.data_ptr())
         if not ctx.execute_async_v3(self.stream.cuda_stream):
