@@ -150,7 +150,7 @@ def cmd_generate(a) -> None:
     limit = backend.config.max_sequence_length
     if len(prompt_ids) + a.gen_length > limit:
         raise UsageError(f"prompt ({len(prompt_ids)} tokens) + gen length ({a.gen_length}) exceeds the model's "
-                         f"maximum of {limit} positions")
+                         f"maximum of {limit} positions; use --gen-length {max(limit - len(prompt_ids), 1)} or less")
     try:
         decoder = Decoder(backend, policy, schedule, detokenize=tok.decode)
     except ValueError as e:
@@ -226,8 +226,8 @@ def cmd_bench(a) -> None:
         from .runtime.evaluate import load_problems
 
         sweep_problems = load_problems(a.data, a.sweep_limit)
-        sweep = [RunConfig("LLaDA baseline", "none", "block", steps_per_token=True),
-                 RunConfig("Fast-dLLM", "dual", "block"),
+        sweep = [] if a.no_llada_baseline else [RunConfig("LLaDA baseline", "none", "block", steps_per_token=True)]
+        sweep += [RunConfig("Fast-dLLM", "dual", "block"),
                  RunConfig("same schedule, no cache", "none", "window", window=a.window or 16)]
         sweep += [RunConfig(f"elastic gamma {g}", "elastic", "window", window=a.window or 16, gamma=g) for g in gammas]
         summaries = evaluate(backend, tok, sweep_problems, sweep, a.sweep_gen_length)
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--sweep-limit", type=int, default=100, help="problems in the sweep (default 100)")
     bn.add_argument("--sweep-gen-length", type=int, default=128)
     bn.add_argument("--plot", help="PNG path for the sweep plot (needs matplotlib)")
+    bn.add_argument("--no-llada-baseline", action="store_true",
+                    help="leave out the LLaDA baseline (one token per step: much the slowest to run)")
     bn.add_argument("--out", default="bench-results.json")
     add_decoding_args(bn)
     bn.set_defaults(func=cmd_bench, cache="none,dual,elastic")
