@@ -97,6 +97,23 @@ def plan_status(engine_dir: str | Path, manifest: Manifest, target: Target) -> t
     return "ok", ""
 
 
+def find_built(engine_dir: str | Path, manifest: Manifest, gpu_name: str, compute_capability: str,
+               trt_version: str, precision: str) -> Target | None:
+    """The target of complete, up-to-date plans built on this GPU / TensorRT / precision (whatever --max-len,
+    --max-active and --opt-level they were built with), or None."""
+    for record_path in sorted((Path(engine_dir) / "trt").glob(f"*/{BUILD_RECORD}")):
+        try:
+            target = Target(**json.loads(record_path.read_text())["target"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if (target.gpu_name, target.compute_capability, target.trt_version, target.precision) != (
+                gpu_name, compute_capability, trt_version, precision):
+            continue
+        if plan_status(engine_dir, manifest, target)[0] == "ok":
+            return target
+    return None
+
+
 def write_record(engine_dir: str | Path, manifest: Manifest, target: Target) -> None:
     d = plan_dir(engine_dir, target)
     record = {

@@ -95,6 +95,22 @@ def test_plan_cache_decisions(engines, target, tmp_path):
     assert "changed since its plan was built" in plan_status(eng, m, target)[1]
 
 
+def test_runtime_finds_plans_built_with_other_limits(engines, target, tmp_path):
+    from dllm_trt.runtime.trt_plans import find_built
+
+    eng = shutil.copytree(engines, tmp_path / "e")
+    m = load_manifest(eng)
+    key = (target.gpu_name, target.compute_capability, target.trt_version, target.precision)
+    assert find_built(eng, m, *key) is None
+    small = replace(target, max_len=64, max_active=16, opt_level=1)   # built with --max-len 64 --max-active 16
+    fake_build(eng, m, small)
+    assert find_built(eng, m, *key) == small
+    assert find_built(eng, m, "NVIDIA H200", "9.0", "11.4.0", "fp32") is None    # another GPU
+    assert find_built(eng, m, *key[:3], "bf16") is None                           # another precision
+    m.pieces[1].sha256 = "f" * 64                                                  # sources changed since
+    assert find_built(eng, m, *key) is None
+
+
 def test_cache_bytes_for_llada_8b_shape(engines):
     m = load_manifest(engines)
     m.config = replace(m.config, d_model=4096, n_heads=32, n_layers=32)

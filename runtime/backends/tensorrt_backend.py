@@ -14,7 +14,8 @@ import numpy as np
 
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
-from ..trt_plans import Target, check_precision, dim_ranges, plan_dir, plan_status, profile_for, write_record
+from ..trt_plans import (Target, check_precision, dim_ranges, find_built, plan_dir, plan_status, profile_for,
+                          write_record)
 from .base import Backend, BackendError, RangeStats
 
 
@@ -102,11 +103,12 @@ class TensorRTBackend(Backend):
         self.manifest, self.config = manifest, manifest.config
         self.ranges = [tuple(r) for r in manifest.layer_ranges]
         precision = precision or manifest.dtype
-        ranges = dim_ranges(manifest)
-        target = current_target(trt, torch, precision, ranges["seq_len"][2], ranges["active_len"][2], 3)
-        status, why = plan_status(engine_dir, manifest, target)
-        if status != "ok":
-            raise BackendError(f"no usable TensorRT plans for this GPU ({why}): run dllm-trt build {engine_dir}")
+        major, minor = torch.cuda.get_device_capability()
+        target = find_built(engine_dir, manifest, torch.cuda.get_device_name(), f"{major}.{minor}", trt.__version__,
+                            precision)
+        if target is None:
+            raise BackendError(f"no up-to-date TensorRT plans for this GPU, TensorRT {trt.__version__} and "
+                               f"{precision}: run dllm-trt build {engine_dir}")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         d = plan_dir(engine_dir, target)
         self.engines, self.contexts = {}, {}
