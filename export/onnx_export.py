@@ -159,7 +159,8 @@ def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
-                 opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False) -> Manifest:
+                 opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False,
+                 shown_as: str | Path | None = None) -> Manifest:
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     if opset not in (20, 23):
@@ -200,7 +201,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     manifest.save(out)
     if not quiet:
         total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)  # shared data counted once
-        print(f"exported {len(pieces)} pieces ({dtype}, opset {opset}, {len(ranges)} layer ranges) to {out}: "
+        print(f"exported {len(pieces)} pieces ({dtype}, opset {opset}, {len(ranges)} layer ranges) to {shown_as or out}: "
               f"{total / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return manifest
 
@@ -236,7 +237,7 @@ def export_into(model_dir: str | Path, target: Path, **settings) -> Path:
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"exporting {model_dir} to {target} (once; later runs reuse it)", file=sys.stderr)
-    export_model(model_dir, tmp, **settings)
+    export_model(model_dir, tmp, shown_as=target, **settings)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
