@@ -195,3 +195,15 @@ def test_example_sizes_fit_small_export_ranges():
     assert all(2 <= v for v in sizes.values()) and sizes["seq_len"] <= 15 and sizes["active_len"] <= 7
     with pytest.raises(ModelError, match="too small to export"):
         example_sizes(dims_for(max_len=16, max_active=3), {64, 4, 16, 2}, window_dims)
+
+
+def test_opset_23_export_runs_and_matches(tiny_dir, tmp_path, prompts):
+    m = export_model(tiny_dir, tmp_path / "o23", layers_per_range=4, opset=23, max_len=96, max_active=32, quiet=True)
+    assert m.export["opset"] == 23
+    graph = onnx.load(str(tmp_path / "o23" / m.piece("layers_00_04.window").file), load_external_data=False)
+    assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {23}
+    ort_backend, torch_backend = OnnxRuntimeBackend(tmp_path / "o23", threads=1), TorchBackend(tiny_dir, 4)
+    for prompt in prompts[:3]:
+        a = Decoder(ort_backend, make_policy("elastic"), WindowSchedule(GEN, 8, THRESHOLD)).generate(prompt)
+        b = Decoder(torch_backend, make_policy("elastic"), WindowSchedule(GEN, 8, THRESHOLD)).generate(prompt)
+        assert a.canvas_ids == b.canvas_ids
