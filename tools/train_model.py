@@ -545,7 +545,8 @@ def main(argv=None) -> None:
 
     files = sorted(p for p in out_model.iterdir() if p.is_file() and p.name != "TRAINING.json")
     record = {
-        "task": "tools/arith_task.py: running total modulo 100, 6-9 steps, worked answer 56-83 tokens",
+        "task": (f"tools/arith_task.py: two-digit counter stepped by a constant digit modulo 100, "
+                 f"{task.MIN_STEPS}-{task.MAX_STEPS} steps, every step written out"),
         "seed": a.seed, "val_seed": a.val_seed, "heldout_seed": task.HELDOUT_SEED,
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else argv,
         "preset": preset_name, "hyperparameters": {**hp, "warmup": hp["warmup"], "weight_decay": 0.1,
