@@ -154,3 +154,25 @@ def test_full_queue_answers_503(tiny_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cancelled_decoding_stops_and_frees_the_engine(tiny_dir, tmp_path):
+    """What a client disconnect triggers: the decoding stops at its next step and the engine serves the next one."""
+    from dllm_trt.runtime.api import Cancelled, Engine
+
+    export_model(tiny_dir, tmp_path / MODEL, layers_per_range=4, max_len=160, max_active=64, quiet=True)
+    engine = Engine.load(tmp_path / MODEL)
+    checks = []
+
+    def cancelled():
+        checks.append(1)
+        return len(checks) > 3
+
+    with pytest.raises(Cancelled):
+        engine.generate("a long story", cancelled=cancelled, max_tokens=96, threshold=1.0, cache="none")
+    assert len(checks) == 4        # stopped at the 4th step instead of running ~96
+    stream = engine.stream("a long story", max_tokens=96, threshold=1.0, cache="none")
+    next(stream)
+    stream.close()                 # the consumer goes away after the first piece
+    full = engine.generate("a long story", max_tokens=96, threshold=1.0, cache="none")
+    assert full.steps > 4 and full.text
