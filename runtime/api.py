@@ -101,13 +101,19 @@ class Engine:
             raise PromptTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                 f"engine's {self.max_positions} positions")
 
-    def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, **options) -> GenerationResult:
-        """Decode one prompt. on_text(delta) receives text as the committed prefix grows; cancelled() -> True
-        stops the decoding with Cancelled."""
+    def prepare(self, prompt: str | list[dict], **options) -> tuple[Decoder, list[int], Options]:
+        """Validate options and prompt length (ValueError / PromptTooLong) before any work starts."""
         opts = Options(**options)
         decoder = self._decoder(opts)
         prompt_ids = self.encode(prompt)
         self.check_length(prompt_ids, opts.max_tokens)
+        return decoder, prompt_ids, opts
+
+    def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, prepared=None,
+                 **options) -> GenerationResult:
+        """Decode one prompt. on_text(delta) receives text as the committed prefix grows; cancelled() -> True
+        stops the decoding with Cancelled. `prepared` is prepare()'s result, to skip doing that twice."""
+        decoder, prompt_ids, opts = prepared or self.prepare(prompt, **options)
         stream = _PrefixStream(self.tokenizer, len(prompt_ids), self.backend.config, on_text)
 
         def on_step(canvas):

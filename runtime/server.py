@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .api import Cancelled, Engine, Options, PromptTooLong
+from .api import Cancelled, Engine, PromptTooLong
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -108,8 +108,7 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
     def prepare(prompt, opts):
         """Validate everything that can fail before any response starts."""
         try:
-            engine._decoder(Options(**opts))
-            engine.check_length(engine.encode(prompt), opts["max_tokens"])
+            return engine.prepare(prompt, **opts)
         except PromptTooLong as e:
             raise ApiError(413, str(e), "max_tokens") from None
         except ValueError as e:
@@ -123,7 +122,7 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
             return error(ApiError(400, "the request body is not valid JSON"))
         try:
             prompt, opts, stream = parse_request(body, engine, chat)
-            prepare(prompt, opts)
+            prepared = prepare(prompt, opts)
             if state["active"] >= max_queue:
                 raise ApiError(503, f"server busy: {max_queue} requests already in progress; retry later",
                                kind="server_busy")
@@ -138,8 +137,8 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
 
         def work():
             try:
-                res = engine.generate(prompt, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, t)
-                                      if stream else None, cancelled=stop.is_set, **opts)
+                on_text = (lambda t: loop.call_soon_threadsafe(events.put_nowait, t)) if stream else None
+                res = engine.generate(prompt, on_text=on_text, cancelled=stop.is_set, prepared=prepared)
                 loop.call_soon_threadsafe(events.put_nowait, res)
                 return res
             except BaseException as e:
