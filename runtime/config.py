@@ -23,17 +23,26 @@ class ModelConfig:
     max_sequence_length: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Every id that ends an answer (EOS, end-of-turn, ...); eos_token_id is the first of them.
+    end_token_ids: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        return self.end_token_ids or (self.eos_token_id,)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if "end_token_ids" in values:
+            values["end_token_ids"] = tuple(values["end_token_ids"])
+        return cls(**values)
 
 
 # Flags of LLaDA's modeling code that change the computation. We implement exactly one setting of each and
