@@ -14,7 +14,7 @@ from .schedule import BlockSchedule, Canvas
 @dataclass
 class GenerationResult:
     text: str
-    token_ids: list[int]          # generated ids before the first EOS (what is counted as generated)
+    token_ids: list[int]          # generated ids before the first end token (what is counted as generated)
     canvas_ids: list[int]         # the whole generation region as it ended (EOS and undecoded MASKs included)
     tokens: int                   # = len(token_ids)
     steps: int                    # forward passes (NFE)
@@ -28,6 +28,7 @@ class GenerationResult:
     policy: str
     schedule: str
     backend: str
+    finish_reason: str = "length"  # "stop": an end token (EOS, EOT, ...) was generated; "length": none was
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,14 +69,15 @@ class Decoder:
                 on_step(canvas)
         seconds = time.perf_counter() - t0
         gen = canvas.ids[canvas.prompt_len:].tolist()
-        token_ids = gen[: gen.index(cfg.eos_token_id)] if cfg.eos_token_id in gen else gen
+        end = next((i for i, t in enumerate(gen) if t in cfg.end_ids), None)
+        token_ids = gen if end is None else gen[:end]
         return GenerationResult(
             text=self.detokenize(token_ids), token_ids=token_ids, canvas_ids=gen, tokens=len(token_ids),
             steps=canvas.step, seconds=seconds, tokens_per_second=len(token_ids) / seconds if seconds else 0.0,
             tokens_per_step=len(token_ids) / max(canvas.step, 1),
             refresh_fraction=refreshed / total if total else 0.0, layer_steps_refreshed=refreshed,
             layer_steps_total=total, prompt_tokens=canvas.prompt_len, policy=policy.name, schedule=schedule.name,
-            backend=backend.describe())
+            backend=backend.describe(), finish_reason="length" if end is None else "stop")
 
     def _run_layers(self, canvas: Canvas, targets: np.ndarray, queries, key_is_mask) -> int:
         """Run every layer range once; return how many layers ran in refresh mode."""
