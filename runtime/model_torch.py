@@ -42,18 +42,23 @@ def masked_colsum(probs_rows: torch.Tensor, key_is_mask: torch.Tensor) -> torch.
     return torch.where(key_is_mask, torch.zeros_like(score), score)
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cosine along `dim` with each norm clamped at eps separately, as torch.nn.functional.cosine_similarity
+    does (clamping the product of the norms instead collapses the similarity of tiny attention values to ~0).
+    Written out so that it exports to plain ONNX ops."""
+    norm_a = torch.sqrt((a * a).sum(dim)).clamp_min(_COS_EPS)
+    norm_b = torch.sqrt((b * b).sum(dim)).clamp_min(_COS_EPS)
+    return (a * b).sum(dim) / (norm_a * norm_b)
+
+
 def head_axis_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over (row, key) of the cosine between a[:, row, key] and b[:, row, key] taken across heads."""
-    num = (a * b).sum(0)
-    den = torch.sqrt(torch.clamp((a * a).sum(0) * (b * b).sum(0), min=_COS_EPS * _COS_EPS))
-    return (num / den).mean()
+    return cosine(a, b, 0).mean()
 
 
 def key_axis_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over (head, row) of the cosine between two attention rows taken across key positions (paper formula)."""
-    num = (a * b).sum(-1)
-    den = torch.sqrt(torch.clamp((a * a).sum(-1) * (b * b).sum(-1), min=_COS_EPS * _COS_EPS))
-    return (num / den).mean()
+    return cosine(a, b, -1).mean()
 
 
 class Block(nn.Module):

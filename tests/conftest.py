@@ -15,6 +15,20 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=1)
 
 
+TINY_ENGINE_MAX_LEN = 320
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint exported once per test session (fp32, two layers per range). Tests that modify engine
+    files work on a copy."""
+    from dllm_trt.export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    export_model(tiny_dir, out, layers_per_range=2, max_len=TINY_ENGINE_MAX_LEN, max_active=64, quiet=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def prompts():
     """20 distinct prompts of varied length over ordinary byte tokens."""

@@ -23,10 +23,8 @@ GEN, THRESHOLD = 32, 0.08
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eng") / "tiny"
-    export_model(tiny_dir, out, layers_per_range=2, max_len=128, max_active=64, quiet=True)
-    return out
+def engines(tiny_engines):
+    return tiny_engines
 
 
 def test_manifest_matches_onnx_graphs(engines):
@@ -46,6 +44,7 @@ def test_manifest_matches_onnx_graphs(engines):
     {"seq_len": 2, "active_len": 1, "track_len": 1, "window_len": 1, "n_tokens": 1, "n_hidden": 1, "n_rows": 1},
     {"seq_len": 50, "active_len": 20, "track_len": 4, "window_len": 16, "n_tokens": 50, "n_hidden": 50, "n_rows": 16},
     {"seq_len": 128, "active_len": 64, "track_len": 7, "window_len": 9, "n_tokens": 3, "n_hidden": 64, "n_rows": 9},
+    {"seq_len": 320, "active_len": 33, "track_len": 5, "window_len": 16, "n_tokens": 320, "n_hidden": 320, "n_rows": 16},
 ])
 def test_every_piece_matches_torch_at_other_sizes(engines, tiny_dir, sizes):
     rows = check_engines(engines, tiny_dir, seed=sizes["seq_len"], sizes=sizes)
@@ -134,8 +133,8 @@ def test_unknown_manifest_version_is_refused(engines_copy):
 
 
 def test_prompt_longer_than_export_is_refused(engines):
-    proc = cli(["generate", "--engines", str(engines), "--prompt", "x" * 120, "--gen-length", "32"])
-    assert proc.returncode == 2 and "exported for at most 128" in proc.stderr
+    proc = cli(["generate", "--engines", str(engines), "--prompt", "x" * 300, "--gen-length", "32"])
+    assert proc.returncode == 2 and "exported for at most 320" in proc.stderr
 
 
 def test_backend_not_installed(engines):
@@ -207,3 +206,48 @@ def test_opset_23_export_runs_and_matches(tiny_dir, tmp_path, prompts):
         a = Decoder(ort_backend, make_policy("elastic"), WindowSchedule(GEN, 8, THRESHOLD)).generate(prompt)
         b = Decoder(torch_backend, make_policy("elastic"), WindowSchedule(GEN, 8, THRESHOLD)).generate(prompt)
         assert a.canvas_ids == b.canvas_ids
+
+
+SHARP = 3.0
+
+
+def test_drift_output_matches_torch_cosine_on_tiny_attention(engines):
+    """The exported window piece's drift statistics against F.cosine_similarity, recomputed here from the piece's
+    own new keys/queries, on keys scaled up so that attention is sharply peaked and most probabilities are far
+    below the cosine's eps (where clamping the product of the norms instead of each norm gives ~0, not ~1)."""
+    import torch
+
+    m = load_manifest(engines)
+    spec = m.pieces[1]
+    assert spec.kind == "window"
+    cfg, (a, b) = m.config, spec.layers
+    rng = np.random.default_rng(5)
+    n, active = 96, 12
+    positions = np.sort(rng.choice(n, active, replace=False)).astype(np.int64)
+    feeds = {"hidden_states": rng.standard_normal((active, cfg.d_model)).astype(np.float32),
+             "position_ids": positions, "track_rows": np.array([0, 3, 7]), "window_rows": np.arange(4, 12),
+             "key_is_mask": rng.random(n) < 0.3}
+    for L in range(a, b):
+        feeds[f"past_key_values.{L}.key"] = SHARP * rng.standard_normal((cfg.n_heads, n, cfg.head_dim)).astype(np.float32)
+        feeds[f"past_key_values.{L}.value"] = rng.standard_normal((cfg.n_heads, n, cfg.head_dim)).astype(np.float32)
+        feeds[f"track_queries.{L}"] = SHARP * rng.standard_normal((cfg.n_heads, 3, cfg.head_dim)).astype(np.float32)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(engines / spec.file), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in spec.outputs], session.run(None, feeds)))
+    scale = cfg.head_dim ** -0.5
+    tiny_pairs = 0
+    for L in range(a, b):
+        past_k = torch.from_numpy(feeds[f"past_key_values.{L}.key"])
+        keys = past_k.clone()
+        keys[:, positions] = torch.from_numpy(out[f"new_key_values.{L}.key"])  # this step's rows replace stale ones
+        new_q = torch.from_numpy(out[f"new_queries.{L}"])[:, feeds["track_rows"]]
+        new = torch.softmax(new_q @ keys.transpose(1, 2) * scale, -1)
+        old = torch.softmax(torch.from_numpy(feeds[f"track_queries.{L}"]) @ past_k.transpose(1, 2) * scale, -1)
+        norms = old.norm(dim=0)
+        tiny_pairs += int(((norms > 1e-8) & (norms < 1e-4)).sum())  # where the two clamps give different values
+        want = torch.nn.functional.cosine_similarity(old, new, dim=0).mean()
+        want_keys = torch.nn.functional.cosine_similarity(old, new, dim=-1).mean()
+        assert abs(float(out[f"drift.{L}"][0]) - float(want)) < 1e-4, (L, out[f"drift.{L}"], float(want))
+        assert abs(float(out[f"drift.{L}"][1]) - float(want_keys)) < 1e-4
+    assert tiny_pairs > 100, f"attention was not peaked enough to exercise the eps clamp ({tiny_pairs})"
