@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .runtime.backends.base import BackendError
 from .runtime.config import ModelError
+from .runtime.options import DEFAULT_GEN_LENGTH, DecodeOptions, OptionError, PromptTooLong, build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "arith"
@@ -31,14 +32,15 @@ def fail(msg: str, code: int = 2):
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--cache", default="elastic", help="none | prefix | dual | elastic (default elastic)")
-    g.add_argument("--gen-length", type=int, default=256, help="positions to generate (default 256)")
+    g.add_argument("--gen-length", type=int, help=f"positions to generate (default {DEFAULT_GEN_LENGTH}, or what "
+                                                  f"fits in the model after the prompt)")
     g.add_argument("--block-length", type=int, help="LLaDA block schedule: block length (default 32)")
     g.add_argument("--steps", type=int, help="LLaDA block schedule: total steps (one token per step = gen length)")
     g.add_argument("--window", type=int, help="sliding-window schedule: the beta left-most masks (default 16)")
     g.add_argument("--threshold", type=float, help="unmask every position with confidence >= this (at least one)")
     g.add_argument("--tokens-per-step", type=int, default=1, help="window schedule without --threshold")
     g.add_argument("--early-stop", dest="early_stop", action="store_true", default=None,
-                   help="stop at the first committed EOS (default: on for the window, off for blocks)")
+                   help="stop at the first committed end token (default: on for the window, off for blocks)")
     g.add_argument("--no-early-stop", dest="early_stop", action="store_false")
     e = p.add_argument_group("elastic cache")
     e.add_argument("--gamma", type=float, default=0.9, help="drift threshold: refresh when similarity < gamma")
@@ -49,58 +51,25 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     b.add_argument("--layers-per-range", type=int, default=1, help="layers per piece (torch backend, export)")
     b.add_argument("--engine-cache", default="engines", help="where --model exports are cached (default engines/)")
-    b.add_argument("--device", help="torch backend device (default cuda when present, else cpu)")
+    b.add_argument("--device", help="torch backend device: cpu or cuda (default cuda when present, else cpu)")
     b.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | bf16 | fp16")
 
 
-def make_schedule(a, cache: str, gen_length: int):
-    from .runtime.schedule import BlockSchedule, WindowSchedule
+def flag_error(e: OptionError) -> UsageError:
+    """An option error worded with the command-line flag's name."""
+    return UsageError(f"--{e.field.replace('_', '-')} {e.problem}")
 
-    use_blocks = a.block_length is not None or a.steps is not None or (cache in ("none", "prefix", "dual")
-                                                                         and a.window is None)
-    if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
-        raise UsageError(f"--threshold must be in [0, 1], got {a.threshold}")
-    if a.tokens_per_step < 1:
-        raise UsageError(f"--tokens-per-step must be at least 1, got {a.tokens_per_step}")
+
+def decode_options(a, cache: str | None = None) -> DecodeOptions:
+    """The decoding flags as DecodeOptions (validated), the same options the API and the server take."""
+    opts = DecodeOptions(cache=cache or a.cache, gen_length=a.gen_length, block_length=a.block_length,
+                         steps=a.steps, window=a.window, threshold=a.threshold, tokens_per_step=a.tokens_per_step,
+                         early_stop=a.early_stop, gamma=a.gamma, track_num=a.track_num, drift_metric=a.drift_metric,
+                         refresh_alignment=a.refresh_alignment)
     try:
-        if use_blocks:
-            if a.window is not None:
-                raise UsageError("choose either the block schedule (--block-length/--steps) or --window, not both")
-            block = a.block_length or min(32, gen_length)
-            if block < 1:
-                raise UsageError(f"--block-length must be at least 1, got {block}")
-            threshold = a.threshold
-            steps = a.steps
-            if steps is None and threshold is None:
-                # LLaDA's baseline is one token per step; Fast-dLLM's caches come with its 0.9 threshold
-                if cache == "none":
-                    steps = gen_length
-                else:
-                    threshold = 0.9
-            early = bool(a.early_stop) if a.early_stop is not None else False
-            return BlockSchedule(gen_length, block, steps, threshold if steps is None else None, early)
-        window = a.window if a.window is not None else 16
-        if window < 1:
-            raise UsageError(f"--window must be at least 1, got {window}")
-        threshold = a.threshold if a.threshold is not None else (0.9 if a.tokens_per_step == 1 else None)
-        early = True if a.early_stop is None else a.early_stop
-        return WindowSchedule(gen_length, window, threshold, a.tokens_per_step, early)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def make_policy_from_args(a, cache: str):
-    from .runtime.policies import make_policy
-
-    if math.isnan(a.gamma) or not -1.0 <= a.gamma <= 2.0:
-        raise UsageError(f"--gamma must be in [-1, 2] (similarities are in [-1, 1]; > 1 always refreshes), "
-                         f"got {a.gamma}")
-    if a.track_num < 1:
-        raise UsageError(f"--track-num must be at least 1, got {a.track_num}")
-    try:
-        return make_policy(cache, a.gamma, a.track_num, a.drift_metric, a.refresh_alignment)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        return opts.validate()
+    except OptionError as e:
+        raise flag_error(e) from None
 
 
 def open_backend(a):
@@ -140,22 +109,22 @@ def cmd_generate(a) -> None:
 
     if not a.prompt or not a.prompt.strip():
         raise UsageError("--prompt is empty")
-    if a.gen_length < 1:
-        raise UsageError(f"--gen-length must be at least 1, got {a.gen_length}")
-    schedule = make_schedule(a, a.cache, a.gen_length)
-    policy = make_policy_from_args(a, a.cache)
+    opts = decode_options(a)
     backend, source_dir = open_backend(a)
     tok = TextTokenizer(source_dir)
     prompt_ids = tok.encode_prompt(a.prompt, chat=a.chat)
-    limit = backend.config.max_sequence_length
-    if len(prompt_ids) + a.gen_length > limit:
-        raise UsageError(f"prompt ({len(prompt_ids)} tokens) + gen length ({a.gen_length}) exceeds the model's "
-                         f"maximum of {limit} positions; use --gen-length {max(limit - len(prompt_ids), 1)} or less")
+    limit = min(backend.config.max_sequence_length, getattr(backend, "max_len", backend.config.max_sequence_length))
     try:
-        decoder = Decoder(backend, policy, schedule, detokenize=tok.decode)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    result = decoder.generate(prompt_ids)
+        gen_length = opts.fit_gen_length(len(prompt_ids), limit)
+        schedule, policy = build(opts, gen_length)
+    except OptionError as e:
+        raise flag_error(e) from None
+    except PromptTooLong as e:
+        raise UsageError(f"{e} (--gen-length)") from None
+    if opts.gen_length is None and gen_length != DEFAULT_GEN_LENGTH:
+        print(f"gen length {gen_length}: what fits in the {limit} positions after the {len(prompt_ids)}-token "
+              f"prompt (--gen-length to choose)", file=sys.stderr)
+    result = Decoder(backend, policy, schedule, detokenize=tok.decode).generate(prompt_ids)
     if a.json:
         print(json.dumps(result.to_dict()))
         return
@@ -167,13 +136,16 @@ def cmd_generate(a) -> None:
 
 
 def _eval_inputs(a):
-    from .runtime.evaluate import load_problems, standard_configs
+    from .evaluate.harness import load_problems, standard_configs
     from .runtime.tokenizer import TextTokenizer
 
-    if a.gen_length < 1:
+    if a.gen_length is not None and a.gen_length < 1:
         raise UsageError(f"--gen-length must be at least 1, got {a.gen_length}")
     if a.limit is not None and a.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {a.limit}")
+    if a.window is not None and a.window < 1:
+        raise UsageError(f"--window must be at least 1, got {a.window}")
+    decode_options(a, cache="elastic")  # the shared flags (gamma, ...) are valid
     try:
         problems = load_problems(a.data, a.limit)
         configs = standard_configs([c.strip() for c in a.cache.split(",") if c.strip()], a.gamma, a.window or 16,
@@ -187,19 +159,20 @@ def _eval_inputs(a):
 
 
 def cmd_eval(a) -> None:
-    from .runtime.evaluate import evaluate, save_json, table
+    from .evaluate.harness import evaluate, save_json, table
 
     problems, configs, backend, tok = _eval_inputs(a)
     summaries = evaluate(backend, tok, problems, configs, a.gen_length)
     print(table(summaries, f"{len(problems)} problems from {a.data}, gen length {a.gen_length}, "
                            f"backend {backend.describe()}"))
-    save_json(a.out, summaries, {"data": a.data, "gen_length": a.gen_length, "backend": backend.describe(),
-                                 "problems": len(problems)})
-    print(f"results saved to {a.out}", file=sys.stderr)
+    if a.out:
+        save_json(a.out, summaries, {"data": a.data, "gen_length": a.gen_length, "backend": backend.describe(),
+                                     "problems": len(problems)})
+        print(f"results saved to {a.out}", file=sys.stderr)
 
 
 def cmd_bench(a) -> None:
-    from .runtime.evaluate import RunConfig, bench_speed, bench_table, evaluate, save_json, table
+    from .evaluate.harness import RunConfig, bench_speed, bench_table, evaluate, load_problems, standard_configs, table
 
     try:
         lengths = [int(x) for x in a.gen_lengths.split(",")]
@@ -208,6 +181,8 @@ def cmd_bench(a) -> None:
         raise UsageError("--gen-lengths and --gamma-sweep take comma-separated numbers") from None
     if a.repeats < 1 or any(n < 1 for n in lengths):
         raise UsageError("--repeats and every gen length must be at least 1")
+    if a.plot and not gammas:
+        raise UsageError("--plot draws the gamma sweep: give --gamma-sweep too")
     a.gen_length, a.limit = max(lengths), a.prompts
     problems, configs, backend, tok = _eval_inputs(a)
     limit = backend.config.max_sequence_length
@@ -223,48 +198,23 @@ def cmd_bench(a) -> None:
     print(bench_table(results))
     report = {"speed": results}
     if gammas:
-        from .runtime.evaluate import load_problems
-
         sweep_problems = load_problems(a.data, a.sweep_limit)
-        sweep = [] if a.no_llada_baseline else [RunConfig("LLaDA baseline", "none", "block", steps_per_token=True)]
-        sweep += [RunConfig("Fast-dLLM", "dual", "block"),
-                 RunConfig("same schedule, no cache", "none", "window", window=a.window or 16)]
-        sweep += [RunConfig(f"elastic gamma {g}", "elastic", "window", window=a.window or 16, gamma=g) for g in gammas]
+        sweep = standard_configs([], window=a.window or 16, llada_baseline=not a.no_llada_baseline)
+        sweep += [RunConfig(f"elastic gamma {g}", DecodeOptions(cache="elastic", window=a.window or 16, gamma=g))
+                  for g in gammas]
         summaries = evaluate(backend, tok, sweep_problems, sweep, a.sweep_gen_length)
         print()
         print(table(summaries, f"gamma sweep: {len(sweep_problems)} problems, gen length {a.sweep_gen_length}"))
         report["gamma_sweep"] = [s.row() for s in summaries]
         if a.plot:
+            from .evaluate.plot import plot_sweep
+
             plot_sweep(summaries, a.plot)
             print(f"plot saved to {a.plot}", file=sys.stderr)
-    with open(a.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"results saved to {a.out}", file=sys.stderr)
-
-
-def plot_sweep(summaries, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    elastic = [s for s in summaries if s.label.startswith("elastic")]
-    ax.plot([s.tokens_per_second for s in elastic], [100 * s.accuracy for s in elastic], "o-", label="Elastic-Cache")
-    for s in elastic:
-        ax.annotate(s.label.split()[-1], (s.tokens_per_second, 100 * s.accuracy), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
-    for s, marker in zip([s for s in summaries if not s.label.startswith("elastic")], "s^D"):
-        ax.plot([s.tokens_per_second], [100 * s.accuracy], marker, label=s.label)
-    ax.set_xlabel("tokens/s (generated tokens up to EOS)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("gamma sweep: accuracy vs speed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"results saved to {a.out}", file=sys.stderr)
 
 
 def cmd_serve(a) -> None:
@@ -277,6 +227,8 @@ def cmd_serve(a) -> None:
         raise UsageError(f"serving needs the serve extra: pip install 'dllm-trt[serve]' (missing {e.name})") from None
     if not 1 <= a.port <= 65535:
         raise UsageError(f"--port must be in 1..65535, got {a.port}")
+    if a.max_queue < 1:
+        raise UsageError(f"--max-queue must be at least 1, got {a.max_queue}")
     engine = Engine.load(a.engines, a.backend)
     print(f"serving {engine.name} ({engine.backend.describe()}) on http://{a.host}:{a.port}/v1", file=sys.stderr)
     serve(engine, a.host, a.port, a.max_queue)
@@ -332,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--engines", help="exported engine directory (manifest.json)")
     e.add_argument("--data", required=True, help="JSONL with 'question' and 'answer' ('... #### N') per line")
     e.add_argument("--limit", type=int, help="first N problems only")
-    e.add_argument("--out", default="eval-results.json", help="where to save the results as JSON")
+    e.add_argument("--out", help="also save the results (with every answer) as JSON here")
     e.add_argument("--no-llada-baseline", action="store_true",
                    help="leave out the LLaDA baseline (one token per step: much the slowest to run)")
     add_decoding_args(e)
@@ -352,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--plot", help="PNG path for the sweep plot (needs matplotlib)")
     bn.add_argument("--no-llada-baseline", action="store_true",
                     help="leave out the LLaDA baseline (one token per step: much the slowest to run)")
-    bn.add_argument("--out", default="bench-results.json")
+    bn.add_argument("--out", help="also save the results as JSON here")
     add_decoding_args(bn)
     bn.set_defaults(func=cmd_bench, cache="none,dual,elastic")
 

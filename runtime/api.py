@@ -13,48 +13,19 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from .backends.base import Backend
 from .config import ModelError
 from .decoder import Decoder, GenerationResult
-from .policies import make_policy
-from .schedule import BlockSchedule, WindowSchedule
+from .options import DecodeOptions, OptionError, PromptTooLong, build
 from .tokenizer import TextTokenizer
+
+__all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong"]
 
 
 class Cancelled(Exception):
     """Raised inside a decoding whose caller went away."""
-
-
-@dataclass
-class Options:
-    cache: str = "elastic"
-    max_tokens: int = 256
-    gamma: float = 0.9
-    window: int = 16
-    threshold: float | None = 0.9
-    block_length: int = 32
-    track_num: int = 1
-
-    def validate(self) -> None:
-        if self.cache not in ("none", "prefix", "dual", "elastic"):
-            raise ValueError(f"cache must be one of none, prefix, dual, elastic; got {self.cache!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not -1.0 <= self.gamma <= 2.0:
-            raise ValueError(f"gamma must be in [-1, 2], got {self.gamma}")
-        if self.window < 1:
-            raise ValueError(f"window must be at least 1, got {self.window}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.track_num < 1:
-            raise ValueError(f"track_num must be at least 1, got {self.track_num}")
-
-
-class PromptTooLong(ValueError):
-    pass
 
 
 class Engine:
@@ -82,32 +53,23 @@ class Engine:
     def encode(self, prompt: str | list[dict]) -> list[int]:
         return self.tokenizer.encode_prompt(prompt, chat=isinstance(prompt, list))
 
-    def _decoder(self, opts: Options) -> Decoder:
-        opts.validate()
-        n = opts.max_tokens
-        if opts.cache in ("prefix", "dual"):
-            block = min(opts.block_length, n)
-            if n % block:
-                raise ValueError(f"max_tokens ({n}) must be a multiple of the block length ({block}) for the "
-                                 f"{opts.cache} cache")
-            schedule = BlockSchedule(n, block, None, opts.threshold if opts.threshold is not None else 0.9)
-        else:
-            schedule = WindowSchedule(n, opts.window, opts.threshold)
-        policy = make_policy(opts.cache, opts.gamma, opts.track_num)
-        return Decoder(self.backend, policy, schedule, self.tokenizer.decode)
-
-    def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
-        if len(prompt_ids) + max_tokens > self.max_positions:
-            raise PromptTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                f"engine's {self.max_positions} positions")
-
-    def prepare(self, prompt: str | list[dict], **options) -> tuple[Decoder, list[int], Options]:
-        """Validate options and prompt length (ValueError / PromptTooLong) before any work starts."""
-        opts = Options(**options)
-        decoder = self._decoder(opts)
+    def prepare(self, prompt: str | list[dict], **options) -> tuple[Decoder, list[int], DecodeOptions]:
+        """Validate the options (OptionError) and the prompt length (PromptTooLong), both ValueErrors, before any
+        work starts. Options are DecodeOptions' fields; `max_tokens` (OpenAI's name) is accepted for gen_length,
+        and None for any option means its default."""
+        if "max_tokens" in options:
+            if options.get("gen_length") is not None:
+                raise OptionError("max_tokens", "and gen_length are the same option: give one")
+            options["gen_length"] = options.pop("max_tokens")
+        unknown = sorted(set(options) - set(DecodeOptions.__dataclass_fields__))
+        if unknown:
+            raise OptionError(unknown[0], "is not a decoding option")
+        defaults = DecodeOptions()
+        opts = DecodeOptions(**{k: getattr(defaults, k) if v is None else v for k, v in options.items()}).validate()
         prompt_ids = self.encode(prompt)
-        self.check_length(prompt_ids, opts.max_tokens)
-        return decoder, prompt_ids, opts
+        gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions)
+        schedule, policy = build(opts, gen_length)
+        return Decoder(self.backend, policy, schedule, self.tokenizer.decode), prompt_ids, opts
 
     def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, prepared=None,
                  **options) -> GenerationResult:
@@ -152,11 +114,11 @@ class Engine:
 
 class _PrefixStream:
     """Turns canvas updates into text deltas that never change afterwards: only the prefix of committed tokens
-    before the first still-MASK position (and before EOS) is final, since a diffusion model commits out of order."""
+    before the first still-MASK position (and before any end token) is final, since a diffusion model commits out of order."""
 
     def __init__(self, tokenizer, prompt_len: int, config, on_text):
         self.tokenizer, self.prompt_len, self.on_text = tokenizer, prompt_len, on_text
-        self.mask, self.eos = config.mask_token_id, config.eos_token_id
+        self.stops = (config.mask_token_id, *config.end_ids)
         self.sent = ""
 
     def _emit(self, text: str) -> None:
@@ -169,7 +131,7 @@ class _PrefixStream:
             return
         gen = canvas.ids[self.prompt_len:].tolist()
         stop = len(gen)
-        for marker in (self.mask, self.eos):
+        for marker in self.stops:
             if marker in gen:
                 stop = min(stop, gen.index(marker))
         text = self.tokenizer.decode(gen[:stop])

@@ -48,9 +48,10 @@ class Decoder:
         n_layers = cfg.n_layers
         ids = np.concatenate([np.asarray(prompt_ids, dtype=np.int64),
                               np.full(schedule.gen_length, cfg.mask_token_id, dtype=np.int64)])
-        canvas = Canvas(ids, len(prompt_ids), cfg.mask_token_id, cfg.eos_token_id)
+        canvas = Canvas(ids, len(prompt_ids), cfg.mask_token_id, cfg.end_ids)
         t0 = time.perf_counter()
         backend.begin(canvas.n)
+        schedule.begin()
         policy.begin(canvas)
         refreshed = total = 0
         while len(canvas.pending):

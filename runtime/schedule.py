@@ -4,7 +4,8 @@ Two schedules, both greedy:
 - BlockSchedule: LLaDA's semi-autoregressive blocks (fixed steps per block with low-confidence remasking, or a
   confidence threshold as in Fast-dLLM).
 - WindowSchedule: Elastic-Cache's sliding window over the beta left-most MASK positions.
-Early stop (abandon every MASK after the first committed EOS) is a flag of either schedule.
+Early stop (abandon every MASK after the first committed end token: EOS, end-of-turn, ...) is a flag of either
+schedule. A schedule is reset by begin() at the start of every generation, so one can be reused.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Canvas:
     ids: np.ndarray               # [N] int64: prompt followed by the generation region
     prompt_len: int
     mask_id: int
-    eos_id: int
+    end_ids: tuple[int, ...]      # token ids that end the answer
     pending: np.ndarray = field(default=None)  # sorted generation positions still to decode
     eos_cut: bool = False         # early stop already applied
     step: int = 0
@@ -41,10 +42,10 @@ class Canvas:
         self.ids[positions] = tokens
         self.pending = np.setdiff1d(self.pending, positions)
         if early_stop and not self.eos_cut:
-            eos_at = positions[tokens == self.eos_id]
-            if len(eos_at):
+            end_at = positions[np.isin(tokens, self.end_ids)]
+            if len(end_at):
                 self.eos_cut = True
-                self.pending = self.pending[self.pending < eos_at.min()]
+                self.pending = self.pending[self.pending < end_at.min()]
 
 
 @dataclass
@@ -82,6 +83,9 @@ class BlockSchedule:
             raise ValueError("the block schedule needs --steps or --threshold")
         if self.steps is not None and (self.steps < n_blocks or self.steps % n_blocks):
             raise ValueError(f"steps ({self.steps}) must be a positive multiple of the number of blocks ({n_blocks})")
+        self.begin()
+
+    def begin(self) -> None:
         self._block = -1
         self._quota: list[int] = []
 
@@ -123,6 +127,9 @@ class WindowSchedule:
     def __post_init__(self):
         if self.window < 1:
             raise ValueError(f"window must be at least 1, got {self.window}")
+
+    def begin(self) -> None:
+        pass  # stateless
 
     def targets(self, canvas: Canvas) -> Targets:
         return Targets(canvas.pending[: self.window])

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .api import Cancelled, Engine, PromptTooLong
 
-DEFAULT_MAX_TOKENS = 128
 
 
 class ApiError(Exception):
@@ -66,18 +65,15 @@ def parse_request(body, engine: Engine, chat: bool) -> tuple[object, dict, bool]
             raise ApiError(400, "'prompt' must not be empty", "prompt")
     max_tokens = _field(body, "max_tokens", int, None)
     max_tokens = _field(body, "max_completion_tokens", int, max_tokens)
-    if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
     temperature = _field(body, "temperature", (int, float), 0)
     if temperature != 0:
         raise ApiError(400, "only greedy decoding is implemented: 'temperature' must be 0 or absent", "temperature")
     if _field(body, "n", int, 1) != 1:
         raise ApiError(400, "'n' must be 1", "n")
-    opts = {"max_tokens": max_tokens, "cache": _field(body, "cache", str, "elastic"),
-            "gamma": float(_field(body, "gamma", (int, float), 0.9)), "window": _field(body, "window", int, 16),
-            "threshold": _field(body, "threshold", (int, float), 0.9)}
+    opts = {"max_tokens": max_tokens, "cache": _field(body, "cache", str), "gamma": _field(body, "gamma", (int, float)),
+            "window": _field(body, "window", int), "threshold": _field(body, "threshold", (int, float))}
     stream = _field(body, "stream", bool, False)
     return prompt, opts, stream
 
@@ -153,7 +149,7 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
                     "total_tokens": res.prompt_tokens + res.tokens}
 
         def finish_reason(res):
-            return "stop" if engine.backend.config.eos_token_id in res.canvas_ids else "length"
+            return res.finish_reason
 
         def chunk(delta: dict | None = None, text: str | None = None, reason=None, use=None):
             choice = ({"index": 0, "delta": delta or {}, "finish_reason": reason} if chat else

@@ -10,7 +10,7 @@ length, averaged over the batch. The prompt is the checkpoint's chat template ap
 Evaluation is LLaDA's sampler: gen length 128, one token per step (128 steps), block length 32, greedy, low-
 confidence remasking (argmax over the vocabulary with MASK excluded, confidence = its softmax probability; each
 step commits the most confident still-masked position of the current block). The answer is scored with
-dllm_trt.runtime.scoring (GSM8K's '#### N' rule).
+dllm_trt.evaluate.scoring (GSM8K's '#### N' rule).
 
 Training stops at the first validation (seed --val-seed, never the held-out seed) whose exact match reaches
 --stop-at, or when the step budget / time budget runs out. The saved weights are those of the evaluation with the
@@ -46,7 +46,7 @@ from dllm_trt.export.checkpoint_writer import CHAT_TEMPLATE, write_checkpoint  #
 from dllm_trt.runtime.checkpoint import PREFIX, Checkpoint  # noqa: E402
 from dllm_trt.runtime.config import ModelConfig  # noqa: E402
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, dense_logits  # noqa: E402
-from dllm_trt.runtime.scoring import is_correct  # noqa: E402
+from dllm_trt.evaluate.scoring import is_correct  # noqa: E402
 
 GEN_LEN, BLOCK_LEN = 128, 32
 MASK_EPS = 1e-3

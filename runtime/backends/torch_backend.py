@@ -23,7 +23,7 @@ class TorchBackend(Backend):
         if dtype not in _DTYPES:
             raise BackendError(f"unknown dtype {dtype!r} (choose {', '.join(_DTYPES)})")
         self.torch = torch
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _device(torch, device)
         self.dtype = getattr(torch, _DTYPES[dtype])
         torch.set_grad_enabled(False)
         if model_dir is None:  # filled in by random()
@@ -120,3 +120,21 @@ class TorchBackend(Backend):
     def _head(self, rows):
         tokens, probs = self.head_piece(self.current, self._t(rows))
         return tokens.cpu().numpy(), probs.float().cpu().numpy()
+
+
+def _device(torch, name: str | None):
+    """cpu or cuda[:N] (default: cuda when present), or one BackendError line."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise BackendError(f"unknown device {name!r} (choose cpu or cuda, e.g. cuda:0)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {name!r}: CUDA is not available here (no GPU, or a CPU-only torch build)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BackendError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device

@@ -1,4 +1,4 @@
-"""GSM8K-style answer extraction and scoring (no torch: usable by the lean runtime and by tools).
+"""GSM8K-style answer extraction and scoring (no torch: usable by eval and by the training tools).
 
 GSM8K's reference answers end in a line "#### <number>"; the rule is to take the number written after "####",
 drop thousands separators (commas) and compare it with the reference number. Where a text has several "####"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .decoder import Decoder
-from .policies import make_policy
-from .schedule import BlockSchedule, WindowSchedule
+from dllm_trt.runtime.decoder import Decoder
+from dllm_trt.runtime.options import DecodeOptions, build
+
 from .scoring import extract_answer, is_correct
 
 BASELINES = ("LLaDA baseline", "Fast-dLLM", "same schedule, no cache")
@@ -24,23 +24,10 @@ BASELINES = ("LLaDA baseline", "Fast-dLLM", "same schedule, no cache")
 @dataclass(frozen=True)
 class RunConfig:
     label: str
-    cache: str
-    schedule: str                 # "block" | "window"
-    block_length: int = 32
-    steps_per_token: bool = False  # block schedule with one token per step
-    threshold: float | None = 0.9
-    window: int = 16
-    gamma: float = 0.9
-    track_num: int = 1
+    options: DecodeOptions
 
     def make(self, backend, gen_length: int, detokenize) -> Decoder:
-        if self.schedule == "block":
-            block = min(self.block_length, gen_length)
-            schedule = BlockSchedule(gen_length, block, gen_length if self.steps_per_token else None,
-                                     None if self.steps_per_token else self.threshold)
-        else:
-            schedule = WindowSchedule(gen_length, self.window, self.threshold)
-        policy = make_policy(self.cache, gamma=self.gamma, track_num=self.track_num)
+        schedule, policy = build(replace(self.options, gen_length=gen_length), gen_length)
         return Decoder(backend, policy, schedule, detokenize)
 
 
@@ -48,19 +35,17 @@ def standard_configs(caches: list[str], gamma: float = 0.9, window: int = 16,
                      llada_baseline: bool = True) -> list[RunConfig]:
     """The three baselines first, then one configuration per requested cache policy (defaults as in the papers).
     The LLaDA baseline (one token per step) is by far the slowest to run; it can be left out of long runs."""
-    configs = [RunConfig("LLaDA baseline", "none", "block", steps_per_token=True)] if llada_baseline else []
-    configs += [RunConfig("Fast-dLLM", "dual", "block"),
-               RunConfig("same schedule, no cache", "none", "window", window=window)]
+    configs = [RunConfig("LLaDA baseline", DecodeOptions(cache="none"))] if llada_baseline else []
+    configs += [RunConfig("Fast-dLLM", DecodeOptions(cache="dual")),
+                RunConfig("same schedule, no cache", DecodeOptions(cache="none", window=window))]
     for cache in caches:
-        if cache == "none":
-            continue  # both no-cache schedules are already baselines
-        if cache == "dual":
-            continue  # Fast-dLLM
+        if cache in ("none", "dual"):
+            continue  # already baselines (both no-cache schedules; Fast-dLLM's dual cache)
         if cache == "prefix":
-            configs.append(RunConfig("Fast-dLLM prefix", "prefix", "block"))
+            configs.append(RunConfig("Fast-dLLM prefix", DecodeOptions(cache="prefix")))
         elif cache == "elastic":
-            configs.append(RunConfig(f"Elastic-Cache (gamma {gamma})", "elastic", "window", window=window,
-                                     gamma=gamma))
+            configs.append(RunConfig(f"Elastic-Cache (gamma {gamma})",
+                                     DecodeOptions(cache="elastic", window=window, gamma=gamma)))
         else:
             raise ValueError(f"unknown cache policy {cache!r} (choose none, prefix, dual or elastic)")
     return configs
@@ -135,7 +120,7 @@ def evaluate(backend, tokenizer, problems: list[dict], configs: list[RunConfig],
             summary.layer_steps_refreshed += res.layer_steps_refreshed
             summary.layer_steps_total += res.layer_steps_total
             summary.outputs.append({"answer": extract_answer(res.text), "correct": ok, "tokens": res.tokens,
-                                    "steps": res.steps})
+                                    "steps": res.steps, "token_ids": res.token_ids})
             bar.update()
     bar.close()
     return summaries
