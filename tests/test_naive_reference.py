@@ -135,11 +135,8 @@ def test_one_step_samplers_agree(model):
 def test_llada_one_token_per_step(model):
     cfg, w = model
     _, prompt = _canvas(cfg)
-    t0 = time.perf_counter()
     ids = nr.naive_llada_generate(w, cfg, prompt, 16, 8, 16)
-    per_step = (time.perf_counter() - t0) / 16
     assert len(ids) == 16 and cfg.mask_token_id not in ids
-    assert per_step < 1.0
     # replay: each step fills exactly the most confident masked position of the current block
     canvas = torch.tensor(prompt + [cfg.mask_token_id] * 16)
     for _ in range(16):

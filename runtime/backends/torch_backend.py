@@ -35,6 +35,7 @@ class TorchBackend(Backend):
         self.layers = [LayerRange(self.config, a, b, self.dtype).load(ckpt).to(self.device).eval()
                        for a, b in self.ranges]
         self.head_piece = Head(self.config, self.dtype).load(ckpt).to(self.device).eval()
+        self._freeze()
 
     @classmethod
     def random(cls, config, layers_per_range: int = 1, device: str | None = None, dtype: str = "bf16",
@@ -55,7 +56,14 @@ class TorchBackend(Backend):
             for p in module.parameters():
                 if p.dim() > 1:
                     p.normal_(0.0, 0.02)
+        self._freeze()
         return self
+
+    def _freeze(self) -> None:
+        # Grad mode is per thread (set_grad_enabled above only covers this one); frozen weights keep decodings
+        # run from other threads (Engine.stream, the server) free of autograd bookkeeping.
+        for module in [self.embedding, self.head_piece, *self.layers]:
+            module.requires_grad_(False)
 
     def describe(self) -> str:
         return f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
