@@ -35,7 +35,14 @@ class GenerationResult:
 
 
 class Decoder:
-    def __init__(self, backend: Backend, policy: Policy, schedule, detokenize=None):
+    def __init__(self, backend: Backend, policy: Policy, schedule, detokenize=None, step_order: str = "auto"):
+        """step_order: "range" decides after each window pass; "batched" runs all window passes, then decides
+        once per step; "auto" takes the backend's preference (batched where a host sync is expensive: GPUs)."""
+        if step_order not in ("auto", "range", "batched"):
+            raise ValueError(f"step order must be auto, range or batched, got {step_order!r}")
+        if step_order == "auto":
+            step_order = "batched" if backend.one_sync_per_step else "range"
+        self.step_order = step_order
         if policy.needs_blocks and not isinstance(schedule, BlockSchedule):
             raise ValueError(f"the {policy.name} cache follows Fast-dLLM's blocks: use the block schedule "
                              f"(--block-length), not the sliding window")
@@ -82,27 +89,49 @@ class Decoder:
 
     def _run_layers(self, canvas: Canvas, targets: np.ndarray, queries, key_is_mask) -> int:
         """Run every layer range once; return how many layers ran in refresh mode."""
-        backend, policy = self.backend, self.policy
-        ranges = backend.ranges
         if queries is None:
-            backend.embed(canvas.ids)
-            refresh_from = 0
-        else:
-            backend.embed(canvas.ids[queries], queries)
-            refresh_from = len(ranges)
-        refreshed = 0
-        r = 0
-        while r < len(ranges):
-            if r >= refresh_from:
-                stats = backend.refresh(r, targets, key_is_mask)
-                refreshed += ranges[r][1] - ranges[r][0]
-            else:
-                stats = backend.window(r, queries, policy.tracked(), targets, key_is_mask)
-                trigger = policy.refresh_from(r, stats.drift)
-                if trigger is not None:
-                    refresh_from = trigger
-                    if trigger == r:  # rerun this range in refresh mode; its window results are superseded
-                        continue
-            policy.observe(ranges[r][0], stats.colsum)
-            r += 1
-        return refreshed
+            self.backend.embed(canvas.ids)
+            return self._refresh_ranges(0, targets, key_is_mask)
+        self.backend.embed(canvas.ids[queries], queries)
+        if self.step_order == "batched":
+            return self._run_batched(targets, queries, key_is_mask)
+        return self._run_range_by_range(targets, queries, key_is_mask)
+
+    def _run_range_by_range(self, targets, queries, key_is_mask) -> int:
+        """Decide after each window pass: a drift found early saves the later window passes (cheaper on CPU)."""
+        backend, policy = self.backend, self.policy
+        for r in range(len(backend.ranges)):
+            (stats,) = backend.fetch([backend.window(r, queries, policy.tracked(), targets, key_is_mask)])
+            trigger = policy.refresh_from(r, stats.drift)
+            if trigger is not None and trigger == r:  # rerun this range in refresh mode
+                return self._refresh_ranges(r, targets, key_is_mask)
+            policy.observe(backend.ranges[r][0], stats.colsum)
+            if trigger is not None:
+                return self._refresh_ranges(trigger, targets, key_is_mask)
+        return 0
+
+    def _run_batched(self, targets, queries, key_is_mask) -> int:
+        """Every window pass back to back, one transfer of all statistics to the host, then refresh passes from
+        the first drifting range on. The refresh passes overwrite every cache row the superseded window passes
+        wrote, so caches, decisions and tokens equal the range-by-range order (one host sync per step on a GPU)."""
+        backend, policy = self.backend, self.policy
+        tracked = policy.tracked()
+        window = backend.fetch([backend.window(r, queries, tracked, targets, key_is_mask)
+                                for r in range(len(backend.ranges))])
+        refresh_from = len(window)
+        for r, stats in enumerate(window):
+            trigger = policy.refresh_from(r, stats.drift)
+            if trigger is not None:
+                refresh_from = trigger
+                break
+        for r in range(refresh_from):
+            policy.observe(backend.ranges[r][0], window[r].colsum)
+        return self._refresh_ranges(refresh_from, targets, key_is_mask)
+
+    def _refresh_ranges(self, first: int, targets, key_is_mask) -> int:
+        """Refresh ranges first.. in order; return how many layers that recomputed."""
+        backend, ranges = self.backend, self.backend.ranges
+        stats = backend.fetch([backend.refresh(r, targets, key_is_mask) for r in range(first, len(ranges))])
+        for r, st in zip(range(first, len(ranges)), stats):
+            self.policy.observe(ranges[r][0], st.colsum)
+        return sum(b - a for a, b in ranges[first:])

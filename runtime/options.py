@@ -92,15 +92,15 @@ class DecodeOptions:
         if self.gen_length is not None:
             if self.gen_length > room:
                 raise PromptTooLong(f"prompt ({prompt_len} tokens) + gen length ({self.gen_length}) exceeds the "
-                                    f"model's {max_positions} positions; {max(room, 0)} or fewer fit")
+                                    f"{max_positions} positions available; {max(room, 0)} or fewer fit")
             return self.gen_length
         n = min(DEFAULT_GEN_LENGTH, room)
         block = self.block_length or DEFAULT_BLOCK_LENGTH
         if self.uses_blocks and n > block:
             n -= n % block
         if n < 1:
-            raise PromptTooLong(f"prompt ({prompt_len} tokens) leaves no room in the model's {max_positions} "
-                                f"positions")
+            raise PromptTooLong(f"prompt ({prompt_len} tokens) leaves no room in the {max_positions} positions "
+                                f"available")
         return n
 
 

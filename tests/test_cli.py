@@ -41,7 +41,7 @@ def test_generate_text_and_stats_line(tiny_dir, capsys, cache):
     (["--gamma", "nan"], "--gamma must be in [-1, 2]"),
     (["--window", "0"], "--window must be at least 1"),
     (["--gen-length", "0"], "--gen-length must be at least 1"),
-    (["--gen-length", "4096"], "exceeds the model's 512 positions"),
+    (["--gen-length", "4096"], "exceeds the 512 positions available"),
     (["--block-length", "0"], "--block-length must be at least 1, got 0"),
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--tokens-per-step", "0"], "--tokens-per-step must be at least 1"),

@@ -134,7 +134,7 @@ def test_unknown_manifest_version_is_refused(engines_copy):
 
 def test_prompt_longer_than_export_is_refused(engines):
     proc = cli(["generate", "--engines", str(engines), "--prompt", "x" * 300, "--gen-length", "32"])
-    assert proc.returncode == 2 and "exported for at most 320" in proc.stderr
+    assert proc.returncode == 2 and "exceeds the 320 positions available" in proc.stderr
 
 
 def test_backend_not_installed(engines):

@@ -78,7 +78,7 @@ def test_default_gen_length_fits_the_model():
     assert DecodeOptions().fit_gen_length(40, 256) == 216                    # window: everything that fits
     assert DecodeOptions(cache="dual").fit_gen_length(40, 256) == 192        # blocks: whole blocks of 32
     assert DecodeOptions(cache="none", block_length=8).fit_gen_length(40, 256) == 216
-    with pytest.raises(PromptTooLong, match="exceeds the model's 256 positions"):
+    with pytest.raises(PromptTooLong, match="exceeds the 256 positions available"):
         DecodeOptions(gen_length=250).fit_gen_length(40, 256)
     with pytest.raises(PromptTooLong, match="leaves no room"):
         DecodeOptions().fit_gen_length(256, 256)

@@ -39,6 +39,7 @@ class Backend:
     """Subclasses implement the underscored methods; the public ones are what the decoder calls."""
 
     name = "base"
+    one_sync_per_step = False   # the decoder batches window passes and reads statistics once per step
     config: ModelConfig
     ranges: list[tuple[int, int]]
 
@@ -83,6 +84,10 @@ class Backend:
         targets = np.asarray(targets, dtype=np.int64)
         rows = targets if self._rows is None else rows_of(self._rows, targets)
         return self._head(rows)
+
+    def fetch(self, stats: list[RangeStats]) -> list[RangeStats]:
+        """The statistics as host numpy arrays, moved in one transfer where they live on a device."""
+        return stats
 
     def describe(self) -> str:
         return self.name

@@ -24,6 +24,7 @@ class TorchBackend(Backend):
             raise BackendError(f"unknown dtype {dtype!r} (choose {', '.join(_DTYPES)})")
         self.torch = torch
         self.device = _device(torch, device)
+        self.one_sync_per_step = self.device.type == "cuda"
         self.dtype = getattr(torch, _DTYPES[dtype])
         torch.set_grad_enabled(False)
         if model_dir is None:  # filled in by random()
@@ -109,7 +110,7 @@ class TorchBackend(Backend):
             drift.append(d)
             colsum.append(c)
         self._store(r + 1, positions, out[0])
-        return RangeStats(colsum=self.torch.stack(colsum).cpu().numpy(), drift=self.torch.stack(drift).cpu().numpy())
+        return RangeStats(colsum=self.torch.stack(colsum), drift=self.torch.stack(drift))
 
     def _refresh(self, r, window_positions, key_is_mask):
         a, b = self.ranges[r]
@@ -123,7 +124,28 @@ class TorchBackend(Backend):
             self.q[layer].copy_(q)
             colsum.append(c)
         self._store(r + 1, None, out[0])
-        return RangeStats(colsum=self.torch.stack(colsum).cpu().numpy())
+        return RangeStats(colsum=self.torch.stack(colsum))
+
+    def fetch(self, stats):
+        """Pass and piece outputs stay on the device; all statistics of a step come back in one copy."""
+        parts = [t for st in stats for t in (st.colsum, st.drift) if t is not None]
+        if not parts:
+            return stats
+        flat = self.torch.cat([t.reshape(-1).float() for t in parts]).cpu().numpy()
+        out, at = [], 0
+
+        def take(t):
+            nonlocal at
+            if t is None:
+                return None
+            n = t.numel()
+            at += n
+            return flat[at - n: at].reshape(tuple(t.shape))
+
+        for st in stats:
+            colsum = take(st.colsum)
+            out.append(RangeStats(colsum=colsum, drift=take(st.drift)))
+        return out
 
     def _head(self, rows):
         tokens, probs = self.head_piece(self.current, self._t(rows))
