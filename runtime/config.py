@@ -96,7 +96,7 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(raw: dict, key: str, path: Path, minimum: int) -> int:
+def int_key(raw: dict, key: str, path: Path, minimum: int) -> int:
     if key not in raw:
         raise ModelError(f"{path}: missing key '{key}'")
     v = raw[key]
@@ -106,7 +106,7 @@ def _int(raw: dict, key: str, path: Path, minimum: int) -> int:
     return v
 
 
-def _positive_float(raw: dict, key: str, default: float, path: Path) -> float:
+def number_key(raw: dict, key: str, default: float, path: Path) -> float:
     v = raw.get(key, default)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
         raise ModelError(f"{path}: key '{key}' must be a positive number, got {v!r}")
@@ -183,8 +183,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     if not d.is_dir():
         raise ModelError(f"{model_dir}: not a directory")
     raw = read_json(path, "a LLaDA checkpoint directory needs config.json")
-    sizes = {key: _int(raw, key, path, 1) for key in _POSITIVE}
-    mask = _int(raw, "mask_token_id", path, 0)
+    sizes = {key: int_key(raw, key, path, 1) for key in _POSITIVE}
+    mask = int_key(raw, "mask_token_id", path, 0)
     if "eos_token_id" not in raw:
         raise ModelError(f"{path}: missing key 'eos_token_id'")
     _check_flags(raw, path)
@@ -196,13 +196,13 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     if d_model % n_heads or (d_model // n_heads) % 2:
         raise ModelError(f"{path}: d_model={d_model} must split into n_heads={n_heads} heads of even size")
     if raw.get("mlp_hidden_size") is not None:
-        mlp = _int(raw, "mlp_hidden_size", path, 1)
+        mlp = int_key(raw, "mlp_hidden_size", path, 1)
     else:
-        mlp = _int({"mlp_ratio": _MLP_RATIO_DEFAULT, **raw}, "mlp_ratio", path, 1) * d_model
+        mlp = int_key({"mlp_ratio": _MLP_RATIO_DEFAULT, **raw}, "mlp_ratio", path, 1) * d_model
     if raw.get("embedding_size", _EMBEDDING_DEFAULT) is None:
         emb = sizes["vocab_size"]
     else:
-        emb = _int({"embedding_size": _EMBEDDING_DEFAULT, **raw}, "embedding_size", path, 1)
+        emb = int_key({"embedding_size": _EMBEDDING_DEFAULT, **raw}, "embedding_size", path, 1)
     ends = end_token_ids(d, raw["eos_token_id"])
     for key, i in (("mask_token_id", mask), ("eos_token_id", ends[0])):
         if i >= emb:
@@ -215,9 +215,25 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         d_model=d_model, n_heads=n_heads, n_layers=sizes["n_layers"], mlp_hidden_size=mlp,
         vocab_size=sizes["vocab_size"], embedding_size=emb, mask_token_id=mask, eos_token_id=ends[0],
         max_sequence_length=sizes["max_sequence_length"],
-        rms_norm_eps=_positive_float(raw, "rms_norm_eps", 1e-5, path),
-        rope_theta=_positive_float(raw, "rope_theta", 10000.0, path), end_token_ids=ends,
+        rms_norm_eps=number_key(raw, "rms_norm_eps", 1e-5, path),
+        rope_theta=number_key(raw, "rope_theta", 10000.0, path), end_token_ids=ends,
     )
+
+
+def config_from_manifest(raw: dict, path: Path) -> ModelConfig:
+    """The "model" object of an engine's manifest.json, with the same checks as a checkpoint's config.json."""
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: 'model' must be an object")
+    v = {k: int_key(raw, k, path, 1) for k in _POSITIVE + ("mlp_hidden_size", "embedding_size")}
+    v.update({k: int_key(raw, k, path, 0) for k in ("mask_token_id", "eos_token_id")})
+    ends = tuple(_token_ids(raw.get("end_token_ids") or [v["eos_token_id"]], f"{path}: key 'end_token_ids'"))
+    if v["d_model"] % v["n_heads"] or (v["d_model"] // v["n_heads"]) % 2:
+        raise ModelError(f"{path}: d_model={v['d_model']} must split into n_heads={v['n_heads']} heads of even size")
+    if ends[0] != v["eos_token_id"] or max(ends + (v["mask_token_id"],)) >= v["embedding_size"]:
+        raise ModelError(f"{path}: end_token_ids {list(ends)} must start with eos_token_id and lie, like "
+                         f"mask_token_id, inside the embedding (size {v['embedding_size']})")
+    return ModelConfig(**v, rms_norm_eps=number_key(raw, "rms_norm_eps", 1e-5, path),
+                       rope_theta=number_key(raw, "rope_theta", 10000.0, path), end_token_ids=ends)
 
 
 def layer_ranges(n_layers: int, layers_per_range: int) -> list[tuple[int, int]]:
