@@ -265,6 +265,7 @@ def _quietly(fn, *args):
 def export_into(model_dir: str | Path, target: Path, **settings) -> Path:
     """Export into `target` through a temporary sibling folder, so an interrupted export leaves nothing behind
     that looks complete."""
+    check_out_dir(target)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"exporting {model_dir} to {target} (once; later runs reuse it)", file=sys.stderr)

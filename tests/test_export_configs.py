@@ -9,7 +9,7 @@ import pytest
 
 from dllm_trt.export.check import check_engines
 from dllm_trt.export.checkpoint_writer import write_tiny_checkpoint
-from dllm_trt.export.onnx_export import example_sizes, export_model
+from dllm_trt.export.onnx_export import example_sizes, export_into, export_model
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import dims_for, load_manifest
 
@@ -80,6 +80,13 @@ def test_export_onto_an_existing_file(tmp_path):
         export_model(tmp_path / "no-such-model", tmp_path / "taken", quiet=True)
     with pytest.raises(ModelError, match=r"cannot create the output folder \(.*taken is not a folder\)"):
         export_model(tmp_path / "no-such-model", tmp_path / "taken" / "sub" / "eng", quiet=True)
+
+
+def test_automatic_export_onto_an_existing_file(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ModelError, match=r"taken: exists and is not a folder"):
+        export_into(tmp_path / "no-such-model", tmp_path / "taken")
+    assert not (tmp_path / "taken.partial").exists()
 
 
 def test_export_into_an_unwritable_place(tmp_path, tiny_dir):
