@@ -17,6 +17,7 @@ from .paths import inside
 
 FORMAT = "dllm-trt-manifest"
 FORMAT_VERSION = 1
+READ_BY_NAME = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -172,6 +173,9 @@ def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
     for name in m.tokenizer_files:
         if not inside(d, name, "tokenizer file").is_file():
             raise ModelError(f"{d / name}: missing (listed in manifest.json as a tokenizer file)")
+    for name in READ_BY_NAME:  # the tokenizer loader opens these whether listed or not
+        if (d / name).is_symlink():
+            inside(d, name, "tokenizer file")
     data_files = {os.path.normpath(p.data_file) for p in m.pieces if p.data_file}
     for p in m.pieces:
         f = d / p.file

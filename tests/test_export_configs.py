@@ -13,21 +13,22 @@ from dllm_trt.export.onnx_export import example_sizes, export_into, export_model
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import dims_for, load_manifest
 
-# (n_heads, d_model, n_layers, layers_per_range): 1, 2, 3 and 5 heads; 1..5 layers; ranges of 1..4 layers
-CONFIGS = [(1, 8, 1, 1), (2, 16, 2, 2), (3, 96, 5, 3), (5, 40, 4, 4)]
+# (n_heads, d_model, n_layers, layers_per_range, max_len, max_active): 1, 2, 3 and 5 heads; 1..5 layers; ranges
+# of 1..4 layers; the first is smaller than the sizes dllm-trt check prefers
+CONFIGS = [(1, 8, 1, 1, 20, 6), (2, 16, 2, 2, 64, 16), (3, 96, 5, 3, 64, 16), (5, 40, 4, 4, 64, 16)]
 
 
-@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "heads{}_d{}_layers{}_per{}".format(*c))
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "heads{}_d{}_layers{}_per{}_len{}_active{}".format(*c))
 def exported(request, tmp_path_factory):
-    heads, d_model, layers, per_range = request.param
+    heads, d_model, layers, per_range, max_len, max_active = request.param
     root = tmp_path_factory.mktemp("cfg")
     model = write_tiny_checkpoint(root / "model", seed=3, n_layers=layers, d_model=d_model, n_heads=heads, max_len=64)
-    export_model(model, root / "eng", layers_per_range=per_range, max_len=64, max_active=16, quiet=True)
+    export_model(model, root / "eng", layers_per_range=per_range, max_len=max_len, max_active=max_active, quiet=True)
     return root / "eng", request.param
 
 
 def test_exported_engine_matches_the_reference(exported):
-    eng, (heads, d_model, layers, per_range) = exported
+    eng, (heads, d_model, layers, per_range, _, _) = exported
     m = load_manifest(eng)
     assert (m.config.n_heads, m.config.d_model, m.config.n_layers) == (heads, d_model, layers)
     assert len(m.layer_ranges) == -(-layers // per_range)

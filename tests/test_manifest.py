@@ -118,6 +118,15 @@ def test_tokenizer_file_outside_the_folder(eng):
         load_manifest(eng)
 
 
+def test_unlisted_tokenizer_symlink_outside_the_folder(eng, tmp_path):
+    edit_manifest(eng, lambda m: m.update(tokenizer_files=[]))
+    shutil.copy(eng / "tokenizer.json", tmp_path / "tokenizer.json")
+    (eng / "tokenizer.json").unlink()
+    (eng / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    with pytest.raises(ModelError, match=r"tokenizer file 'tokenizer.json' leads outside the folder"):
+        load_manifest(eng)
+
+
 def relocate_external_data(eng, location):
     """Point head.onnx's external tensors at `location` and record the new graph hash in the manifest."""
     model = onnx.load(str(eng / "head.onnx"), load_external_data=False)
