@@ -54,6 +54,17 @@ def random_inputs(spec: PieceSpec, cfg, sizes: dict[str, int], rng: np.random.Ge
     return out
 
 
+def check_sizes(dims: dict) -> dict[str, int]:
+    """Input sizes for the check, shrunk to fit an engine exported with a small --max-len / --max-active."""
+    want = {"seq_len": 29, "active_len": 9, "track_len": 2, "window_len": 4, "n_tokens": 6, "n_hidden": 9,
+            "n_rows": 4}
+    s = {k: max(dims[k]["min"], min(v, dims[k]["max"])) for k, v in want.items()}
+    s["active_len"] = min(s["active_len"], s["seq_len"])  # query rows are distinct canvas slots
+    s["track_len"], s["window_len"] = min(s["track_len"], s["active_len"]), min(s["window_len"], s["active_len"])
+    s["n_rows"] = min(s["n_rows"], s["n_hidden"])
+    return s
+
+
 def check_engines(engine_dir: str | Path, model_dir: str | Path | None = None, seed: int = 0,
                   sizes: dict[str, int] | None = None) -> list[Row]:
     import onnxruntime as ort
@@ -62,8 +73,7 @@ def check_engines(engine_dir: str | Path, model_dir: str | Path | None = None, s
     model_dir = model_dir or m.export.get("source")
     ckpt = Checkpoint(model_dir)
     dtype = TORCH_DTYPES[m.dtype]
-    sizes = sizes or {"seq_len": 29, "active_len": 9, "track_len": 2, "window_len": 4, "n_tokens": 6,
-                      "n_hidden": 9, "n_rows": 4}
+    sizes = sizes or check_sizes(m.dims)
     tol = TOLERANCE[m.dtype]
     rng = np.random.default_rng(seed)
     rows = []

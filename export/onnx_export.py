@@ -7,6 +7,7 @@ onnx.checker's full check before it is listed in the manifest.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -24,30 +25,44 @@ from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, pi
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Example sizes for tracing: distinct, >= 2, and unlike any static dim, so the exporter neither specialises a
-# dynamic dim to a constant nor ties two of them together.
+# Preferred example sizes for tracing (see example_sizes).
 EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_tokens": 11, "n_hidden": 19,
            "n_rows": 7}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def example_sizes(dims: dict, static: set[int], names=None) -> dict[str, int]:
-    """EXAMPLE clipped into each dim's range, keeping the sizes of the named dims (those of one piece) distinct
-    from each other and from the static dims."""
+    """A tracing size for each dim (those of one piece when `names` is given) inside its range, >= 2, distinct
+    from each other and from the static dims, so the exporter neither specialises a dynamic dim to a constant nor
+    ties two of them together: EXAMPLE's size when free, else the nearest free size below or above it."""
+    chosen = [n for n in EXAMPLE if names is None or n in names]
+    # Narrowest range first: the ranges share their lower end, so this order finds sizes whenever any exist.
+    chosen.sort(key=lambda n: dims[n]["max"] - max(2, dims[n]["min"]))
     taken, out = set(static), {}
-    for name, preferred in EXAMPLE.items():
-        if names is not None and name not in names:
-            continue
+    for name in chosen:
         lo, hi = max(2, dims[name]["min"]), dims[name]["max"]
-        size = min(preferred, hi)
-        while size in taken and size > lo:
-            size -= 1
-        if size in taken or size < lo:
+        size = _nearest_free(EXAMPLE[name], lo, hi, taken)
+        if size is None:
             raise ModelError(f"dimension {name} (range {dims[name]['min']}..{hi}) is too small to export; "
                              f"use a larger --max-len / --max-active")
         taken.add(size)
         out[name] = size
-    return out
+    return {n: out[n] for n in EXAMPLE if n in out}
+
+
+def _nearest_free(preferred: int, lo: int, hi: int, taken: set[int]) -> int | None:
+    start = min(max(preferred, lo), hi)
+    for delta in range(hi - lo + 1):
+        for size in (start - delta, start + delta):
+            if lo <= size <= hi and size not in taken:
+                return size
+    return None
+
+
+def static_sizes(cfg) -> set[int]:
+    """Sizes fixed by the model (and the drift output's 2) that no dynamic dim may take while tracing."""
+    return {2, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.head_dim // 2, cfg.mlp_hidden_size, cfg.vocab_size,
+            cfg.embedding_size}
 
 
 def _example(spec: PieceSpec, dtype: torch.dtype, sizes: dict[str, int]):
@@ -98,9 +113,8 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
     shapes = _dynamic_shapes(spec, dims)
     if spec.kind in ("window", "refresh"):  # these modules take *args, which torch.export sees as one tuple
         shapes = (shapes,)
-    cfg = ckpt.config
     used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
-    sizes = example_sizes(dims, {cfg.d_model, cfg.n_heads, cfg.head_dim, 2}, used)
+    sizes = example_sizes(dims, static_sizes(ckpt.config), used)
     program = torch.onnx.export(
         module, _example(spec, tdtype, sizes), dynamic_shapes=shapes,
         input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
@@ -165,6 +179,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     if opset not in (20, 23):
         raise ModelError(f"opset must be 20 or 23, got {opset}")
+    out = Path(out_dir)
+    check_out_dir(out)
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     max_len = max_len or cfg.max_sequence_length
@@ -176,8 +192,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
         ranges = layer_ranges(cfg.n_layers, layers_per_range)
     except ValueError as e:
         raise ModelError(str(e)) from None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"{out}: cannot create the output folder ({e.strerror})") from None
     dims = dims_for(max_len, max_active)
     pieces = piece_specs(cfg, ranges, dtype)
     t0 = time.perf_counter()
@@ -204,6 +222,19 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
         print(f"exported {len(pieces)} pieces ({dtype}, opset {opset}, {len(ranges)} layer ranges) to {shown_as or out}: "
               f"{total / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return manifest
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output path that cannot become an engine folder, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is not a folder; choose a new --out")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ModelError(f"{out}: cannot create the output folder ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ModelError(f"{out}: cannot create the output folder ({existing} is not writable)")
 
 
 def manifest_piece(pieces: list[PieceSpec], name: str) -> PieceSpec:
@@ -234,6 +265,7 @@ def _quietly(fn, *args):
 def export_into(model_dir: str | Path, target: Path, **settings) -> Path:
     """Export into `target` through a temporary sibling folder, so an interrupted export leaves nothing behind
     that looks complete."""
+    check_out_dir(target)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"exporting {model_dir} to {target} (once; later runs reuse it)", file=sys.stderr)

@@ -9,7 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .config import ModelConfig, ModelError, load_config
+from .config import ModelConfig, ModelError, is_int, load_config, read_json
+from .paths import hub_root, inside
 
 PREFIX = "model.transformer."
 LAYER_PARAMS = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out")
@@ -48,12 +49,14 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ModelError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
-            shard_of = {k: self.dir / v for k, v in weight_map.items()}
+            weight_map = read_json(index, "").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelError(f"{index}: not a safetensors index (needs a 'weight_map' object)")
+            root = hub_root(self.dir)
+            shard_of = {k: inside(self.dir, v, f"shard of '{k}' in {index.name}", root)
+                        for k, v in weight_map.items()}
         elif single.is_file():
+            single = inside(self.dir, single.name, "weights file", hub_root(self.dir))
             shard_of = {k: single for k in _safetensors_header(single)}
         else:
             raise ModelError(f"{self.dir}: no weights (expected model.safetensors or model.safetensors.index.json)")
@@ -106,12 +109,45 @@ class Checkpoint:
         return h.hexdigest()
 
 
+# bytes per element of each safetensors dtype
+_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
 def _safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file, every entry checked against the file's size."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+            if size < 8 or n > min(_MAX_HEADER, size - 8):
+                raise ModelError(f"{path}: not a safetensors file (header length {n} does not fit the file's "
+                                 f"{size} bytes)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        _check_entry(path, name, entry, data_size)
     return header
+
+
+def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
+    ok = (isinstance(entry, dict) and entry.get("dtype") in _DTYPE_SIZES and isinstance(entry.get("shape"), list)
+          and all(is_int(x) and x >= 0 for x in entry["shape"]) and isinstance(entry.get("data_offsets"), list)
+          and len(entry["data_offsets"]) == 2 and all(is_int(x) for x in entry["data_offsets"]))
+    if not ok:
+        raise ModelError(f"{path}: not a safetensors file (entry '{name}' needs dtype, shape and data_offsets)")
+    begin, end = entry["data_offsets"]
+    numel = 1
+    for x in entry["shape"]:
+        numel *= x
+    if not 0 <= begin <= end <= data_size or end - begin != numel * _DTYPE_SIZES[entry["dtype"]]:
+        raise ModelError(f"{path}: tensor '{name}' has data_offsets {entry['data_offsets']} that do not match its "
+                         f"shape and dtype or lie outside the file (truncated or corrupt)")

@@ -5,15 +5,19 @@ them, and tests compare them with the ONNX files.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ModelConfig, ModelError, read_json
+from .config import ModelConfig, ModelError, config_from_manifest, is_int, read_json
+from .paths import inside
 
 FORMAT = "dllm-trt-manifest"
 FORMAT_VERSION = 1
+READ_BY_NAME = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -150,7 +154,9 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
-    """Read and validate manifest.json; check every graph file's sha256 (and data sizes, or data hashes)."""
+    """Read and validate manifest.json; check every graph file's sha256 and that its external data stays among
+    the manifest's data files, and every data file's size and sha256 (hashed once per file version, see
+    verified_cache_path; `verify_data` hashes them always)."""
     d = Path(directory)
     path = d / "manifest.json"
     raw = read_json(path, f"export a model first: dllm-trt export --model DIR --out {d}")
@@ -159,24 +165,259 @@ def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
     if raw.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{path}: manifest format version {raw.get('format_version')!r} is not supported by this "
                          f"runtime (it reads version {FORMAT_VERSION}); re-export with this version of dllm-trt")
-    try:
-        pieces = [PieceSpec(**{**p, "inputs": [TensorSpec(**t) for t in p["inputs"]],
-                               "outputs": [TensorSpec(**t) for t in p["outputs"]]}) for p in raw["pieces"]]
-        m = Manifest(ModelConfig.from_dict(raw["model"]), raw["dtype"], raw["layer_ranges"], raw["dims"], pieces,
-                     raw.get("tokenizer_files", []), raw.get("export", {}), d)
-    except (KeyError, TypeError) as e:
-        raise ModelError(f"{path}: malformed manifest ({e})") from None
+    m = _parse(raw, path, d)
+    for p in m.pieces:
+        inside(d, p.file, f"graph file of piece {p.name}")
+        if p.data_file:
+            inside(d, p.data_file, f"data file of piece {p.name}")
+    for name in m.tokenizer_files:
+        if not inside(d, name, "tokenizer file").is_file():
+            raise ModelError(f"{d / name}: missing (listed in manifest.json as a tokenizer file)")
+    for name in READ_BY_NAME:  # the tokenizer loader opens these whether listed or not
+        if (d / name).is_symlink():
+            inside(d, name, "tokenizer file")
+    data_files = {os.path.normpath(p.data_file) for p in m.pieces if p.data_file}
     for p in m.pieces:
         f = d / p.file
         if not f.is_file():
             raise ModelError(f"{f}: missing (listed in manifest.json for piece {p.name})")
-        if sha256_file(f) != p.sha256:
+        graph = f.read_bytes()
+        if hashlib.sha256(graph).hexdigest() != p.sha256:
             raise ModelError(f"{f}: sha256 does not match manifest.json (the file was edited or replaced); "
                              f"re-export")
-        if p.data_file:
-            df = d / p.data_file
-            if not df.is_file():
-                raise ModelError(f"{df}: missing (external weights of piece {p.name})")
-            if df.stat().st_size != p.data_size or (verify_data and sha256_file(df) != p.data_sha256):
-                raise ModelError(f"{df}: weights do not match manifest.json (size or sha256 differs); re-export")
+        for location in onnx_external_locations(graph, f):
+            inside(d, location, f"external data of {p.file}")
+            if os.path.normpath(location) not in data_files:
+                raise ModelError(f"{f}: its weights are read from '{location}', which manifest.json does not list "
+                                 f"as a data file")
+    with VerifiedFiles(always=verify_data) as verified:
+        for p in m.pieces:
+            if p.data_file:
+                df = d / p.data_file
+                if not df.is_file():
+                    raise ModelError(f"{df}: missing (external weights of piece {p.name})")
+                verified.check(df, p.data_size, p.data_sha256)
     return m
+
+
+# ---- structure -----------------------------------------------------------------------------------------------
+def _parse(raw: dict, path: Path, d: Path) -> Manifest:
+    """The manifest as objects, refused with one line unless it has exactly the pieces and tensors that
+    piece_specs gives for its model, dtype and layer ranges."""
+    def bad(what: str):
+        return ModelError(f"{path}: malformed manifest ({what})")
+
+    cfg = config_from_manifest(raw.get("model"), path)
+    dtype = raw.get("dtype")
+    if dtype not in DTYPES:
+        raise bad(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ranges = raw.get("layer_ranges")
+    if not _is_ranges(ranges, cfg.n_layers):
+        raise bad(f"layer_ranges must split 0..{cfg.n_layers} into consecutive [first, last) pairs, got {ranges!r}")
+    dims = raw.get("dims")
+    want_dims = dims_for(2, 1)
+    if not isinstance(dims, dict) or set(dims) != set(want_dims):
+        raise bad(f"dims must name exactly {', '.join(want_dims)}")
+    for name, r in dims.items():
+        if not (isinstance(r, dict) and is_int(r.get("min")) and is_int(r.get("max")) and 1 <= r["min"] <= r["max"]):
+            raise bad(f"dims.{name} must be {{\"min\": m, \"max\": n}} with 1 <= m <= n, got {r!r}")
+    pieces = raw.get("pieces")
+    if not isinstance(pieces, list) or not pieces:
+        raise bad("pieces must be a non-empty list")
+    pieces = [_piece(p, i, bad) for i, p in enumerate(pieces)]
+    expected = piece_specs(cfg, [tuple(r) for r in ranges], dtype)
+    if [_signature(p) for p in pieces] != [_signature(p) for p in expected]:
+        got = next((p.name for p, e in zip(pieces, expected) if _signature(p) != _signature(e)),
+                   f"{len(pieces)} pieces, {len(expected)} expected")
+        raise bad(f"pieces do not match the model and layer ranges (first difference: {got})")
+    tokenizer_files = raw.get("tokenizer_files", [])
+    if not isinstance(tokenizer_files, list) or not all(isinstance(t, str) for t in tokenizer_files):
+        raise bad("tokenizer_files must be a list of file names")
+    export = raw.get("export", {})
+    if not isinstance(export, dict):
+        raise bad("export must be an object")
+    return Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, export, d)
+
+
+def _is_ranges(ranges, n_layers: int) -> bool:
+    if not isinstance(ranges, list) or not ranges:
+        return False
+    start = 0
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 2 and all(is_int(x) for x in r) and r[0] == start < r[1]):
+            return False
+        start = r[1]
+    return start == n_layers
+
+
+_PIECE_TYPES = {"name": str, "kind": str, "layers": list, "inputs": list, "outputs": list, "file": str,
+                "sha256": str, "data_file": str, "data_size": int, "data_sha256": str, "shares_data_of": str}
+
+
+def _piece(p, i: int, bad) -> PieceSpec:
+    if not isinstance(p, dict):
+        raise bad(f"pieces[{i}] must be an object")
+    for key, typ in _PIECE_TYPES.items():
+        if key not in p and key in ("name", "kind", "layers", "inputs", "outputs", "file", "sha256"):
+            raise bad(f"pieces[{i}] has no '{key}'")
+        if key in p and (not isinstance(p[key], typ) or isinstance(p[key], bool)):
+            raise bad(f"pieces[{i}].{key} must be {typ.__name__}, got {p[key]!r}")
+    tensors = {}
+    for side in ("inputs", "outputs"):
+        tensors[side] = [_tensor(t, f"pieces[{i}].{side}[{j}]", bad) for j, t in enumerate(p[side])]
+    spec = PieceSpec(**{k: p[k] for k in _PIECE_TYPES if k in p and k not in ("inputs", "outputs")},
+                     inputs=tensors["inputs"], outputs=tensors["outputs"])
+    if spec.data_size < 0:
+        raise bad(f"pieces[{i}].data_size must not be negative")
+    return spec
+
+
+def _tensor(t, where: str, bad) -> TensorSpec:
+    if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
+            and isinstance(t.get("shape"), list) and isinstance(t.get("meaning", ""), str)):
+        raise bad(f"{where} needs a name, a dtype and a shape")
+    return TensorSpec(t["name"], t["dtype"], t["shape"], t.get("meaning", ""))
+
+
+def _signature(p: PieceSpec):
+    return (p.name, p.kind, p.layers, [(t.name, t.dtype, t.shape) for t in p.inputs],
+            [(t.name, t.dtype, t.shape) for t in p.outputs])
+
+
+# ---- data file integrity -------------------------------------------------------------------------------------
+def verified_cache_path() -> Path:
+    """Where verified data files are remembered: $DLLM_TRT_CACHE_DIR, else $XDG_CACHE_HOME/dllm-trt, else
+    ~/.cache/dllm-trt."""
+    if os.environ.get("DLLM_TRT_CACHE_DIR"):
+        return Path(os.environ["DLLM_TRT_CACHE_DIR"]) / "verified.json"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dllm-trt" / "verified.json"
+
+
+_IN_MEMORY: dict[str, list] = {}  # used as well when the cache file cannot be written
+_CACHE_LIMIT = 4096
+
+
+class VerifiedFiles:
+    """Checks a data file's size and sha256, skipping the hash when this exact file version was hashed before.
+
+    A version is (size, mtime_ns, ctime_ns, inode, device): rewriting a file changes its mtime and ctime, and
+    setting the mtime back (utime) changes the ctime, which no unprivileged call can set."""
+
+    def __init__(self, always: bool = False):
+        self.always, self.path, self.changed = always, verified_cache_path(), False
+        self.known = dict(_IN_MEMORY)
+
+    def __enter__(self):
+        try:
+            stored = json.loads(self.path.read_bytes())
+            if isinstance(stored, dict):
+                self.known.update(stored)
+        except (OSError, ValueError):
+            pass
+        return self
+
+    def check(self, path: Path, size: int, sha256: str) -> None:
+        st = path.stat()
+        if st.st_size != size:
+            raise ModelError(f"{path}: weights do not match manifest.json (size {st.st_size}, manifest says {size}); "
+                             f"re-export")
+        key = str(path.resolve())
+        version = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, sha256]
+        if not self.always and self.known.get(key) == version:
+            return
+        if sha256_file(path) != sha256:
+            raise ModelError(f"{path}: weights do not match manifest.json (sha256 differs: the file is corrupt or "
+                             f"was replaced); re-export")
+        self.known.pop(key, None)
+        self.known[key] = _IN_MEMORY[key] = version
+        self.changed = True
+
+    def __exit__(self, *exc):
+        if not self.changed or exc[0] is not None:
+            return
+        keep = dict(list(self.known.items())[-_CACHE_LIMIT:])
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(keep))
+            os.replace(tmp, self.path)  # atomic: concurrent loads never read half a file
+        except OSError:  # not writable: this process still remembers (_IN_MEMORY)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+# ---- external data named inside ONNX graphs ------------------------------------------------------------------
+# onnx is not a runtime dependency, so the few ONNX messages that can hold tensors are walked directly in the
+# protobuf wire format. Field numbers from onnx.proto; "entry" is a StringStringEntryProto (key 1, value 2).
+_ONNX_FIELDS = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+    "entry": {},
+}
+
+
+def onnx_external_locations(data: bytes, path: Path) -> list[str]:
+    """The `location` of every external-data tensor in a serialised ONNX model."""
+    out: list[str] = []
+    try:
+        _walk(memoryview(data), "model", out, 0)
+    except (ValueError, IndexError, RecursionError) as e:
+        raise ModelError(f"{path}: not a valid ONNX file ({e})") from None
+    return out
+
+
+def _walk(buf: memoryview, kind: str, out: list[str], depth: int) -> None:
+    if depth > 64:
+        raise ValueError("graphs nested too deeply")
+    entry = {}
+    for field, value in _length_delimited(buf):
+        if kind == "entry" and field in (1, 2):
+            entry[field] = bytes(value).decode("utf-8")
+        elif field in _ONNX_FIELDS[kind]:
+            _walk(value, _ONNX_FIELDS[kind][field], out, depth + 1)
+    if kind == "entry" and entry.get(1) == "location":
+        out.append(entry.get(2, ""))
+
+
+def _length_delimited(buf: memoryview):
+    """(field number, bytes) of each length-delimited field of one protobuf message; other fields are skipped."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            if i + size > n:
+                raise ValueError("truncated field")
+            yield key >> 3, buf[i:i + size]
+            i += size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if i > n:
+            raise ValueError("truncated field")
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
