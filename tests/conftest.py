@@ -37,6 +37,14 @@ def prompts():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _private_verification_cache(tmp_path_factory):
+    """Data-file verification records go to a temporary folder, not the user's ~/.cache (subprocesses inherit it)."""
+    import os
+
+    os.environ["DLLM_TRT_CACHE_DIR"] = str(tmp_path_factory.mktemp("dllm-trt-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _single_threaded_torch():
     """The test models are tiny: one thread is as fast, and it avoids OpenMP barrier thrashing when another
     process (or ONNX Runtime in the same process) is busy on the machine's two cores."""
