@@ -78,15 +78,19 @@ def rtx_targets(target_cc: str | None, device_cc: str | None) -> str:
     Without --target-cc: this GPU's compute capability if there is a supported one, else 'ampere+'."""
     if target_cc is None:
         return device_cc if device_cc in RTX_CCS else RTX_DEFAULT
-    if target_cc in (RTX_DEFAULT, "current"):
-        if target_cc == "current" and device_cc is None:
-            raise ValueError("--target-cc current needs a GPU; name targets instead (e.g. --target-cc 8.6,8.9)")
-        return device_cc if target_cc == "current" else RTX_DEFAULT
-    ccs = sorted({c.strip() for c in target_cc.split(",") if c.strip()}, key=lambda c: tuple(map(int, c.split("."))))
-    bad = [c for c in ccs if c not in RTX_CCS]
-    if bad or not ccs:
+    if target_cc == RTX_DEFAULT:
+        return RTX_DEFAULT
+    if target_cc == "current":
+        if device_cc not in RTX_CCS:
+            raise ValueError(f"--target-cc current needs a GPU TensorRT for RTX supports (this machine: "
+                             f"{'no GPU' if device_cc is None else 'sm' + device_cc.replace('.', '')}); "
+                             "name targets instead (e.g. --target-cc 8.6,8.9)")
+        return device_cc
+    ccs = {c.strip() for c in target_cc.split(",") if c.strip()}
+    if not ccs or not ccs <= set(RTX_CCS):
         raise ValueError(f"--target-cc {target_cc!r}: TensorRT for RTX builds for {', '.join(RTX_CCS)}, "
                          f"'{RTX_DEFAULT}' or 'current'")
+    ccs = sorted(ccs, key=lambda c: tuple(map(int, c.split("."))))
     return ",".join(ccs)
 
 
