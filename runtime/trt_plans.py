@@ -24,11 +24,14 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 FLAVORS = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx"}
 FLAVOR_NAMES = {"tensorrt": "TensorRT", "rtx": "TensorRT for RTX"}
 FLAVOR_TAGS = {"tensorrt": "trt", "rtx": "rtx"}
-# Compute capabilities TensorRT for RTX 1.x builds for (its ComputeCapability enum: Turing, Ampere, Ada, Blackwell
-# RTX and GB10). No Volta, no Hopper (9.0), no data-centre Blackwell (10.x).
-RTX_CCS = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
-# What an RTX build without explicit targets runs on ("ampere+" here); Turing (7.5) must be asked for by name.
-RTX_DEFAULT_CCS = ("8.0", "8.6", "8.9", "12.0", "12.1")
+# Compute capabilities TensorRT for RTX 1.x builds our pieces for (its ComputeCapability enum: Ampere, Ada,
+# Blackwell RTX and GB10). No Volta, no Hopper (9.0), no data-centre Blackwell (10.x). The enum also has Turing
+# (7.5), but RTX compiles only fp16 matrix multiplies for Turing and every window piece computes its drift
+# statistics with fp32 ones, so Turing is left out.
+RTX_CCS = ("8.0", "8.6", "8.9", "12.0", "12.1")
+RTX_TURING = "7.5"
+# What an RTX build without explicit targets runs on ("ampere+" here).
+RTX_DEFAULT_CCS = RTX_CCS
 RTX_DEFAULT = "ampere+"
 TRT_MIN_CC = (7, 5)  # TensorRT 10.x/11.x: Turing and newer, data-centre GPUs and Jetson Orin included
 
@@ -63,9 +66,12 @@ def gpu_support(flavor: str, cc: str) -> tuple[bool, str]:
     if flavor == "rtx":
         if cc in RTX_CCS:
             return True, ""
+        if cc == RTX_TURING:
+            return False, ("TensorRT for RTX has no fp32 matrix multiplies on Turing (sm75), which the drift "
+                           f"statistics need: {install_hint('tensorrt')}")
         if (major, minor) >= TRT_MIN_CC:
-            return False, ("TensorRT for RTX supports Turing..Blackwell RTX GPUs (sm75, sm80, sm86, sm89, sm120, "
-                           f"sm121), not sm{major}{minor} (Hopper / data-centre Blackwell): {install_hint('tensorrt')}")
+            return False, ("TensorRT for RTX supports Ampere..Blackwell RTX GPUs (sm80, sm86, sm89, sm120, sm121), "
+                           f"not sm{major}{minor} (Hopper / data-centre Blackwell): {install_hint('tensorrt')}")
         return False, f"sm{major}{minor} is older than Turing: no TensorRT flavour supports it"
     if (major, minor) >= TRT_MIN_CC:
         return True, ""
@@ -87,17 +93,13 @@ def rtx_targets(target_cc: str | None, device_cc: str | None) -> str:
                              "name targets instead (e.g. --target-cc 8.6,8.9)")
         return device_cc
     ccs = {c.strip() for c in target_cc.split(",") if c.strip()}
+    if RTX_TURING in ccs:
+        raise ValueError(gpu_support("rtx", RTX_TURING)[1])
     if not ccs or not ccs <= set(RTX_CCS):
         raise ValueError(f"--target-cc {target_cc!r}: TensorRT for RTX builds for {', '.join(RTX_CCS)}, "
                          f"'{RTX_DEFAULT}' or 'current'")
     ccs = sorted(ccs, key=lambda c: tuple(map(int, c.split("."))))
     return ",".join(ccs)
-
-
-def check_rtx_precision(targets: str, precision: str) -> None:
-    """Turing (sm75) has no bf16 kernels: RTX refuses to compile bf16 graphs for it."""
-    if precision == "bf16" and "7.5" in targets.split(","):
-        raise ValueError("Turing (sm75) has no bf16: export with --dtype fp16 (or fp32) to build for it")
 
 
 def covered_ccs(flavor: str, compute_capability: str) -> tuple[str, ...]:

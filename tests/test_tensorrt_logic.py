@@ -12,7 +12,7 @@ import pytest
 from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime.manifest import load_manifest
 from dllm_trt.runtime.doctor import tensorrt_usable
-from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_precision, check_rtx_precision, choose_flavor,
+from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_precision, choose_flavor,
                                         dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
                                         rtx_targets, write_record)
 
@@ -95,7 +95,8 @@ def test_choose_flavor():
 
 
 @pytest.mark.parametrize("flavor, cc, ok, advice", [
-    ("rtx", "7.5", True, ""), ("rtx", "8.6", True, ""), ("rtx", "8.9", True, ""), ("rtx", "12.0", True, ""),
+    ("rtx", "7.5", False, "pip install tensorrt"),       # RTX 20xx: RTX has no fp32 GEMM there
+    ("rtx", "8.6", True, ""), ("rtx", "8.9", True, ""), ("rtx", "12.0", True, ""),
     ("rtx", "9.0", False, "pip install tensorrt"),       # H100 / H200
     ("rtx", "10.0", False, "pip install tensorrt"),      # B200
     ("rtx", "7.0", False, "older than Turing"),
@@ -112,17 +113,16 @@ def test_rtx_targets():
     assert rtx_targets(None, "8.9") == "8.9"                 # this RTX GPU
     assert rtx_targets(None, "9.0") == "ampere+"             # a GPU RTX cannot target: portable set
     assert rtx_targets("current", "12.0") == "12.0"
-    assert rtx_targets("8.9, 7.5,8.9", None) == "7.5,8.9"    # sorted, deduplicated
+    assert rtx_targets("12.0, 8.6,12.0", None) == "8.6,12.0"  # sorted numerically, deduplicated
     assert rtx_targets("ampere+", "8.6") == "ampere+"
     for bad in ("9.0", "sm86", "", "8.6,10.0"):
-        with pytest.raises(ValueError, match="builds for 7.5, 8.0"):
+        with pytest.raises(ValueError, match="builds for 8.0, 8.6"):
             rtx_targets(bad, None)
     for device in (None, "9.0"):
         with pytest.raises(ValueError, match="needs a GPU TensorRT for RTX supports"):
             rtx_targets("current", device)
-    check_rtx_precision("7.5", "fp16")
-    with pytest.raises(ValueError, match="Turing .sm75. has no bf16"):
-        check_rtx_precision("7.5,8.6", "bf16")
+    with pytest.raises(ValueError, match="no fp32 matrix multiplies on Turing .sm75."):
+        rtx_targets("7.5,8.6", None)
 
 
 def test_doctor_tensorrt_usable():
@@ -191,7 +191,8 @@ def test_flavours_never_load_each_others_plans(engines, target, tmp_path):
     fake_build(eng, m, rtx)
     assert find_built(eng, m, "NVIDIA GeForce RTX 4090", "8.9", "1.7.1.116", "fp32", "rtx") == rtx
     assert find_built(eng, m, "NVIDIA RTX A6000", "8.6", "1.7.1.116", "fp32", "rtx") == rtx  # portable set
-    assert find_built(eng, m, "NVIDIA GeForce RTX 2080 Ti", "7.5", "1.7.1.116", "fp32", "rtx") is None  # not in it
+    assert find_built(eng, m, "NVIDIA GeForce RTX 5090", "12.0", "1.7.1.116", "fp32", "rtx") == rtx
+    assert find_built(eng, m, "NVIDIA H100", "9.0", "1.7.1.116", "fp32", "rtx") is None   # not in it
     assert find_built(eng, m, "NVIDIA GeForce RTX 4090", "8.9", "1.7.1.116", "fp32", "tensorrt") is None
     assert find_built(eng, m, "NVIDIA GeForce RTX 4090", "8.9", "1.8.0", "fp32", "rtx") is None   # other version
     assert plan_status(eng, m, replace(rtx, flavor="tensorrt"))[0] == "build"

@@ -23,8 +23,8 @@ import numpy as np
 
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
-from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_precision, check_rtx_precision,
-                         choose_flavor, dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
+from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_precision, choose_flavor,
+                         dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
                          rtx_targets, write_record)
 from .base import Backend, BackendError, RangeStats
 
@@ -65,9 +65,7 @@ def build_target(trt, flavor: str, precision: str, ranges: dict, opt_level: int,
     common = dict(trt_version=trt.__version__, precision=precision, max_len=ranges["seq_len"][2],
                   max_active=ranges["active_len"][2], opt_level=opt_level, flavor=flavor)
     if flavor == "rtx":  # flavour: ahead-of-time builds for compute-capability targets, not for one GPU
-        targets = rtx_targets(target_cc, device_cc)
-        check_rtx_precision(targets, precision)
-        return Target(gpu_name="", compute_capability=targets, **common)
+        return Target(gpu_name="", compute_capability=rtx_targets(target_cc, device_cc), **common)
     if device_cc is None:
         raise BackendError("TensorRT builds plans on the GPU they are for, and CUDA reports none "
                            "(TensorRT for RTX builds without one: pip install tensorrt-rtx)")
@@ -80,9 +78,11 @@ def build_target(trt, flavor: str, precision: str, ranges: dict, opt_level: int,
 def configure(trt, flavor: str, config, target: Target, cache_path: Path):
     """Flavour-specific builder settings; returns the timing cache to save after each plan (or None)."""
     config.builder_optimization_level = target.opt_level
+    if target.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 plans should compute like ONNX Runtime's
     if flavor == "rtx":
-        # flavour: RTX has no precision flags either; it needs explicit targets for Turing, and a timing cache
-        # would make it query the GPU (so GPU-less builds could not use one; RTX ignores it anyway).
+        # flavour: RTX has no precision flags either, takes explicit compute-capability targets, and a timing
+        # cache would make it query the GPU (so GPU-less builds could not use one; RTX ignores it anyway).
         if target.compute_capability != RTX_DEFAULT:
             ccs = target.compute_capability.split(",")
             config.num_compute_capabilities = len(ccs)
