@@ -60,6 +60,21 @@ def import_tensorrt(flavor: str = "auto", device_cc: str | None = None):
     return trt, flavor
 
 
+def make_logger(trt):
+    """A WARNING-level logger without the parser's 'Make sure input X has Int64 binding' notes: the runtime binds
+    int64 tensors for every int64 input, so they only bury real warnings."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.WARNING and "has Int64 binding" not in msg:
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+
+    return Logger()
+
+
 def build_target(trt, flavor: str, precision: str, ranges: dict, opt_level: int, target_cc: str | None,
                  gpu_name: str | None, device_cc: str | None) -> Target:
     common = dict(trt_version=trt.__version__, precision=precision, max_len=ranges["seq_len"][2],
@@ -143,7 +158,7 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
         return out
     print(f"building {FLAVOR_NAMES[flavor]} {trt.__version__} plans into {out} ({why})", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = make_logger(trt)
     builder = trt.Builder(logger)
     cache_path = out.parent / f"timing-{target.fingerprint()}.cache"
     from tqdm import tqdm
@@ -206,7 +221,8 @@ class TensorRTBackend(Backend):
         if target is None:
             raise BackendError(f"no up-to-date {FLAVOR_NAMES[flavor]} {trt.__version__} plans for this GPU "
                                f"(sm{device_cc.replace('.', '')}) and {precision}: run dllm-trt build {engine_dir}")
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.logger = make_logger(trt)  # kept: the bindings do not keep a Python logger (or the runtime) alive
+        runtime = self.runtime = trt.Runtime(self.logger)
         d = plan_dir(engine_dir, target)
         self.engines, self.contexts = {}, {}
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
