@@ -179,26 +179,40 @@ def plan_dir(engine_dir: str | Path, target: Target) -> Path:
     return Path(engine_dir) / "trt" / target.fingerprint()
 
 
-def plan_status(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[str, str]:
-    """('ok', '') when every plan exists and was built from the current ONNX files for this target;
-    ('build', why) when plans must be (re)built; a foreign or damaged record is never trusted."""
+def stale_pieces(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[list[str], str]:
+    """(names of the pieces whose plans must be (re)built, why the first one must); ([], '') when all are up to
+    date. Every piece when there is no trustworthy record for this target; a foreign or damaged record is never
+    trusted. Otherwise only the pieces whose ONNX changed or whose plan is missing or incomplete."""
+    everything = [p.name for p in manifest.pieces]
     d = plan_dir(engine_dir, target)
     record_path = d / BUILD_RECORD
     if not record_path.is_file():
-        return "build", "no plans for this flavour / GPU / precision yet"
+        return everything, "no plans for this flavour / GPU / precision yet"
     try:
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError:
-        return "build", f"{record_path} is unreadable"
+        return everything, f"{record_path} is unreadable"
     if record.get("target") != asdict(target):
-        return "build", f"{record_path} was written for another target"
+        return everything, f"{record_path} was written for another target"
+    stale, why = [], ""
     for p in manifest.pieces:
-        if record.get("onnx_sha256", {}).get(p.name) != p.sha256:
-            return "build", f"{p.file} changed since its plan was built"
         plan = d / f"{p.name}.plan"
-        if not plan.is_file() or plan.stat().st_size != record.get("plan_size", {}).get(p.name):
-            return "build", f"{plan} is missing or incomplete"
-    return "ok", ""
+        if record.get("onnx_sha256", {}).get(p.name) != p.sha256:
+            reason = f"{p.file} changed since its plan was built"
+        elif not plan.is_file() or plan.stat().st_size != record.get("plan_size", {}).get(p.name):
+            reason = f"{plan} is missing or incomplete"
+        else:
+            continue
+        stale.append(p.name)
+        why = why or reason
+    return stale, why
+
+
+def plan_status(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[str, str]:
+    """('ok', '') when every plan exists and was built from the current ONNX files for this target;
+    ('build', why) when some plans must be (re)built."""
+    stale, why = stale_pieces(engine_dir, manifest, target)
+    return ("build", why) if stale else ("ok", "")
 
 
 def find_built(engine_dir: str | Path, manifest: Manifest, gpu_name: str, compute_capability: str,
@@ -221,7 +235,13 @@ def find_built(engine_dir: str | Path, manifest: Manifest, gpu_name: str, comput
 
 def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
                  build_seconds: dict[str, float] | None = None) -> None:
+    """Record the plans now in the target's folder (build_seconds: of the pieces just built; the times of the
+    others are kept from the previous record)."""
     d = plan_dir(engine_dir, target)
+    try:
+        build_seconds = json.loads((d / BUILD_RECORD).read_text()).get("build_seconds", {}) | (build_seconds or {})
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError):
+        pass
     record = {
         "target": asdict(target), "fingerprint": target.fingerprint(),
         "onnx_sha256": {p.name: p.sha256 for p in manifest.pieces},

@@ -14,7 +14,7 @@ from dllm_trt.runtime.manifest import load_manifest
 from dllm_trt.runtime.doctor import tensorrt_usable
 from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_precision, choose_flavor,
                                         dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
-                                        rtx_targets, write_record)
+                                        rtx_targets, stale_pieces, write_record)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 # Runs the CLI as if neither TensorRT flavour were installed (find_spec and import both see None).
@@ -160,11 +160,13 @@ def test_plan_cache_decisions(engines, target, tmp_path):
     d = plan_dir(eng, target)
     (d / "head.plan").write_bytes(b"x")                                   # truncated plan
     assert plan_status(eng, m, target) == ("build", f"{d / 'head.plan'} is missing or incomplete")
+    assert stale_pieces(eng, m, target)[0] == ["head"]                    # only that piece is rebuilt
     fake_build(eng, m, target)
     record = json.loads((d / "build.json").read_text())
     record["target"]["trt_version"] = "10.0.0"                            # a record copied from elsewhere
     (d / "build.json").write_text(json.dumps(record))
     assert "another target" in plan_status(eng, m, target)[1]
+    assert len(stale_pieces(eng, m, target)[0]) == len(m.pieces)         # a foreign record: everything
     fake_build(eng, m, target)
     m.pieces[0].sha256 = "0" * 64                                         # the ONNX file changed since
     assert "changed since its plan was built" in plan_status(eng, m, target)[1]

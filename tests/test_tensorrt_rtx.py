@@ -63,14 +63,17 @@ def test_second_build_is_a_noop(built, capsys):
     assert {n: p.stat().st_mtime_ns for n, p in plan_files(eng, out).items()} == before
 
 
-def test_truncated_or_foreign_plan_is_rebuilt(built):
+def test_truncated_or_foreign_plan_is_rebuilt(built, capsys):
     eng, out = built
     plans = plan_files(eng, out)
     head, embed = plans["head"], plans["embed"]
     size = head.stat().st_size
+    others = {n: p.stat().st_mtime_ns for n, p in plans.items() if n != "head"}
     head.write_bytes(head.read_bytes()[: size // 2])                 # truncated
     build_plans(eng, progress=False, flavor="rtx")
     assert head.stat().st_size == size
+    assert f"building 1 of {len(plans)}" in capsys.readouterr().err
+    assert {n: p.stat().st_mtime_ns for n, p in plans.items() if n != "head"} == others   # only head rebuilt
     embed_size = embed.stat().st_size
     embed.write_bytes(head.read_bytes())                              # another piece's plan in its place
     build_plans(eng, progress=False, flavor="rtx")

@@ -24,8 +24,8 @@ import numpy as np
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
 from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_precision, choose_flavor,
-                         dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
-                         rtx_targets, write_record)
+                         dim_ranges, find_built, gpu_support, plan_dir, profile_for,
+                         rtx_targets, stale_pieces, write_record)
 from .base import Backend, BackendError, RangeStats
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
@@ -152,11 +152,12 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     except ValueError as e:
         raise ModelError(str(e)) from None
     out = plan_dir(engine_dir, target)
-    status, why = plan_status(engine_dir, manifest, target)
-    if status == "ok":
+    stale, why = stale_pieces(engine_dir, manifest, target)
+    if not stale:
         print(f"plans in {out} are up to date", file=sys.stderr)
         return out
-    print(f"building {FLAVOR_NAMES[flavor]} {trt.__version__} plans into {out} ({why})", file=sys.stderr)
+    print(f"building {len(stale)} of {len(manifest.pieces)} {FLAVOR_NAMES[flavor]} {trt.__version__} plans into "
+          f"{out} ({why})", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     logger = make_logger(trt)
     builder = trt.Builder(logger)
@@ -164,7 +165,8 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     from tqdm import tqdm
 
     seconds, start = {}, time.perf_counter()
-    bar = tqdm(manifest.pieces, desc="build", unit="piece", disable=not progress, file=sys.stderr)
+    pieces = [p for p in manifest.pieces if p.name in stale]
+    bar = tqdm(pieces, desc="build", unit="piece", disable=not progress, file=sys.stderr)
     for piece in bar:
         bar.set_postfix_str(piece.name)
         t0 = time.perf_counter()
@@ -179,7 +181,7 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
         seconds[piece.name] = round(time.perf_counter() - t0, 3)
     write_record(engine_dir, manifest, target, seconds)
     total = sum((out / f"{p.name}.plan").stat().st_size for p in manifest.pieces)
-    print(f"built {len(manifest.pieces)} plans ({total / 2**20:.1f} MiB, {precision}, "
+    print(f"built {len(pieces)} plans ({len(manifest.pieces)} in all, {total / 2**20:.1f} MiB, {precision}, "
           f"{'targets ' + target.compute_capability if flavor == 'rtx' else target.gpu_name}) in "
           f"{time.perf_counter() - start:.1f} s into {out}", file=sys.stderr)
     return out
