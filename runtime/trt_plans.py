@@ -233,20 +233,30 @@ def find_built(engine_dir: str | Path, manifest: Manifest, gpu_name: str, comput
     return None
 
 
-def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
-                 build_seconds: dict[str, float] | None = None) -> None:
-    """Record the plans now in the target's folder (build_seconds: of the pieces just built; the times of the
-    others are kept from the previous record)."""
-    d = plan_dir(engine_dir, target)
+def read_record(engine_dir: str | Path, target: Target) -> dict:
     try:
-        build_seconds = json.loads((d / BUILD_RECORD).read_text()).get("build_seconds", {}) | (build_seconds or {})
-    except (OSError, json.JSONDecodeError, AttributeError, TypeError):
-        pass
+        record = json.loads((plan_dir(engine_dir, target) / BUILD_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
+                 build_seconds: dict[str, float] | None = None, plan_sha256: dict[str, str] | None = None) -> None:
+    """Record the plans now in the target's folder. build_seconds and plan_sha256 are of the pieces just built;
+    the other pieces' entries are kept from the previous record."""
+    d = plan_dir(engine_dir, target)
+    old = read_record(engine_dir, target)
+    if old.get("target") != asdict(target):
+        old = {}
+    build_seconds = {**old.get("build_seconds", {}), **(build_seconds or {})}
+    plan_sha256 = {**old.get("plan_sha256", {}), **(plan_sha256 or {})}
     record = {
         "target": asdict(target), "fingerprint": target.fingerprint(),
         "onnx_sha256": {p.name: p.sha256 for p in manifest.pieces},
         "plan_size": {p.name: (d / f"{p.name}.plan").stat().st_size for p in manifest.pieces},
-        "build_seconds": build_seconds or {},
+        "plan_sha256": {p.name: plan_sha256[p.name] for p in manifest.pieces if p.name in plan_sha256},
+        "build_seconds": build_seconds,
     }
     (d / BUILD_RECORD).write_text(json.dumps(record, indent=2))
 

@@ -80,6 +80,31 @@ def test_truncated_or_foreign_plan_is_rebuilt(built, capsys):
     assert embed.stat().st_size == embed_size
 
 
+def test_swapped_plan_of_the_same_size_is_refused_at_load(built):
+    """Sizes cannot tell same-shaped ranges apart; the recorded sha256, checked when loading, does."""
+    import hashlib
+    import shutil
+
+    from dllm_trt.runtime.backends.base import BackendError
+    from dllm_trt.runtime.backends.tensorrt_backend import load_plan
+
+    eng, out = built
+    record = json.loads((out / "build.json").read_text())
+    plans = plan_files(eng, out)
+    assert record["plan_sha256"] == {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in plans.items()}
+    windows = [n for n in plans if n.endswith(".window")]
+    if len(windows) < 2:
+        pytest.skip("one layer range in this export")
+    a, b = plans[windows[0]], plans[windows[1]]
+    saved = a.read_bytes()
+    shutil.copyfile(b, a)
+    try:
+        with pytest.raises(BackendError, match="is not the plan that was built there"):
+            load_plan(None, None, a, "rtx", record["plan_sha256"][windows[0]])  # refused before TensorRT sees it
+    finally:
+        a.write_bytes(saved)
+
+
 def test_explicit_targets(built):
     eng, _ = built
     out = build_plans(eng, progress=False, flavor="rtx", target_cc="12.0,8.6")

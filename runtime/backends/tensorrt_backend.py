@@ -12,6 +12,7 @@ runtime/trt_plans.py.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -25,7 +26,7 @@ from ..config import ModelError
 from ..manifest import load_manifest, range_name
 from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_precision, choose_flavor,
                          dim_ranges, find_built, gpu_support, plan_dir, profile_for,
-                         rtx_targets, stale_pieces, write_record)
+                         read_record, rtx_targets, stale_pieces, write_record)
 from .base import Backend, BackendError, RangeStats
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
@@ -164,7 +165,7 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     cache_path = out.parent / f"timing-{target.fingerprint()}.cache"
     from tqdm import tqdm
 
-    seconds, start = {}, time.perf_counter()
+    seconds, hashes, start = {}, {}, time.perf_counter()
     pieces = [p for p in manifest.pieces if p.name in stale]
     bar = tqdm(pieces, desc="build", unit="piece", disable=not progress, file=sys.stderr)
     for piece in bar:
@@ -179,7 +180,8 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
         if timing_cache is not None:
             cache_path.write_bytes(bytes(timing_cache.serialize()))
         seconds[piece.name] = round(time.perf_counter() - t0, 3)
-    write_record(engine_dir, manifest, target, seconds)
+        hashes[piece.name] = hashlib.sha256(plan).hexdigest()
+    write_record(engine_dir, manifest, target, seconds, hashes)
     total = sum((out / f"{p.name}.plan").stat().st_size for p in manifest.pieces)
     print(f"built {len(pieces)} plans ({len(manifest.pieces)} in all, {total / 2**20:.1f} MiB, {precision}, "
           f"{'targets ' + target.compute_capability if flavor == 'rtx' else target.gpu_name}) in "
@@ -187,9 +189,12 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     return out
 
 
-def load_plan(trt, runtime, path: Path, flavor: str):
-    """Deserialize one plan, or a one-line BackendError saying why not."""
+def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None):
+    """Deserialize one plan, or a one-line BackendError saying why not. The hash catches a plan swapped for
+    another piece's of the same size (same-shaped layer ranges give equal sizes), which sizes alone cannot."""
     blob = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise BackendError(f"{path} is not the plan that was built there; rebuild it with dllm-trt build")
     if flavor == "rtx":  # flavour: RTX says why a plan cannot run here from its header alone
         validity, diagnostics = runtime.get_engine_validity(blob)
         if validity == trt.EngineValidity.INVALID:
@@ -229,8 +234,9 @@ class TensorRTBackend(Backend):
         self.engines, self.contexts = {}, {}
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         runtime_config = None
+        hashes = read_record(engine_dir, target).get("plan_sha256", {})
         for p in manifest.pieces:
-            engine = load_plan(trt, runtime, d / f"{p.name}.plan", flavor)
+            engine = load_plan(trt, runtime, d / f"{p.name}.plan", flavor, hashes.get(p.name))
             self.engines[p.name] = engine
             if flavor == "rtx":  # flavour: one runtime (JIT) cache shared by every context, saved at exit
                 runtime_config = runtime_config or self._runtime_config(engine, d / RUNTIME_CACHE, strategy)
