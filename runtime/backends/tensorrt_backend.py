@@ -233,14 +233,14 @@ class TensorRTBackend(Backend):
         d = plan_dir(engine_dir, target)
         self.engines, self.contexts = {}, {}
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        runtime_config = None
+        self.runtime_cache, self.runtime_configs = None, []
         hashes = read_record(engine_dir, target).get("plan_sha256", {})
         for p in manifest.pieces:
             engine = load_plan(trt, runtime, d / f"{p.name}.plan", flavor, hashes.get(p.name))
             self.engines[p.name] = engine
-            if flavor == "rtx":  # flavour: one runtime (JIT) cache shared by every context, saved at exit
-                runtime_config = runtime_config or self._runtime_config(engine, d / RUNTIME_CACHE, strategy)
-                self.contexts[p.name] = engine.create_execution_context(runtime_config)
+            if flavor == "rtx":  # flavour: a runtime config per context, one runtime (JIT) cache shared by all
+                self.contexts[p.name] = engine.create_execution_context(
+                    self._runtime_config(engine, d / RUNTIME_CACHE, strategy))
             else:
                 self.contexts[p.name] = engine.create_execution_context(strategy)
         self.act = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest.dtype]
@@ -250,13 +250,18 @@ class TensorRTBackend(Backend):
         self.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)  # shared: pieces run in turn
 
     def _runtime_config(self, engine, cache_path: Path, strategy):
+        """An RTX runtime config for one context; the first call opens the shared runtime cache, loaded from
+        cache_path and saved back there at exit. Configs and cache are kept: they must outlive the contexts."""
         config = engine.create_runtime_config()
         config.set_execution_context_allocation_strategy(strategy)
-        cache = config.create_runtime_cache()
-        if cache_path.is_file():
-            cache.deserialize(cache_path.read_bytes())  # rejected (and ignored) when made on another GPU/driver
-        config.set_runtime_cache(cache)
-        atexit.register(lambda: cache_path.write_bytes(bytes(cache.serialize())))
+        if self.runtime_cache is None:
+            self.torch.zeros(1, device="cuda")  # deserializing checks the environment against a current CUDA context
+            cache = self.runtime_cache = config.create_runtime_cache()
+            if cache_path.is_file():
+                cache.deserialize(cache_path.read_bytes())  # rejected (and ignored) when made on another GPU/driver
+            atexit.register(lambda: cache_path.write_bytes(bytes(cache.serialize())))
+        config.set_runtime_cache(self.runtime_cache)
+        self.runtime_configs.append(config)
         return config
 
     def describe(self) -> str:
