@@ -183,9 +183,10 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
         hashes[piece.name] = hashlib.sha256(plan).hexdigest()
     write_record(engine_dir, manifest, target, seconds, hashes)
     total = sum((out / f"{p.name}.plan").stat().st_size for p in manifest.pieces)
-    print(f"built {len(pieces)} plan{'s' if len(pieces) != 1 else ''} ({len(manifest.pieces)} in all, {total / 2**20:.1f} MiB, {precision}, "
-          f"{'targets ' + target.compute_capability if flavor == 'rtx' else target.gpu_name}) in "
-          f"{time.perf_counter() - start:.1f} s into {out}", file=sys.stderr)
+    where = "targets " + target.compute_capability if flavor == "rtx" else target.gpu_name
+    print(f"built {len(pieces)} plan{'s' if len(pieces) != 1 else ''} ({len(manifest.pieces)} in all, "
+          f"{total / 2**20:.1f} MiB, {precision}, {where}) in {time.perf_counter() - start:.1f} s into {out}",
+          file=sys.stderr)
     return out
 
 
