@@ -1,8 +1,11 @@
 """`dllm-trt doctor`: what this machine offers and which backends are usable, in a few lines."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import platform
+
+from .trt_plans import FLAVOR_NAMES, FLAVORS, gpu_support, install_hint
 
 
 def _version(pkg: str) -> str | None:
@@ -16,9 +19,47 @@ def _version(pkg: str) -> str | None:
         return "?"
 
 
+def _import_version(module: str) -> str | None:
+    """The module's version; None when not installed; 'broken (...)' when it does not import."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return importlib.import_module(module).__version__
+    except Exception as e:  # a broken install raises arbitrary errors on import
+        return f"broken ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def flavors_line(versions: dict[str, str | None]) -> str:
+    return "; ".join(f"{FLAVORS[f]}: {v or 'not installed'}" for f, v in versions.items())
+
+
+def tensorrt_usable(versions: dict[str, str | None], device_cc: str | None, why_no_gpu: str) -> str:
+    """Whether the installed TensorRT flavour(s) can build and run plans on this machine, and what to install
+    instead when not (pure: versions per flavour, this GPU's compute capability or None)."""
+    installed = {f: v for f, v in versions.items() if v}
+    if not installed:
+        return ("tensorrt: no (not installed; it comes from NVIDIA's pip packages: pip install tensorrt for "
+                "data-centre GPUs and Jetson, pip install tensorrt-rtx for RTX GPUs)")
+    parts = []
+    for flavor, version in installed.items():
+        name = f"{FLAVOR_NAMES[flavor]} {version}"
+        if version.startswith("broken"):
+            parts.append(f"no ({FLAVOR_NAMES[flavor]} is {version}: reinstall it with {install_hint(flavor)})")
+        elif device_cc is None and flavor == "rtx":
+            parts.append(f"build only ({name} builds plans without a GPU: dllm-trt build; "
+                         f"running them needs an RTX GPU, and {why_no_gpu})")
+        elif device_cc is None:
+            parts.append(f"no ({name} needs a GPU to build and run plans, and {why_no_gpu})")
+        else:
+            ok, advice = gpu_support(flavor, device_cc)
+            parts.append(f"yes ({name} supports sm{device_cc.replace('.', '')}; build plans with dllm-trt build)"
+                         if ok else f"no ({name}: {advice})")
+    return "tensorrt: " + " / ".join(parts)
+
+
 def report() -> list[str]:
     lines = [f"python {platform.python_version()} on {platform.machine()}"]
-    gpu, why_no_gpu = None, ""
+    gpu, device_cc, why_no_gpu = None, None, ""
     torch_v = _version("torch")
     if torch_v is None:
         why_no_gpu = "PyTorch not installed"
@@ -27,18 +68,12 @@ def report() -> list[str]:
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
+            device_cc = f"{major}.{minor}"
             gpu = f"{torch.cuda.get_device_name()} (sm{major}{minor}), CUDA {torch.version.cuda}"
         else:
             why_no_gpu = "CUDA reports no GPU"
     lines.append(f"gpu: {gpu or 'none (' + why_no_gpu + ')'}")
-    trt_v = None
-    if importlib.util.find_spec("tensorrt") is not None:
-        try:
-            import tensorrt
-
-            trt_v = tensorrt.__version__
-        except Exception as e:  # a broken install raises arbitrary errors on import
-            trt_v, trt_err = None, f"import failed: {str(e).splitlines()[0]}"
+    trt_versions = {f: _import_version(module) for f, module in FLAVORS.items()}
     ort_v = _version("onnxruntime") or _version("onnxruntime-gpu")
     providers = []
     if importlib.util.find_spec("onnxruntime") is not None:
@@ -48,18 +83,13 @@ def report() -> list[str]:
         providers = onnxruntime.get_available_providers()
     lines.append(f"torch: {torch_v or 'not installed'}; onnxruntime: {ort_v or 'not installed'}"
                  f"{' (' + ', '.join(p.removesuffix('ExecutionProvider') for p in providers) + ')' if providers else ''}"
-                 f"; tensorrt: {trt_v or 'not installed'}")
+                 f"; {flavors_line(trt_versions)}")
     usable = []
     if ort_v:
         usable.append("onnxruntime: yes" + (" (CUDA EP)" if "CUDAExecutionProvider" in providers else " (CPU)"))
     else:
         usable.append("onnxruntime: no (pip install onnxruntime)")
     usable.append(f"torch: {'yes (' + ('cuda' if gpu else 'cpu') + ')' if torch_v else 'no (pip install torch)'}")
-    if trt_v and gpu:
-        usable.append("tensorrt: yes (build plans with dllm-trt build)")
-    elif trt_v:
-        usable.append(f"tensorrt: no ({why_no_gpu})")
-    else:
-        usable.append("tensorrt: no (not installed; it comes from NVIDIA's pip packages: pip install tensorrt)")
+    usable.append(tensorrt_usable(trt_versions, device_cc, why_no_gpu))
     lines.append("backends: " + "; ".join(usable))
     return lines

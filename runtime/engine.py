@@ -34,7 +34,10 @@ def open_engines(engines: str | Path, backend: str = "auto", threads: int | None
 def _may_have_plans(engines) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("tensorrt") is not None and (Path(engines) / "trt").is_dir()
+    from .trt_plans import FLAVORS
+
+    installed = any(importlib.util.find_spec(module) is not None for module in FLAVORS.values())
+    return installed and (Path(engines) / "trt").is_dir()
 
 
 def open_checkpoint(model: str | Path, layers_per_range: int = 1, device: str | None = None,

@@ -1,9 +1,11 @@
-"""TensorRT plan bookkeeping that needs no TensorRT: optimization profiles from the manifest, the per-GPU
-fingerprint, and whether existing plans can be used, must be rebuilt, or must be refused.
+"""TensorRT plan bookkeeping that needs no TensorRT: which flavour to use (TensorRT or TensorRT for RTX), which
+GPUs each supports, optimization profiles from the manifest, the plan fingerprint, and whether existing plans can be
+used, must be rebuilt, or must be refused.
 
 Plans live in <engines>/trt/<fingerprint>/: one <piece>.plan per ONNX piece, plus build.json recording the
-fingerprint's inputs and the sha256 of each source ONNX file. "Built once per GPU": the same GPU, TensorRT version,
-precision and profiles give the same folder, and a complete folder whose sources still match is reused as is.
+fingerprint's inputs and the sha256 of each source ONNX file. "Built once per target": the same flavour, version,
+GPU (TensorRT) or compute-capability targets (TensorRT for RTX), precision and profiles give the same folder, and a
+complete folder whose sources still match is reused as is. Plans of one flavour are never loaded by the other.
 """
 from __future__ import annotations
 
@@ -17,23 +19,125 @@ from .manifest import Manifest, PieceSpec
 BUILD_RECORD = "build.json"
 PRECISIONS = ("bf16", "fp16", "fp32")
 
+# flavour -> Python module. TensorRT proper needs the GPU it builds for; TensorRT for RTX compiles ahead of time
+# without a GPU, for compute-capability targets, and finishes kernels just in time on the user's GPU.
+FLAVORS = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx"}
+FLAVOR_NAMES = {"tensorrt": "TensorRT", "rtx": "TensorRT for RTX"}
+FLAVOR_TAGS = {"tensorrt": "trt", "rtx": "rtx"}
+# Compute capabilities TensorRT for RTX 1.x builds our pieces for (its ComputeCapability enum: Ampere, Ada,
+# Blackwell RTX and GB10). No Volta, no Hopper (9.0), no data-centre Blackwell (10.x). The enum also has Turing
+# (7.5), but RTX compiles only fp16 matrix multiplies for Turing and every window piece computes its drift
+# statistics with fp32 ones, so Turing is left out.
+RTX_CCS = ("8.0", "8.6", "8.9", "12.0", "12.1")
+RTX_TURING = "7.5"
+# What an RTX build without explicit targets runs on ("ampere+" here).
+RTX_DEFAULT_CCS = RTX_CCS
+RTX_DEFAULT = "ampere+"
+TRT_MIN_CC = (7, 5)  # TensorRT 10.x/11.x: Turing and newer, data-centre GPUs and Jetson Orin included
+
+
+def choose_flavor(requested: str, installed: list[str], device_cc: str | None = None) -> str:
+    """The flavour to use: the requested one if installed; with 'auto', the only one installed, or with both, the
+    one that supports this GPU (TensorRT for RTX when there is no GPU: only it can build without one)."""
+    if requested not in ("auto", *FLAVORS):
+        raise ValueError(f"--trt-flavor must be auto, tensorrt or rtx, got {requested!r}")
+    if requested != "auto":
+        if requested not in installed:
+            raise ValueError(f"{FLAVOR_NAMES[requested]} is not installed ({install_hint(requested)})")
+        return requested
+    if not installed:
+        raise ValueError("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU, or "
+                         "pip install tensorrt-rtx for RTX GPUs and GPU-less builds); "
+                         "use --backend onnxruntime or --backend torch")
+    if len(installed) == 1:
+        return installed[0]
+    if device_cc is None or device_cc in RTX_CCS:
+        return "rtx"
+    return "tensorrt"
+
+
+def install_hint(flavor: str) -> str:
+    return {"tensorrt": "pip install tensorrt", "rtx": "pip install tensorrt-rtx"}[flavor]
+
+
+def gpu_support(flavor: str, cc: str) -> tuple[bool, str]:
+    """Whether `flavor` runs on a GPU of compute capability `cc` ("9.0"), and what to install instead if not."""
+    major, minor = (int(x) for x in cc.split("."))
+    if flavor == "rtx":
+        if cc in RTX_CCS:
+            return True, ""
+        if cc == RTX_TURING:
+            return False, ("TensorRT for RTX has no fp32 matrix multiplies on Turing (sm75), which the drift "
+                           f"statistics need: {install_hint('tensorrt')}")
+        if (major, minor) >= TRT_MIN_CC:
+            return False, ("TensorRT for RTX supports Ampere..Blackwell RTX GPUs (sm80, sm86, sm89, sm120, sm121), "
+                           f"not sm{major}{minor} (Hopper / data-centre Blackwell): {install_hint('tensorrt')}")
+        return False, f"sm{major}{minor} is older than Turing: no TensorRT flavour supports it"
+    if (major, minor) >= TRT_MIN_CC:
+        return True, ""
+    return False, f"TensorRT 10/11 needs Turing (sm75) or newer, not sm{major}{minor}"
+
+
+def rtx_targets(target_cc: str | None, device_cc: str | None) -> str:
+    """The compute-capability targets of an RTX build, normalised: 'ampere+' (RTX's default portable set),
+    'current' (this machine's GPU, which must exist), or a sorted comma list such as '7.5' or '8.6,8.9'.
+    Without --target-cc: this GPU's compute capability if there is a supported one, else 'ampere+'."""
+    if target_cc is None:
+        return device_cc if device_cc in RTX_CCS else RTX_DEFAULT
+    if target_cc == RTX_DEFAULT:
+        return RTX_DEFAULT
+    if target_cc == "current":
+        if device_cc not in RTX_CCS:
+            raise ValueError(f"--target-cc current needs a GPU TensorRT for RTX supports (this machine: "
+                             f"{'no GPU' if device_cc is None else 'sm' + device_cc.replace('.', '')}); "
+                             "name targets instead (e.g. --target-cc 8.6,8.9)")
+        return device_cc
+    ccs = {c.strip() for c in target_cc.split(",") if c.strip()}
+    if RTX_TURING in ccs:
+        raise ValueError(gpu_support("rtx", RTX_TURING)[1])
+    if not ccs or not ccs <= set(RTX_CCS):
+        raise ValueError(f"--target-cc {target_cc!r}: TensorRT for RTX builds for {', '.join(RTX_CCS)}, "
+                         f"'{RTX_DEFAULT}' or 'current'")
+    ccs = sorted(ccs, key=lambda c: tuple(map(int, c.split("."))))
+    return ",".join(ccs)
+
+
+def covered_ccs(flavor: str, compute_capability: str) -> tuple[str, ...]:
+    """The compute capabilities a plan built for this target runs on."""
+    if flavor == "rtx" and compute_capability == RTX_DEFAULT:
+        return RTX_DEFAULT_CCS
+    return tuple(compute_capability.split(","))
+
 
 @dataclass(frozen=True)
 class Target:
     """What a plan is specific to."""
 
-    gpu_name: str
-    compute_capability: str       # "9.0"
+    gpu_name: str                 # "" for RTX builds, which are not tied to one GPU
+    compute_capability: str       # "9.0"; RTX: its targets ("8.6", "7.5,8.6", "ampere+")
     trt_version: str
     precision: str
     max_len: int
     max_active: int
     opt_level: int = 3
+    flavor: str = "tensorrt"      # records written before flavours existed are TensorRT's
 
     def fingerprint(self) -> str:
         key = json.dumps(asdict(self), sort_keys=True)
-        cc = self.compute_capability.replace(".", "")
-        return f"sm{cc}-trt{self.trt_version}-{self.precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        if self.compute_capability == RTX_DEFAULT:
+            cc = RTX_DEFAULT
+        else:
+            cc = "_".join("sm" + c.replace(".", "") for c in self.compute_capability.split(","))
+        tag = FLAVOR_TAGS[self.flavor]
+        return f"{cc}-{tag}{self.trt_version}-{self.precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+    def runs_on(self, flavor: str, version: str, gpu_name: str, device_cc: str) -> bool:
+        """Whether this machine (flavour, version, GPU) can load plans built for this target."""
+        if (self.flavor, self.trt_version) != (flavor, version):
+            return False
+        if flavor == "rtx":
+            return device_cc in covered_ccs(flavor, self.compute_capability)
+        return (self.gpu_name, self.compute_capability) == (gpu_name, device_cc)
 
 
 def check_precision(manifest: Manifest, precision: str) -> None:
@@ -75,51 +179,84 @@ def plan_dir(engine_dir: str | Path, target: Target) -> Path:
     return Path(engine_dir) / "trt" / target.fingerprint()
 
 
-def plan_status(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[str, str]:
-    """('ok', '') when every plan exists and was built from the current ONNX files for this target;
-    ('build', why) when plans must be (re)built; a foreign or damaged record is never trusted."""
+def stale_pieces(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[list[str], str]:
+    """(names of the pieces whose plans must be (re)built, why the first one must); ([], '') when all are up to
+    date. Every piece when there is no trustworthy record for this target; a foreign or damaged record is never
+    trusted. Otherwise only the pieces whose ONNX changed or whose plan is missing or incomplete."""
+    everything = [p.name for p in manifest.pieces]
     d = plan_dir(engine_dir, target)
     record_path = d / BUILD_RECORD
     if not record_path.is_file():
-        return "build", "no plans for this GPU / TensorRT / precision yet"
+        return everything, "no plans for this flavour / GPU / precision yet"
     try:
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError:
-        return "build", f"{record_path} is unreadable"
+        return everything, f"{record_path} is unreadable"
     if record.get("target") != asdict(target):
-        return "build", f"{record_path} was written for another target"
+        return everything, f"{record_path} was written for another target"
+    stale, why = [], ""
     for p in manifest.pieces:
-        if record.get("onnx_sha256", {}).get(p.name) != p.sha256:
-            return "build", f"{p.file} changed since its plan was built"
         plan = d / f"{p.name}.plan"
-        if not plan.is_file() or plan.stat().st_size != record.get("plan_size", {}).get(p.name):
-            return "build", f"{plan} is missing or incomplete"
-    return "ok", ""
+        if record.get("onnx_sha256", {}).get(p.name) != p.sha256:
+            reason = f"{p.file} changed since its plan was built"
+        elif not plan.is_file() or plan.stat().st_size != record.get("plan_size", {}).get(p.name):
+            reason = f"{plan} is missing or incomplete"
+        else:
+            continue
+        stale.append(p.name)
+        why = why or reason
+    return stale, why
+
+
+def plan_status(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[str, str]:
+    """('ok', '') when every plan exists and was built from the current ONNX files for this target;
+    ('build', why) when some plans must be (re)built."""
+    stale, why = stale_pieces(engine_dir, manifest, target)
+    return ("build", why) if stale else ("ok", "")
 
 
 def find_built(engine_dir: str | Path, manifest: Manifest, gpu_name: str, compute_capability: str,
-               trt_version: str, precision: str) -> Target | None:
-    """The target of complete, up-to-date plans built on this GPU / TensorRT / precision (whatever --max-len,
-    --max-active and --opt-level they were built with), or None."""
+               trt_version: str, precision: str, flavor: str = "tensorrt") -> Target | None:
+    """The target of complete, up-to-date plans this flavour / version / GPU / precision can load (whatever
+    --max-len, --max-active and --opt-level they were built with), or None."""
     for record_path in sorted((Path(engine_dir) / "trt").glob(f"*/{BUILD_RECORD}")):
         try:
             target = Target(**json.loads(record_path.read_text())["target"])
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-        if (target.gpu_name, target.compute_capability, target.trt_version, target.precision) != (
-                gpu_name, compute_capability, trt_version, precision):
+        if target.flavor not in FLAVORS or target.precision != precision:
+            continue
+        if not target.runs_on(flavor, trt_version, gpu_name, compute_capability):
             continue
         if plan_status(engine_dir, manifest, target)[0] == "ok":
             return target
     return None
 
 
-def write_record(engine_dir: str | Path, manifest: Manifest, target: Target) -> None:
+def read_record(engine_dir: str | Path, target: Target) -> dict:
+    try:
+        record = json.loads((plan_dir(engine_dir, target) / BUILD_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
+                 build_seconds: dict[str, float] | None = None, plan_sha256: dict[str, str] | None = None) -> None:
+    """Record the plans now in the target's folder. build_seconds and plan_sha256 are of the pieces just built;
+    the other pieces' entries are kept from the previous record."""
     d = plan_dir(engine_dir, target)
+    old = read_record(engine_dir, target)
+    if old.get("target") != asdict(target):
+        old = {}
+    build_seconds = {**old.get("build_seconds", {}), **(build_seconds or {})}
+    plan_sha256 = {**old.get("plan_sha256", {}), **(plan_sha256 or {})}
     record = {
         "target": asdict(target), "fingerprint": target.fingerprint(),
         "onnx_sha256": {p.name: p.sha256 for p in manifest.pieces},
         "plan_size": {p.name: (d / f"{p.name}.plan").stat().st_size for p in manifest.pieces},
+        "plan_sha256": {p.name: plan_sha256[p.name] for p in manifest.pieces if p.name in plan_sha256},
+        "build_seconds": build_seconds,
     }
     (d / BUILD_RECORD).write_text(json.dumps(record, indent=2))
 

@@ -1,5 +1,5 @@
-"""TensorRT-independent logic of the TensorRT path (profiles, fingerprints, plan cache decisions), plus the
-behaviour without TensorRT: clean imports, doctor, and clear errors."""
+"""TensorRT-independent logic of the TensorRT path (flavour choice, GPU support, RTX targets, profiles,
+fingerprints, plan cache decisions), plus the behaviour without TensorRT: clean imports, doctor, and clear errors."""
 import importlib.util
 import json
 import shutil
@@ -11,10 +11,15 @@ import pytest
 
 from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime.manifest import load_manifest
-from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_precision, dim_ranges, plan_dir, plan_status,
-                                        profile_for, write_record)
+from dllm_trt.runtime.doctor import tensorrt_usable
+from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_precision, choose_flavor,
+                                        dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
+                                        rtx_targets, stale_pieces, write_record)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+# Runs the CLI as if neither TensorRT flavour were installed (find_spec and import both see None).
+WITHOUT_TRT = ("import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx'] = None; "
+               "from dllm_trt.cli import main; main(sys.argv[1:])")
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +66,79 @@ def test_fingerprint_covers_gpu_trt_precision_and_profiles(target):
     fp = target.fingerprint()
     assert fp.startswith("sm90-trt11.4.0-fp32-")
     for change in ({"gpu_name": "NVIDIA H200"}, {"compute_capability": "8.9"}, {"trt_version": "10.13.0"},
-                   {"precision": "bf16"}, {"max_len": 256}, {"max_active": 64}, {"opt_level": 5}):
+                   {"precision": "bf16"}, {"max_len": 256}, {"max_active": 64}, {"opt_level": 5},
+                   {"flavor": "rtx"}):
         assert replace(target, **change).fingerprint() != fp, change
     assert replace(target).fingerprint() == fp
+
+
+def test_rtx_fingerprint_names_flavour_version_and_targets(target):
+    rtx = replace(target, flavor="rtx", gpu_name="", trt_version="1.7.1.116")
+    assert replace(rtx, compute_capability="ampere+").fingerprint().startswith("ampere+-rtx1.7.1.116-fp32-")
+    assert replace(rtx, compute_capability="7.5,8.6").fingerprint().startswith("sm75_sm86-rtx1.7.1.116-fp32-")
+    assert replace(rtx, compute_capability="9.0").fingerprint() != target.fingerprint()   # same key but flavour
+
+
+def test_choose_flavor():
+    assert choose_flavor("auto", ["tensorrt"]) == "tensorrt"
+    assert choose_flavor("auto", ["rtx"], "9.0") == "rtx"              # the only one: doctor says it will not run
+    assert choose_flavor("auto", ["tensorrt", "rtx"]) == "rtx"          # no GPU: only RTX builds without one
+    assert choose_flavor("auto", ["tensorrt", "rtx"], "8.9") == "rtx"   # an RTX GPU
+    assert choose_flavor("auto", ["tensorrt", "rtx"], "9.0") == "tensorrt"  # Hopper: TensorRT proper
+    assert choose_flavor("tensorrt", ["tensorrt", "rtx"], "8.9") == "tensorrt"
+    with pytest.raises(ValueError, match="TensorRT for RTX is not installed .pip install tensorrt-rtx"):
+        choose_flavor("rtx", ["tensorrt"])
+    with pytest.raises(ValueError, match="TensorRT is not installed"):
+        choose_flavor("auto", [])
+    with pytest.raises(ValueError, match="auto, tensorrt or rtx"):
+        choose_flavor("trt", ["tensorrt"])
+
+
+@pytest.mark.parametrize("flavor, cc, ok, advice", [
+    ("rtx", "7.5", False, "pip install tensorrt"),       # RTX 20xx: RTX has no fp32 GEMM there
+    ("rtx", "8.6", True, ""), ("rtx", "8.9", True, ""), ("rtx", "12.0", True, ""),
+    ("rtx", "9.0", False, "pip install tensorrt"),       # H100 / H200
+    ("rtx", "10.0", False, "pip install tensorrt"),      # B200
+    ("rtx", "7.0", False, "older than Turing"),
+    ("tensorrt", "9.0", True, ""), ("tensorrt", "8.7", True, ""), ("tensorrt", "12.0", True, ""),
+    ("tensorrt", "7.0", False, "Turing"),
+])
+def test_gpu_support(flavor, cc, ok, advice):
+    got_ok, got_advice = gpu_support(flavor, cc)
+    assert got_ok == ok and advice in got_advice
+
+
+def test_rtx_targets():
+    assert rtx_targets(None, None) == "ampere+"              # no GPU: RTX's default portable set
+    assert rtx_targets(None, "8.9") == "8.9"                 # this RTX GPU
+    assert rtx_targets(None, "9.0") == "ampere+"             # a GPU RTX cannot target: portable set
+    assert rtx_targets("current", "12.0") == "12.0"
+    assert rtx_targets("12.0, 8.6,12.0", None) == "8.6,12.0"  # sorted numerically, deduplicated
+    assert rtx_targets("ampere+", "8.6") == "ampere+"
+    for bad in ("9.0", "sm86", "", "8.6,10.0"):
+        with pytest.raises(ValueError, match="builds for 8.0, 8.6"):
+            rtx_targets(bad, None)
+    for device in (None, "9.0"):
+        with pytest.raises(ValueError, match="needs a GPU TensorRT for RTX supports"):
+            rtx_targets("current", device)
+    with pytest.raises(ValueError, match="no fp32 matrix multiplies on Turing .sm75."):
+        rtx_targets("7.5,8.6", None)
+
+
+def test_doctor_tensorrt_usable():
+    none = tensorrt_usable({"tensorrt": None, "rtx": None}, "9.0", "")
+    assert none.startswith("tensorrt: no (not installed") and "pip install tensorrt-rtx" in none
+    h200_rtx = tensorrt_usable({"tensorrt": None, "rtx": "1.7.1.116"}, "9.0", "")
+    assert h200_rtx.startswith("tensorrt: no (TensorRT for RTX 1.7.1.116") and "pip install tensorrt" in h200_rtx
+    assert tensorrt_usable({"tensorrt": None, "rtx": "1.7.1"}, "8.9", "").startswith("tensorrt: yes (TensorRT for RTX")
+    assert tensorrt_usable({"tensorrt": "11.4.0", "rtx": None}, "9.0", "").startswith("tensorrt: yes (TensorRT 11.4")
+    cpu_rtx = tensorrt_usable({"tensorrt": None, "rtx": "1.7.1"}, None, "CUDA reports no GPU")
+    assert cpu_rtx.startswith("tensorrt: build only") and "CUDA reports no GPU" in cpu_rtx
+    cpu_trt = tensorrt_usable({"tensorrt": "10.13.0", "rtx": None}, None, "CUDA reports no GPU")
+    assert cpu_trt.startswith("tensorrt: no (TensorRT 10.13.0 needs a GPU")
+    both = tensorrt_usable({"tensorrt": "11.4.0", "rtx": "1.7.1"}, "9.0", "")
+    assert "yes (TensorRT 11.4.0" in both and "no (TensorRT for RTX 1.7.1" in both
+    assert "reinstall" in tensorrt_usable({"tensorrt": "broken (libnvinfer.so.11)", "rtx": None}, "9.0", "")
 
 
 def fake_build(engines, manifest, target):
@@ -85,19 +160,19 @@ def test_plan_cache_decisions(engines, target, tmp_path):
     d = plan_dir(eng, target)
     (d / "head.plan").write_bytes(b"x")                                   # truncated plan
     assert plan_status(eng, m, target) == ("build", f"{d / 'head.plan'} is missing or incomplete")
+    assert stale_pieces(eng, m, target)[0] == ["head"]                    # only that piece is rebuilt
     fake_build(eng, m, target)
     record = json.loads((d / "build.json").read_text())
     record["target"]["trt_version"] = "10.0.0"                            # a record copied from elsewhere
     (d / "build.json").write_text(json.dumps(record))
     assert "another target" in plan_status(eng, m, target)[1]
+    assert len(stale_pieces(eng, m, target)[0]) == len(m.pieces)         # a foreign record: everything
     fake_build(eng, m, target)
     m.pieces[0].sha256 = "0" * 64                                         # the ONNX file changed since
     assert "changed since its plan was built" in plan_status(eng, m, target)[1]
 
 
 def test_runtime_finds_plans_built_with_other_limits(engines, target, tmp_path):
-    from dllm_trt.runtime.trt_plans import find_built
-
     eng = shutil.copytree(engines, tmp_path / "e")
     m = load_manifest(eng)
     key = (target.gpu_name, target.compute_capability, target.trt_version, target.precision)
@@ -111,6 +186,34 @@ def test_runtime_finds_plans_built_with_other_limits(engines, target, tmp_path):
     assert find_built(eng, m, *key) is None
 
 
+def test_flavours_never_load_each_others_plans(engines, target, tmp_path):
+    eng = shutil.copytree(engines, tmp_path / "e")
+    m = load_manifest(eng)
+    rtx = replace(target, flavor="rtx", gpu_name="", compute_capability="ampere+", trt_version="1.7.1.116")
+    fake_build(eng, m, rtx)
+    assert find_built(eng, m, "NVIDIA GeForce RTX 4090", "8.9", "1.7.1.116", "fp32", "rtx") == rtx
+    assert find_built(eng, m, "NVIDIA RTX A6000", "8.6", "1.7.1.116", "fp32", "rtx") == rtx  # portable set
+    assert find_built(eng, m, "NVIDIA GeForce RTX 5090", "12.0", "1.7.1.116", "fp32", "rtx") == rtx
+    assert find_built(eng, m, "NVIDIA H100", "9.0", "1.7.1.116", "fp32", "rtx") is None   # not in it
+    assert find_built(eng, m, "NVIDIA GeForce RTX 4090", "8.9", "1.7.1.116", "fp32", "tensorrt") is None
+    assert find_built(eng, m, "NVIDIA GeForce RTX 4090", "8.9", "1.8.0", "fp32", "rtx") is None   # other version
+    assert plan_status(eng, m, replace(rtx, flavor="tensorrt"))[0] == "build"
+    fake_build(eng, m, target)                                   # TensorRT proper, H100
+    key = (target.gpu_name, target.compute_capability, target.trt_version, "fp32")
+    assert find_built(eng, m, *key, "tensorrt") == target
+    assert find_built(eng, m, *key, "rtx") is None
+    # a TensorRT record copied over the RTX folder's record: the folder no longer matches its target
+    d = plan_dir(eng, rtx)
+    (d / "build.json").write_text((plan_dir(eng, target) / "build.json").read_text())
+    assert "another target" in plan_status(eng, m, rtx)[1]
+    assert find_built(eng, m, "NVIDIA GeForce RTX 4090", "8.9", "1.7.1.116", "fp32", "rtx") is None
+
+
+def test_old_records_without_flavour_are_tensorrt(target):
+    record = {k: v for k, v in target.__dict__.items() if k != "flavor"}
+    assert Target(**record).flavor == "tensorrt"
+
+
 def test_cache_bytes_for_llada_8b_shape(engines):
     m = load_manifest(engines)
     m.config = replace(m.config, d_model=4096, n_heads=32, n_layers=32)
@@ -120,12 +223,11 @@ def test_cache_bytes_for_llada_8b_shape(engines):
     assert sizes["hidden"] == 33 * 512 * 4096 * 2
 
 
-@pytest.mark.skipif(HAS_TRT, reason="checks the behaviour without TensorRT")
 def test_without_tensorrt(engines):
     import dllm_trt.runtime.backends.tensorrt_backend  # imports cleanly without TensorRT  # noqa: F401
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "dllm_trt.cli", *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-c", WITHOUT_TRT, *args], capture_output=True, text=True)
 
     doctor = cli("doctor")
     assert doctor.returncode == 0 and "tensorrt: no (not installed" in doctor.stdout
@@ -141,5 +243,5 @@ def test_without_tensorrt(engines):
 def test_tensorrt_build_and_generate(engines):
     from dllm_trt.runtime.backends.tensorrt_backend import TensorRTBackend, build_plans
 
-    build_plans(engines, precision="fp32", progress=False)
-    assert TensorRTBackend(engines).describe().startswith("tensorrt")
+    build_plans(engines, precision="fp32", progress=False, flavor="tensorrt")
+    assert TensorRTBackend(engines, flavor="tensorrt").describe().startswith("tensorrt")

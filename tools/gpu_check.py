@@ -1,6 +1,7 @@
 """GPU checks in one run (for a lent GPU machine; see tools/gpu_check.sh):
 
-1. doctor, and whether TensorRT imports;
+1. doctor, and whether TensorRT imports; when the installed flavour (TensorRT or TensorRT for RTX) supports this
+   GPU, its GPU tests (plans built, loaded and decoding token for token like ONNX Runtime);
 2. the torch backend on CUDA against the CPU reference on the bundled tiny model: token-identical generation for
    every cache policy in fp32, and bf16 agreement on a full forward;
 3. timings of an LLaDA-8B-shaped model with random weights (32 layers, d_model 4096, bf16, prompt 256 + gen 256):
@@ -127,6 +128,32 @@ def timings(lines: list[str], repeats: int = 10, shape: dict = LLADA_8B, device:
         lines.append(f"| {name} | {t * 1e3:.2f} | {t / floor:.1f}x |")
 
 
+def tensorrt_tests(lines: list[str]) -> None:
+    """Run the TensorRT GPU tests of each installed flavour that supports this GPU (pytest, in a subprocess)."""
+    import subprocess
+
+    import torch
+
+    from dllm_trt.runtime.backends.tensorrt_backend import installed_flavors
+    from dllm_trt.runtime.trt_plans import FLAVOR_NAMES, gpu_support
+
+    major, minor = torch.cuda.get_device_capability()
+    tests = {"rtx": ["tests/test_tensorrt_rtx.py"],
+             "tensorrt": ["tests/test_tensorrt_logic.py::test_tensorrt_build_and_generate"]}
+    lines.append("\n## TensorRT on this GPU\n")
+    if not installed_flavors():
+        lines.append("no TensorRT flavour installed: nothing to run")
+    for flavor in installed_flavors():
+        ok, advice = gpu_support(flavor, f"{major}.{minor}")
+        if not ok:
+            lines.append(f"{FLAVOR_NAMES[flavor]}: skipped ({advice})")
+            continue
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *tests[flavor]], cwd=REPO,
+                             capture_output=True, text=True)
+        tail = "\n".join(run.stdout.strip().splitlines()[-15:])
+        lines.append(f"{FLAVOR_NAMES[flavor]}: pytest exit {run.returncode}\n\n```\n{tail}\n```")
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check.md")
     import torch
@@ -143,7 +170,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         lines.append("\nno CUDA device: nothing else to check")
     else:
-        for section in (parity, timings):
+        for section in (tensorrt_tests, parity, timings):
             try:
                 section(lines)
             except Exception as e:  # report and go on: one failing section must not lose the others

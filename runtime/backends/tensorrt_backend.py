@@ -1,132 +1,273 @@
-"""TensorRT: build plans from the ONNX pieces (once per GPU) and run them. The only module that touches the
-TensorRT API, written against the 10.x and 11.x Python documentation (strongly typed networks, named I/O tensors,
-execute_async_v3). Device memory comes from torch CUDA tensors so caches sit at fixed addresses; only the small
-statistics and the head's tokens/probabilities are copied to (pinned) host memory.
+"""TensorRT: build plans from the ONNX pieces and run them. The only module that touches the TensorRT API, in
+either flavour: TensorRT proper (`tensorrt`, 10.x/11.x: plans built on and for one GPU) or TensorRT for RTX
+(`tensorrt_rtx`, 1.x: plans compiled ahead of time without a GPU for compute-capability targets, finished just in
+time on the user's GPU). Both share the API used here (strongly typed networks, named I/O tensors,
+execute_async_v3); their differences are the few lines marked "flavour:". Device memory comes from torch CUDA
+tensors so caches sit at fixed addresses; only the small statistics and the head's tokens/probabilities are copied to
+(pinned) host memory.
 
-Everything that needs no TensorRT (profiles, fingerprints, plan cache decisions) is in runtime/trt_plans.py.
+Everything that needs no TensorRT (flavour choice, GPU support, profiles, fingerprints, plan cache decisions) is in
+runtime/trt_plans.py.
 """
 from __future__ import annotations
 
+import atexit
+import hashlib
+import importlib
+import importlib.util
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
-from ..trt_plans import (Target, check_precision, dim_ranges, find_built, plan_dir, plan_status, profile_for,
-                          write_record)
+from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_precision, choose_flavor,
+                         dim_ranges, find_built, gpu_support, plan_dir, profile_for,
+                         read_record, rtx_targets, stale_pieces, write_record)
 from .base import Backend, BackendError, RangeStats
 
+RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
 
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BackendError("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU); "
-                           "use --backend onnxruntime or --backend torch") from None
+
+def installed_flavors() -> list[str]:
+    return [f for f, module in FLAVORS.items() if importlib.util.find_spec(module) is not None]
+
+
+def cuda_device():
+    """(torch, name, "major.minor") of the current CUDA GPU, or (torch or None, None, None) without one."""
     try:
         import torch
     except ImportError:
-        raise BackendError("the TensorRT backend uses PyTorch for CUDA memory: pip install torch") from None
+        return None, None, None
     if not torch.cuda.is_available():
-        raise BackendError("TensorRT needs an NVIDIA GPU, and CUDA reports none")
-    return trt, torch
-
-
-def current_target(trt, torch, precision: str, max_len: int, max_active: int, opt_level: int) -> Target:
+        return torch, None, None
     major, minor = torch.cuda.get_device_capability()
-    return Target(torch.cuda.get_device_name(), f"{major}.{minor}", trt.__version__, precision, max_len, max_active,
-                  opt_level)
+    return torch, torch.cuda.get_device_name(), f"{major}.{minor}"
 
 
-def build_plans(engine_dir, precision: str = "bf16", max_len: int | None = None, max_active: int | None = None,
-                opt_level: int = 3, progress: bool = True) -> Path:
-    """Build every piece into <engine_dir>/trt/<fingerprint>/; a no-op when up-to-date plans exist."""
-    trt, torch = import_tensorrt()
+def import_tensorrt(flavor: str = "auto", device_cc: str | None = None):
+    """(module, flavour name) of the chosen TensorRT flavour, or one-line BackendError."""
+    try:
+        flavor = choose_flavor(flavor, installed_flavors(), device_cc)
+    except ValueError as e:
+        raise BackendError(str(e)) from None
+    try:
+        trt = importlib.import_module(FLAVORS[flavor])
+    except Exception as e:  # a broken install raises arbitrary errors on import
+        raise BackendError(f"{FLAVOR_NAMES[flavor]} does not import: {str(e).splitlines()[0]}") from None
+    return trt, flavor
+
+
+def make_logger(trt):
+    """A WARNING-level logger without the parser's 'Make sure input X has Int64 binding' notes: the runtime binds
+    int64 tensors for every int64 input, so they only bury real warnings."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.WARNING and "has Int64 binding" not in msg:
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+
+    return Logger()
+
+
+def build_target(trt, flavor: str, precision: str, ranges: dict, opt_level: int, target_cc: str | None,
+                 gpu_name: str | None, device_cc: str | None) -> Target:
+    common = dict(trt_version=trt.__version__, precision=precision, max_len=ranges["seq_len"][2],
+                  max_active=ranges["active_len"][2], opt_level=opt_level, flavor=flavor)
+    if flavor == "rtx":  # flavour: ahead-of-time builds for compute-capability targets, not for one GPU
+        return Target(gpu_name="", compute_capability=rtx_targets(target_cc, device_cc), **common)
+    if device_cc is None:
+        raise BackendError("TensorRT builds plans on the GPU they are for, and CUDA reports none "
+                           "(TensorRT for RTX builds without one: pip install tensorrt-rtx)")
+    if target_cc not in (None, "current", device_cc):
+        raise BackendError(f"TensorRT builds for this GPU (sm{device_cc.replace('.', '')}) only; "
+                           "--target-cc is for TensorRT for RTX")
+    return Target(gpu_name=gpu_name, compute_capability=device_cc, **common)
+
+
+def configure(trt, flavor: str, config, target: Target, cache_path: Path):
+    """Flavour-specific builder settings; returns the timing cache to save after each plan (or None)."""
+    config.builder_optimization_level = target.opt_level
+    if target.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 plans should compute like ONNX Runtime's
+    if flavor == "rtx":
+        # flavour: RTX has no precision flags either, takes explicit compute-capability targets, and a timing
+        # cache would make it query the GPU (so GPU-less builds could not use one; RTX ignores it anyway).
+        if target.compute_capability != RTX_DEFAULT:
+            ccs = target.compute_capability.split(",")
+            config.num_compute_capabilities = len(ccs)
+            for i, cc in enumerate(ccs):
+                config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
+        return None
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    timing_cache = config.create_timing_cache(blob)
+    config.set_timing_cache(timing_cache, False)
+    return timing_cache
+
+
+def network_flags(trt) -> int:
+    creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    if creation is not None and hasattr(creation, "STRONGLY_TYPED"):
+        return 1 << int(creation.STRONGLY_TYPED)  # required on TensorRT 10.x; implied on 11.x and RTX
+    return 0
+
+
+def build_piece(trt, builder, logger, onnx_path: Path, profile_shapes: dict, setup):
+    """(plan bytes, what setup(config) returned) for one ONNX piece with one optimization profile."""
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    extra = setup(config)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ModelError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
+    return bytes(plan), extra
+
+
+def build_plans(engine_dir, precision: str | None = None, max_len: int | None = None, max_active: int | None = None,
+                opt_level: int = 3, progress: bool = True, flavor: str = "auto",
+                target_cc: str | None = None) -> Path:
+    """Build every piece into <engine_dir>/trt/<fingerprint>/; a no-op when up-to-date plans exist.
+    precision defaults to the export's dtype; target_cc (RTX only): 'ampere+', 'current' or e.g. '7.5,8.6'."""
+    torch, gpu_name, device_cc = cuda_device()
+    trt, flavor = import_tensorrt(flavor, device_cc)
     manifest = load_manifest(engine_dir)
+    precision = precision or manifest.dtype
     try:
         check_precision(manifest, precision)
         ranges = dim_ranges(manifest, max_len, max_active)
+        target = build_target(trt, flavor, precision, ranges, opt_level, target_cc, gpu_name, device_cc)
     except ValueError as e:
         raise ModelError(str(e)) from None
-    target = current_target(trt, torch, precision, ranges["seq_len"][2], ranges["active_len"][2], opt_level)
     out = plan_dir(engine_dir, target)
-    status, why = plan_status(engine_dir, manifest, target)
-    if status == "ok":
+    stale, why = stale_pieces(engine_dir, manifest, target)
+    if not stale:
         print(f"plans in {out} are up to date", file=sys.stderr)
         return out
-    print(f"building TensorRT plans into {out} ({why})", file=sys.stderr)
+    print(f"building {len(stale)} of {len(manifest.pieces)} {FLAVOR_NAMES[flavor]} {trt.__version__} plans into "
+          f"{out} ({why})", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = make_logger(trt)
     builder = trt.Builder(logger)
     cache_path = out.parent / f"timing-{target.fingerprint()}.cache"
-    timing_cache = None
     from tqdm import tqdm
 
-    for piece in tqdm(manifest.pieces, desc="build", unit="piece", disable=not progress, file=sys.stderr):
-        flags = 0
-        creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
-        if creation is not None and hasattr(creation, "STRONGLY_TYPED"):
-            flags |= 1 << int(creation.STRONGLY_TYPED)  # required on 10.x, implied (and ignored) on 11.x
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(Path(engine_dir) / piece.file)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ModelError(f"TensorRT cannot parse {piece.file}: {errors}")
-        config = builder.create_builder_config()
-        config.builder_optimization_level = opt_level
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profile_for(piece, ranges).items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-        if timing_cache is None:
-            blob = cache_path.read_bytes() if cache_path.is_file() else b""
-            timing_cache = config.create_timing_cache(blob)
-        config.set_timing_cache(timing_cache, False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise ModelError(f"TensorRT failed to build {piece.file} (see the TensorRT log above)")
-        (out / f"{piece.name}.plan").write_bytes(bytes(plan))
-        cache_path.write_bytes(bytes(timing_cache.serialize()))
-    write_record(engine_dir, manifest, target)
+    seconds, hashes, start = {}, {}, time.perf_counter()
+    pieces = [p for p in manifest.pieces if p.name in stale]
+    bar = tqdm(pieces, desc="build", unit="piece", disable=not progress, file=sys.stderr)
+    for piece in bar:
+        bar.set_postfix_str(piece.name)
+        t0 = time.perf_counter()
+        plan, timing_cache = build_piece(trt, builder, logger, Path(engine_dir) / piece.file,
+                                         profile_for(piece, ranges),
+                                         lambda config: configure(trt, flavor, config, target, cache_path))
+        tmp = out / f"{piece.name}.plan.partial"  # renamed when complete: an interrupted build leaves no torn plan
+        tmp.write_bytes(plan)
+        os.replace(tmp, out / f"{piece.name}.plan")
+        if timing_cache is not None:
+            cache_path.write_bytes(bytes(timing_cache.serialize()))
+        seconds[piece.name] = round(time.perf_counter() - t0, 3)
+        hashes[piece.name] = hashlib.sha256(plan).hexdigest()
+    write_record(engine_dir, manifest, target, seconds, hashes)
+    total = sum((out / f"{p.name}.plan").stat().st_size for p in manifest.pieces)
+    where = "targets " + target.compute_capability if flavor == "rtx" else target.gpu_name
+    print(f"built {len(pieces)} plan{'s' if len(pieces) != 1 else ''} ({len(manifest.pieces)} in all, "
+          f"{total / 2**20:.1f} MiB, {precision}, {where}) in {time.perf_counter() - start:.1f} s into {out}",
+          file=sys.stderr)
     return out
+
+
+def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None):
+    """Deserialize one plan, or a one-line BackendError saying why not. The hash catches a plan swapped for
+    another piece's of the same size (same-shaped layer ranges give equal sizes), which sizes alone cannot."""
+    blob = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise BackendError(f"{path} is not the plan that was built there; rebuild it with dllm-trt build")
+    if flavor == "rtx":  # flavour: RTX says why a plan cannot run here from its header alone
+        validity, diagnostics = runtime.get_engine_validity(blob)
+        if validity == trt.EngineValidity.INVALID:
+            raise BackendError(f"{path}: TensorRT for RTX cannot run this plan here ({diagnostics}); "
+                               "rebuild it with dllm-trt build")
+    engine = runtime.deserialize_cuda_engine(blob)
+    if engine is None:
+        raise BackendError(f"{path}: {FLAVOR_NAMES[flavor]} refused to load the plan; rebuild it with dllm-trt build")
+    return engine
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, engine_dir, precision: str | None = None):
-        trt, torch = import_tensorrt()
-        self.trt, self.torch = trt, torch
+    def __init__(self, engine_dir, precision: str | None = None, flavor: str = "auto"):
+        torch, gpu_name, device_cc = cuda_device()
+        trt, flavor = import_tensorrt(flavor, device_cc)
+        if torch is None:
+            raise BackendError("the TensorRT backend uses PyTorch for CUDA memory: pip install torch")
+        if device_cc is None:
+            raise BackendError(f"{FLAVOR_NAMES[flavor]} runs plans on an NVIDIA GPU, and CUDA reports none")
+        supported, advice = gpu_support(flavor, device_cc)
+        if not supported:
+            raise BackendError(advice)
+        self.trt, self.torch, self.flavor = trt, torch, flavor
         manifest = load_manifest(engine_dir)
         self.manifest, self.config = manifest, manifest.config
         self.ranges = [tuple(r) for r in manifest.layer_ranges]
         precision = precision or manifest.dtype
-        major, minor = torch.cuda.get_device_capability()
-        target = find_built(engine_dir, manifest, torch.cuda.get_device_name(), f"{major}.{minor}", trt.__version__,
-                            precision)
+        target = find_built(engine_dir, manifest, gpu_name, device_cc, trt.__version__, precision, flavor)
         if target is None:
-            raise BackendError(f"no up-to-date TensorRT plans for this GPU, TensorRT {trt.__version__} and "
-                               f"{precision}: run dllm-trt build {engine_dir}")
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            raise BackendError(f"no up-to-date {FLAVOR_NAMES[flavor]} {trt.__version__} plans for this GPU "
+                               f"(sm{device_cc.replace('.', '')}) and {precision}: run dllm-trt build {engine_dir}")
+        self.logger = make_logger(trt)  # kept: the bindings do not keep a Python logger (or the runtime) alive
+        runtime = self.runtime = trt.Runtime(self.logger)
         d = plan_dir(engine_dir, target)
         self.engines, self.contexts = {}, {}
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.runtime_cache, self.runtime_configs = None, []
+        hashes = read_record(engine_dir, target).get("plan_sha256", {})
         for p in manifest.pieces:
-            engine = runtime.deserialize_cuda_engine((d / f"{p.name}.plan").read_bytes())
-            if engine is None:
-                raise BackendError(f"{d / (p.name + '.plan')}: TensorRT refused to load the plan; rebuild it")
+            engine = load_plan(trt, runtime, d / f"{p.name}.plan", flavor, hashes.get(p.name))
             self.engines[p.name] = engine
-            self.contexts[p.name] = engine.create_execution_context(strategy)
+            if flavor == "rtx":  # flavour: a runtime config per context, one runtime (JIT) cache shared by all
+                self.contexts[p.name] = engine.create_execution_context(
+                    self._runtime_config(engine, d / RUNTIME_CACHE, strategy))
+            else:
+                self.contexts[p.name] = engine.create_execution_context(strategy)
         self.act = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest.dtype]
         self.device = torch.device("cuda")
         self.stream = torch.cuda.current_stream()  # torch's copies and TensorRT's kernels share one stream, in order
         scratch = max(e.device_memory_size_v2 for e in self.engines.values())
         self.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)  # shared: pieces run in turn
 
+    def _runtime_config(self, engine, cache_path: Path, strategy):
+        """An RTX runtime config for one context; the first call opens the shared runtime cache, loaded from
+        cache_path and saved back there at exit. Configs and cache are kept: they must outlive the contexts."""
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        if self.runtime_cache is None:
+            self.torch.zeros(1, device="cuda")  # deserializing checks the environment against a current CUDA context
+            cache = self.runtime_cache = config.create_runtime_cache()
+            if cache_path.is_file():
+                cache.deserialize(cache_path.read_bytes())  # rejected (and ignored) when made on another GPU/driver
+            atexit.register(lambda: cache_path.write_bytes(bytes(cache.serialize())))
+        config.set_runtime_cache(self.runtime_cache)
+        self.runtime_configs.append(config)
+        return config
+
     def describe(self) -> str:
-        return f"tensorrt ({self.torch.cuda.get_device_name()}, {self.manifest.dtype})"
+        name = "tensorrt-rtx" if self.flavor == "rtx" else "tensorrt"
+        return f"{name} ({self.torch.cuda.get_device_name()}, {self.manifest.dtype})"
 
     def _run(self, piece: str, inputs: dict, outputs: dict) -> None:
         """Bind device tensors by name and enqueue one piece on the backend's stream."""
