@@ -261,7 +261,8 @@ def cmd_doctor(a) -> None:
 def cmd_build(a) -> None:
     from .runtime.backends.tensorrt_backend import build_plans
 
-    build_plans(a.engines, a.precision, a.max_len, a.max_active, a.opt_level)
+    build_plans(a.engines, a.precision, a.max_len, a.max_active, a.opt_level, flavor=a.trt_flavor,
+                target_cc=a.target_cc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bld = sub.add_parser("build", help="build TensorRT plans for this GPU (once; a no-op when up to date)")
     bld.add_argument("engines", help="exported engine directory (export with --dtype bf16 or fp16 for speed)")
-    bld.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bld.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: the export's dtype")
+    bld.add_argument("--trt-flavor", default="auto", choices=["auto", "tensorrt", "rtx"],
+                     help="auto (what is installed) | tensorrt | rtx (TensorRT for RTX)")
+    bld.add_argument("--target-cc", help="TensorRT for RTX: compute capabilities to build for, e.g. 8.6,8.9, "
+                     "'current' or 'ampere+' (default: this GPU; without one, ampere+ = sm80..sm121)")
     bld.add_argument("--max-len", type=int, help="largest canvas (default: the export's)")
     bld.add_argument("--max-active", type=int, help="largest window pass (default: the export's)")
     bld.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5")
