@@ -99,8 +99,14 @@ def validation_error(e: ValidationError) -> ApiError:
     return ApiError(422, f"'{name}': {err['msg']}", name)
 
 
+def one_line(text: str, limit: int = 1000) -> str:
+    """Messages can echo what a client sent: keep them to one line of bounded length."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + "... (truncated)"
+
+
 def error_body(e: ApiError) -> dict:
-    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}
+    return {"error": {"message": one_line(e.message), "type": e.kind, "param": e.param, "code": None}}
 
 
 def _no_constants(name):
@@ -127,7 +133,7 @@ def parse_request(body, engine: Engine, chat: bool) -> tuple[object, dict, bool]
     except ValidationError as e:
         raise validation_error(e) from None
     if req.model != engine.name:
-        raise ApiError(404, f"model '{req.model}' does not exist (this server serves '{engine.name}')", "model",
+        raise ApiError(404, f"model {req.model[:100]!r} does not exist (this server serves '{engine.name}')", "model",
                        "model_not_found")
     if chat:
         if not req.messages:
@@ -177,7 +183,7 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
 
     def error(e: ApiError, request: Request | None = None) -> JSONResponse:
         if request is not None and e.status < 500:
-            log.info("%d %s %s: %s", e.status, request.method, request.url.path, e.message)
+            log.info("%d %s %s: %s", e.status, request.method, request.url.path, one_line(e.message))
         return JSONResponse(error_body(e), status_code=e.status)
 
     def internal(rid: str) -> ApiError:

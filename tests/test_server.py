@@ -409,9 +409,12 @@ def test_client_errors_are_logged_in_one_line(tiny_engine, caplog):
     with TestClient(create_app(tiny_engine)) as c:
         assert c.post("/v1/completions", content=b"{bad").status_code == 400
         assert c.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"}).status_code == 404
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "cache": "x\n" * 100_000})
+        assert r.status_code == 400 and len(r.json()["error"]["message"]) < 1100
     records = [r for r in caplog.records if r.name == "dllm_trt.server"]
     assert [r.getMessage().split(":")[0] for r in records] == ["400 POST /v1/completions",
-                                                               "404 POST /v1/completions"]
+                                                               "404 POST /v1/completions",
+                                                               "400 POST /v1/completions"]
     assert not any(r.exc_info for r in records) and all("\n" not in r.getMessage() for r in records)
 
 
