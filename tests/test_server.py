@@ -3,6 +3,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,27 +30,29 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(engines, max_queue=40):
-    """`dllm-trt serve` in a subprocess; fails loudly, with the server's stderr, when it does not come up."""
+    """`dllm-trt serve` in a subprocess; fails loudly, with the server's stderr, when it does not come up.
+    Yields (base url, process, path of its stderr log)."""
     port = free_port()
-    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full pipe would block the server's logging
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    with open(log, "a") as err:  # a file, not a pipe: a full pipe would block the server's logging
         proc = subprocess.Popen([sys.executable, "-m", "dllm_trt.cli", "serve", "--engines", str(engines), "--port",
                                  str(port), "--max-queue", str(max_queue)], stdout=subprocess.DEVNULL, stderr=err)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        try:
-            while True:
-                try:
-                    urllib.request.urlopen(base + "/health", timeout=1)
-                    break
-                except (urllib.error.URLError, ConnectionError):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        err.seek(0)
-                        pytest.fail(f"the server did not start (exit code {proc.poll()}):\n{err.read()}")
-                    time.sleep(0.2)
-            yield base, proc, err
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the server did not start (exit code {proc.poll()}):\n{log.read_text()}")
+                time.sleep(0.2)
+        yield base, proc, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(log.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def engines(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(engines):
     with running_server(engines) as (base, proc, err):
-        yield base, proc
+        yield base, proc, err
 
 
 @pytest.fixture
@@ -336,8 +339,6 @@ def test_small_max_body(tiny_engine):
     (None, "no chat_template"),
 ])
 def test_chat_template_errors_are_400(tiny_engine, tmp_path, template, message):
-    import shutil
-
     from starlette.testclient import TestClient
 
     from dllm_trt.runtime.api import Engine
@@ -449,3 +450,14 @@ def test_disconnect_is_logged_in_one_line(tiny_engine, caplog):
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def test_server_log_has_one_line_per_rejection(server):
+    """`serve` logs rejected requests, one line each, and no tracebacks for anything a client can send."""
+    post(server[0], "/v1/completions", b"{bad", raw=True)
+    post(server[0], "/v1/completions", {"model": MODEL, "prompt": "x" * 100, "max_tokens": 150})
+    time.sleep(0.5)
+    log = server[2].read_text()
+    assert "400 POST /v1/completions: the request body is not valid JSON" in log
+    assert "413 POST /v1/completions: prompt (100 tokens)" in log
+    assert "Traceback" not in log
