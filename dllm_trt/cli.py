@@ -112,7 +112,10 @@ def cmd_generate(a) -> None:
     opts = decode_options(a)
     backend, source_dir = open_backend(a)
     tok = TextTokenizer(source_dir)
-    prompt_ids = tok.encode_prompt(a.prompt, chat=a.chat)
+    try:
+        prompt_ids = tok.encode_prompt(a.prompt, chat=a.chat)
+    except ValueError as e:  # e.g. text that is not valid Unicode, a chat template that raises
+        raise UsageError(f"--prompt: {e}") from None
     limit = min(backend.config.max_sequence_length, getattr(backend, "max_len", backend.config.max_sequence_length))
     try:
         gen_length = opts.fit_gen_length(len(prompt_ids), limit)
@@ -229,9 +232,11 @@ def cmd_serve(a) -> None:
         raise UsageError(f"--port must be in 1..65535, got {a.port}")
     if a.max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {a.max_queue}")
+    if a.max_body < 1:
+        raise UsageError(f"--max-body must be at least 1, got {a.max_body}")
     engine = Engine.load(a.engines, a.backend)
     print(f"serving {engine.name} ({engine.backend.describe()}) on http://{a.host}:{a.port}/v1", file=sys.stderr)
-    serve(engine, a.host, a.port, a.max_queue)
+    serve(engine, a.host, a.port, a.max_queue, a.max_body)
 
 
 def cmd_export(a) -> None:
@@ -315,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
     sv.add_argument("--max-queue", type=int, default=16, help="requests in progress before 503 (default 16)")
+    sv.add_argument("--max-body", type=int, default=1 << 20,
+                    help="largest request body in bytes; larger ones get 413 before being read (default 1 MiB)")
     sv.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a checkpoint as ONNX pieces + manifest.json")

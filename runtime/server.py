@@ -1,24 +1,37 @@
 """OpenAI-compatible HTTP server (Starlette via FastAPI, served by uvicorn) over one Engine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with stream=true as server-sent events in
-OpenAI's chunk format), GET /v1/models, GET /health. Extra body fields: cache, gamma, window, threshold.
+OpenAI's chunk format), GET /v1/models, GET /health. Extra body fields: the decoding options cache, gamma, window,
+threshold, block_length, steps, track_num, early_stop (absent: the CLI's defaults; max_tokens absent: 256 or what
+fits).
 
 Streaming: a diffusion model commits tokens out of order, so only the longest committed prefix is final; each
-event carries text that can no longer change. Requests are decoded one at a time per engine; at most `max_queue`
-may wait, more get 503. A client that disconnects stops its decoding.
+event carries text that can no longer change. An error during a streamed decoding is sent as an error event
+(`data: {"error": {...}}`) and ends the stream without [DONE]. Requests are decoded one at a time per engine; at
+most `max_queue` may wait, more get 503. A client that disconnects stops its decoding. Bodies over `max_body` bytes
+get 413 before they are read; parsing, validation and tokenization run off the event loop.
 """
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from .api import Cancelled, Engine, PromptTooLong
+from .api import Cancelled, Engine, OptionError, PromptTooLong
+from .config import ModelError
 
+DEFAULT_MAX_BODY = 1 << 20
+log = logging.getLogger("dllm_trt.server")
 
 
 class ApiError(Exception):
@@ -27,68 +40,168 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-def _field(body: dict, name: str, types, default=None, required=False):
-    if name not in body or body[name] is None:
-        if required:
-            raise ApiError(422, f"'{name}' is required", name)
-        return default
-    value = body[name]
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-        names = " or ".join(t.__name__ for t in _as_tuple(types))
-        raise ApiError(422, f"'{name}' must be of type {names}, got {type(value).__name__}", name)
-    return value
+# ---- request bodies ----------------------------------------------------------------------------------------------
+Int = Annotated[int, Field(le=2 ** 31 - 1)]
 
 
-def _as_tuple(types):
-    return types if isinstance(types, tuple) else (types,)
+class _Body(BaseModel):
+    # strict: "8" is not an int and 1 is not a bool; unknown OpenAI fields are ignored
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model: str
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
+    temperature: float | None = None
+    n: Int | None = None
+    stream: bool | None = None
+    # decoding options (runtime/options.py), as extra body fields
+    cache: str | None = None
+    gamma: float | None = None
+    window: Int | None = None
+    threshold: float | None = None
+    block_length: Int | None = None
+    steps: Int | None = None
+    track_num: Int | None = None
+    early_stop: bool | None = None
+
+
+DECODING_FIELDS = ("cache", "gamma", "window", "threshold", "block_length", "steps", "track_num", "early_stop")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[Message]
+
+
+class CompletionBody(_Body):
+    prompt: str
+
+
+_TYPE_NAMES = {"int_type": "int", "string_type": "str", "bool_type": "bool", "list_type": "list",
+               "float_type": "number", "model_type": "object", "dict_type": "object", "model_attributes_type": "object",
+               "int_from_float": "int"}
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_error(e: ValidationError) -> ApiError:
+    """The first problem in pydantic's report, as one line in this server's words."""
+    err = e.errors(include_url=False)[0]
+    name, kind, got = _loc(err["loc"]), err["type"], err.get("input")
+    if kind == "missing":
+        return ApiError(422, f"'{name}' is required", name)
+    if kind in ("float_type", "int_type") and isinstance(got, int) and not isinstance(got, bool):
+        return ApiError(400, f"'{name}' is out of range", name)
+    if kind in _TYPE_NAMES:
+        return ApiError(422, f"'{name}' must be of type {_TYPE_NAMES[kind]}, got {type(got).__name__}", name)
+    if kind == "less_than_equal":
+        return ApiError(400, f"'{name}' is out of range", name)
+    return ApiError(422, f"'{name}': {err['msg']}", name)
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Messages can echo what a client sent: keep them to one line of bounded length."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + "... (truncated)"
+
+
+def error_body(e: ApiError) -> dict:
+    return {"error": {"message": one_line(e.message), "type": e.kind, "param": e.param, "code": None}}
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_json(raw: bytes):
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} at position {e.pos}") from None
+    except ValueError as e:  # not UTF-8, NaN/Infinity, an integer with thousands of digits
+        raise ApiError(400, f"the request body is not valid JSON: {str(e).splitlines()[0]}") from None
 
 
 def parse_request(body, engine: Engine, chat: bool) -> tuple[object, dict, bool]:
-    """(prompt or messages, generation options, stream) from a request body, or ApiError."""
+    """(prompt or messages, generation options, stream) from a parsed JSON body, or ApiError."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    model = _field(body, "model", str, required=True)
-    if model != engine.name:
-        raise ApiError(404, f"model '{model}' does not exist (this server serves '{engine.name}')", "model",
+    try:
+        req = (ChatBody if chat else CompletionBody).model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    if req.model != engine.name:
+        raise ApiError(404, f"model {req.model[:100]!r} does not exist (this server serves '{engine.name}')", "model",
                        "model_not_found")
     if chat:
-        messages = _field(body, "messages", list, required=True)
-        if not messages:
+        if not req.messages:
             raise ApiError(400, "'messages' must not be empty", "messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ApiError(422, f"messages[{i}] must be an object with string 'role' and 'content'", "messages")
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+        prompt = [{"role": m.role, "content": m.content} for m in req.messages]
     else:
-        prompt = _field(body, "prompt", str, required=True)
-        if not prompt.strip():
+        if not req.prompt.strip():
             raise ApiError(400, "'prompt' must not be empty", "prompt")
-    max_tokens = _field(body, "max_tokens", int, None)
-    max_tokens = _field(body, "max_completion_tokens", int, max_tokens)
+        prompt = req.prompt
+    max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
-    temperature = _field(body, "temperature", (int, float), 0)
-    if temperature != 0:
+    if req.temperature not in (None, 0):
         raise ApiError(400, "only greedy decoding is implemented: 'temperature' must be 0 or absent", "temperature")
-    if _field(body, "n", int, 1) != 1:
+    if req.n not in (None, 1):
         raise ApiError(400, "'n' must be 1", "n")
-    opts = {"max_tokens": max_tokens, "cache": _field(body, "cache", str), "gamma": _field(body, "gamma", (int, float)),
-            "window": _field(body, "window", int), "threshold": _field(body, "threshold", (int, float))}
-    stream = _field(body, "stream", bool, False)
-    return prompt, opts, stream
+    # absent fields stay None: the options factory fills in the same defaults as every other entry point
+    opts = {"max_tokens": max_tokens, **{name: getattr(req, name) for name in DECODING_FIELDS}}
+    return prompt, opts, bool(req.stream)
 
 
-def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
+async def read_body(request: Request, max_body: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too large: from Content-Length before reading
+    anything, else while counting the bytes as they arrive."""
+    too_large = ApiError(413, f"the request body exceeds this server's limit of {max_body} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_body:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body:
+            raise too_large
+    return bytes(body)
+
+
+def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+    if max_body < 1:
+        raise ValueError(f"max_body must be at least 1, got {max_body}")
     app = FastAPI(title="dllm-trt", docs_url=None, redoc_url=None)
     executor = ThreadPoolExecutor(max_workers=max_queue + 1, thread_name_prefix="decode")
     state = {"active": 0}
 
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
-                            status_code=e.status)
+    def error(e: ApiError, request: Request | None = None) -> JSONResponse:
+        if request is not None and e.status < 500:
+            log.info("%d %s %s: %s", e.status, request.method, request.url.path, one_line(e.message))
+        return JSONResponse(error_body(e), status_code=e.status)
+
+    def internal(rid: str) -> ApiError:
+        return ApiError(500, f"internal error ({rid}); see the server log", kind="server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # unknown paths and methods, in the same error format
+        return error(ApiError(exc.status_code, str(exc.detail)), request)
 
     @app.exception_handler(Exception)
-    async def unexpected(request, exc):  # never a traceback to the client
+    async def unexpected(request, exc):  # a backstop: never a traceback to the client
         return error(ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
 
     @app.get("/health")
@@ -101,55 +214,62 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0,
                                             "owned_by": "dllm-trt"}]}
 
-    def prepare(prompt, opts):
-        """Validate everything that can fail before any response starts."""
+    def admit(raw: bytes, chat: bool):
+        """Parse, validate, render and tokenize: everything that can fail before any response starts. Runs in a
+        worker thread, so a large or hostile body never stalls the event loop."""
+        prompt, opts, stream = parse_request(parse_json(raw), engine, chat)
         try:
-            return engine.prepare(prompt, **opts)
+            return prompt, engine.prepare(prompt, **opts), stream
         except PromptTooLong as e:
-            raise ApiError(413, str(e), "max_tokens") from None
-        except ValueError as e:
+            raise ApiError(413, str(e).replace("gen length", "max_tokens"), "max_tokens") from None
+        except OptionError as e:  # named as the request field is
+            field = "max_tokens" if e.field == "gen_length" else e.field
+            raise ApiError(400, f"'{field}' {e.problem}", field) from None
+        except (ValueError, ModelError) as e:  # bad options, a chat template that refuses, text that is not text
             raise ApiError(400, str(e)) from None
 
     async def handle(request: Request, chat: bool):
-        raw = await request.body()
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(ApiError(400, "the request body is not valid JSON"))
-        try:
-            prompt, opts, stream = parse_request(body, engine, chat)
-            prepared = prepare(prompt, opts)
+            raw = await read_body(request, max_body)
+            prompt, prepared, stream = await anyio.to_thread.run_sync(admit, raw, chat)
             if state["active"] >= max_queue:
                 raise ApiError(503, f"server busy: {max_queue} requests already in progress; retry later",
                                kind="server_busy")
         except ApiError as e:
-            return error(e)
+            return error(e, request)
+        except ClientDisconnect:
+            log.info("%s %s: client disconnected while sending the body", request.method, request.url.path)
+            return error(ApiError(499, "client closed the request"))
+        except Exception:
+            log.exception("%s: unexpected error while admitting the request", rid)
+            return error(internal(rid))
         state["active"] += 1
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
         def work():
+            """The result, or the exception it failed with (returned, so that an unread future never logs it)."""
             try:
                 on_text = (lambda t: loop.call_soon_threadsafe(events.put_nowait, t)) if stream else None
                 res = engine.generate(prompt, on_text=on_text, cancelled=stop.is_set, prepared=prepared)
-                loop.call_soon_threadsafe(events.put_nowait, res)
-                return res
-            except BaseException as e:
-                loop.call_soon_threadsafe(events.put_nowait, e)
-                raise
+            except Exception as e:
+                res = e
+            loop.call_soon_threadsafe(events.put_nowait, res)
+            return res
 
         future = loop.run_in_executor(executor, work)
         future.add_done_callback(lambda _: state.__setitem__("active", state["active"] - 1))
 
+        def failed(exc: BaseException) -> ApiError:
+            log.error("%s: decoding failed", rid, exc_info=(type(exc), exc, exc.__traceback__))
+            return internal(rid)
+
         def usage(res):
             return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.tokens,
                     "total_tokens": res.prompt_tokens + res.tokens}
-
-        def finish_reason(res):
-            return res.finish_reason
 
         def chunk(delta: dict | None = None, text: str | None = None, reason=None, use=None):
             choice = ({"index": 0, "delta": delta or {}, "finish_reason": reason} if chat else
@@ -162,6 +282,7 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
 
         if stream:
             async def sse():
+                finished = False
                 try:
                     if chat:
                         yield chunk({"role": "assistant", "content": ""})
@@ -169,13 +290,19 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
                         item = await events.get()
                         if isinstance(item, str):
                             yield chunk({"content": item}, text=item)
-                        elif isinstance(item, BaseException):
+                        elif isinstance(item, Exception):
+                            e = failed(item)
+                            finished = True
+                            yield f"data: {json.dumps(error_body(e))}\n\n"
                             return
                         else:
-                            yield chunk({}, text="", reason=finish_reason(item), use=usage(item))
+                            finished = True
+                            yield chunk({}, text="", reason=item.finish_reason, use=usage(item))
                             yield "data: [DONE]\n\n"
                             return
                 finally:
+                    if not finished:
+                        log.info("%s: client disconnected; decoding stopped", rid)
                     stop.set()  # client gone or stream over: a decoding still running stops at its next step
 
             return StreamingResponse(sse(), media_type="text/event-stream")
@@ -184,15 +311,17 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
             done, _ = await asyncio.wait({future}, timeout=0.25)
             if not done and await request.is_disconnected():
                 stop.set()
-        try:
-            res = future.result()
-        except Cancelled:
+        res = future.result()
+        if isinstance(res, Cancelled):
+            log.info("%s: client disconnected; decoding stopped", rid)
             return error(ApiError(499, "client closed the request"))
+        if isinstance(res, Exception):
+            return error(failed(res))
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": res.text},
-                      "finish_reason": finish_reason(res)}
+                      "finish_reason": res.finish_reason}
         else:
-            choice = {"index": 0, "text": res.text, "finish_reason": finish_reason(res), "logprobs": None}
+            choice = {"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": engine.name, "choices": [choice], "usage": usage(res),
                 "dllm_trt": {"steps": res.steps, "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
@@ -209,9 +338,15 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
     return app
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 16) -> None:
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 16,
+          max_body: int = DEFAULT_MAX_BODY) -> None:
     import uvicorn
 
+    app = create_app(engine, max_queue, max_body)  # ValueError on bad limits, before anything starts
+    if not log.handlers:  # one line per rejected request or disconnect; tracebacks only for server faults
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     # uvicorn's graceful shutdown lets in-flight requests finish before the process exits
-    uvicorn.run(create_app(engine, max_queue), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=300)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=300)
