@@ -2,6 +2,12 @@
 
 Refresh outputs are bound straight onto the cache buffers (no copy of a whole cache per call); window outputs are
 the new rows only and are scattered into the caches in place. Only numpy and onnxruntime are imported here.
+
+Weights (CPU): every external tensor is one OrtValue on a read-only memory map of its data file (runtime/memory.py),
+given to each session that uses it, so a range's window and refresh sessions, the embedding and the head hold no
+copies and processes serving the same folder share the pages. Pre-packing is off in that mode: it would make a
+private packed copy per session again (it costs the 25-row window pass about 14% more CPU time; the refresh pass
+about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
 """
 from __future__ import annotations
 
@@ -99,9 +105,8 @@ class OnnxRuntimeBackend(Backend):
             # each canvas length (fresh pages: a slow first request); without it the arena's free chunks serve
             # every length once warmup() has grown it. One arena for all sessions: their runs never overlap.
             opts.enable_mem_pattern = False
-            if self.providers[0] == "CPUExecutionProvider":
-                shared_cpu_arena(ort)
-                opts.add_session_config_entry("session.use_env_allocators", "1")
+            shared_cpu_arena(ort)
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         opts.log_severity_level = 3
         return opts
 
@@ -124,7 +129,7 @@ class OnnxRuntimeBackend(Backend):
     def warmup(self, max_len: int | None = None) -> None:
         """Run every piece once at its largest shapes (canvas max_len, max_active query rows), so that the weights
         are paged in and every session's arena has grown before the first request, not during it."""
-        n = min(max_len or self.max_len, self.max_len)
+        n = max(2, min(max_len or self.max_len, self.max_len))
         rows = np.arange(min(self.max_active, n), dtype=np.int64)
         key_is_mask = np.zeros(n, dtype=bool)
         ids = np.full(n, self.config.mask_token_id, dtype=np.int64)
