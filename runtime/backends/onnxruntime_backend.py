@@ -2,6 +2,12 @@
 
 Refresh outputs are bound straight onto the cache buffers (no copy of a whole cache per call); window outputs are
 the new rows only and are scattered into the caches in place. Only numpy and onnxruntime are imported here.
+
+Weights (CPU): every external tensor is one OrtValue on a read-only memory map of its data file (runtime/memory.py),
+given to each session that uses it, so a range's window and refresh sessions, the embedding and the head hold no
+copies and processes serving the same folder share the pages. Pre-packing is off in that mode: it would make a
+private packed copy per session again (it costs the 25-row window pass about 14% more CPU time; the refresh pass
+about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
 """
 from __future__ import annotations
 
@@ -12,13 +18,41 @@ import numpy as np
 
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
+from ..memory import SharedWeights, distinct_external_bytes
 from .base import Backend, BackendError, RangeStats
+
+
+WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
+PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack only when each session has its own weights
+
+
+def weight_mode(share_weights: bool | None, prepack: bool | None) -> tuple[bool, bool]:
+    if share_weights is None:
+        mode = os.environ.get(WEIGHTS_ENV, "shared")
+        if mode not in ("shared", "per-session"):
+            raise BackendError(f"{WEIGHTS_ENV} must be 'shared' or 'per-session', got {mode!r}")
+        share_weights = mode == "shared"
+    if prepack is None:
+        prepack = os.environ.get(PREPACK_ENV, "0" if share_weights else "1") == "1"
+    return share_weights, prepack
+
+
+_ARENA_REGISTERED = []
+
+
+def shared_cpu_arena(ort) -> None:
+    """One CPU arena for every session of the process (registered once), instead of one per session."""
+    if not _ARENA_REGISTERED:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        _ARENA_REGISTERED.append(info)
 
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, engine_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, engine_dir: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 share_weights: bool | None = None, prepack: bool | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -35,6 +69,24 @@ class OnnxRuntimeBackend(Backend):
         if self.manifest.dtype != "fp32" and providers[0] == "CPUExecutionProvider":
             raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
                                f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
+        self.share_weights, self.prepack = weight_mode(share_weights, prepack)
+        if providers[0] != "CPUExecutionProvider":
+            # a GPU session copies its initializers to the device anyway: leave loading to ONNX Runtime there
+            self.share_weights, self.prepack = False, True
+        d = Path(engine_dir)
+        shared = SharedWeights(ort.OrtValue) if self.share_weights else None
+        self.initializer_addresses: dict[str, dict[str, int]] = {}   # piece -> shared tensor -> buffer address
+        try:
+            self.sessions = {p.name: self._session(p.name, d / p.file, threads, shared) for p in self.manifest.pieces}
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+            raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
+        self.shared = shared
+        self.weight_bytes = distinct_external_bytes(d / p.file for p in self.manifest.pieces)
+        self.max_len = self.manifest.dims["seq_len"]["max"]
+        self.max_active = self.manifest.dims["active_len"]["max"]
+
+    def _options(self, threads: int | None):
+        ort = self.ort
         opts = ort.SessionOptions()
         # Pieces run one after another, never concurrently: all cores for each, and no spinning threads left
         # behind by one session to fight the next one.
@@ -44,18 +96,53 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if not self.prepack:
+            # a pre-packed copy would be private to each session: the window and refresh graphs of a range
+            # would each hold one again, next to the shared mapping
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        if self.share_weights:
+            # A memory pattern is planned per input shape and allocated as one new block at the second run of
+            # each canvas length (fresh pages: a slow first request); without it the arena's free chunks serve
+            # every length once warmup() has grown it. One arena for all sessions: their runs never overlap.
+            opts.enable_mem_pattern = False
+            shared_cpu_arena(ort)
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         opts.log_severity_level = 3
-        d = Path(engine_dir)
-        try:
-            self.sessions = {p.name: ort.InferenceSession(str(d / p.file), opts, providers=providers)
-                             for p in self.manifest.pieces}
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
-            raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
-        self.max_len = self.manifest.dims["seq_len"]["max"]
-        self.max_active = self.manifest.dims["active_len"]["max"]
+        return opts
+
+    def _session(self, piece: str, path: Path, threads: int | None, shared: SharedWeights | None):
+        opts = self._options(threads)
+        self.initializer_addresses[piece] = {}
+        if shared is not None:
+            # add_initializer (unlike add_external_initializers, which copies) makes the session use the
+            # OrtValue's memory as is: ONNX Runtime's way of sharing initializers between sessions
+            for name, value in zip(*shared.initializers(path)):
+                opts.add_initializer(name, value)
+                self.initializer_addresses[piece][name] = value.data_ptr()
+        session = self.ort.InferenceSession(str(path), opts, providers=self.providers)
+        session.shared_weights = shared  # the OrtValues point into these mappings: keep them while the session lives
+        return session
 
     def describe(self) -> str:
         return f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider').lower()}, {self.manifest.dtype})"
+
+    def warmup(self, max_len: int | None = None) -> None:
+        """Run every piece once at its largest shapes (canvas max_len, max_active query rows), so that the weights
+        are paged in and every session's arena has grown before the first request, not during it."""
+        n = max(2, min(max_len or self.max_len, self.max_len))
+        rows = np.arange(min(self.max_active, n), dtype=np.int64)
+        key_is_mask = np.zeros(n, dtype=bool)
+        ids = np.full(n, self.config.mask_token_id, dtype=np.int64)
+        self.begin(n)
+        self.embed(ids)
+        for r in range(len(self.ranges)):
+            self.refresh(r, rows, key_is_mask)
+        self.head(rows)
+        self.embed(ids[rows], rows)
+        for r in range(len(self.ranges)):
+            self.window(r, rows, rows, rows, key_is_mask)
+        self.head(rows)
+        self.begin(2)  # drop the warm-up caches
 
     # ---- running one piece with IOBinding ----------------------------------------------------------------------
     def _run(self, piece: str, inputs: dict[str, np.ndarray], bound_outputs: dict[str, np.ndarray],
