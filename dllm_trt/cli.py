@@ -129,7 +129,9 @@ def cmd_generate(a) -> None:
               f"prompt (--gen-length to choose)", file=sys.stderr)
     result = Decoder(backend, policy, schedule, detokenize=tok.decode).generate(prompt_ids)
     if a.json:
-        print(json.dumps(result.to_dict()))
+        from .runtime.memory import peak_rss_bytes
+
+        print(json.dumps(result.to_dict() | {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": backend.weight_bytes}))
         return
     print(result.text)
     extra = f", refresh fraction {result.refresh_fraction:.3f}" if policy.name == "elastic" else ""

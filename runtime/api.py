@@ -50,6 +50,14 @@ class Engine:
             raise ModelError(f"{path}: no manifest.json; export it first (dllm-trt export) or use backend='torch'")
         return cls(be, TextTokenizer(path), path.name)
 
+    def warmup(self) -> None:
+        """Pay one-off costs (paging weights in, growing arenas) now instead of on the first request."""
+        self.backend.warmup(self.max_positions)
+
+    @property
+    def weight_bytes(self) -> int | None:
+        return self.backend.weight_bytes
+
     def encode(self, prompt: str | list[dict]) -> list[int]:
         return self.tokenizer.encode_prompt(prompt, chat=isinstance(prompt, list))
 

@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from .api import Cancelled, Engine, OptionError, PromptTooLong
 from .config import ModelError
+from .memory import peak_rss_bytes
 
 DEFAULT_MAX_BODY = 1 << 20
 log = logging.getLogger("dllm_trt.server")
@@ -207,7 +208,8 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": engine.name, "backend": engine.backend.describe(),
-                "active_requests": state["active"]}
+                "active_requests": state["active"], "weight_bytes": engine.weight_bytes,
+                "peak_rss_bytes": peak_rss_bytes()}
 
     @app.get("/v1/models")
     async def models():
@@ -348,5 +350,6 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: 
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    engine.warmup()  # before /health answers: the first request must not pay for it
     # uvicorn's graceful shutdown lets in-flight requests finish before the process exits
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=300)

@@ -150,9 +150,12 @@ def test_malformed_requests(server, path, body, status, message):
     assert post(server[0], "/v1/chat/completions", GOOD)[0] == 200
 
 
-def test_health(server):
+def test_health(server, engines):
     with urllib.request.urlopen(server[0] + "/health", timeout=5) as r:
-        assert json.loads(r.read())["status"] == "ok"
+        health = json.loads(r.read())
+    assert health["status"] == "ok"
+    data = sum(f.stat().st_size for f in engines.glob("*.onnx.data"))
+    assert 0 < health["weight_bytes"] <= data and health["peak_rss_bytes"] > health["weight_bytes"]
 
 
 def test_full_queue_answers_503(engines):

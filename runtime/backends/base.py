@@ -39,6 +39,7 @@ class Backend:
     """Subclasses implement the underscored methods; the public ones are what the decoder calls."""
 
     name = "base"
+    weight_bytes: int | None = None   # the weights held in memory, each stored tensor counted once (when known)
     one_sync_per_step = False   # the decoder batches window passes and reads statistics once per step
     config: ModelConfig
     ranges: list[tuple[int, int]]
@@ -84,6 +85,9 @@ class Backend:
         targets = np.asarray(targets, dtype=np.int64)
         rows = targets if self._rows is None else rows_of(self._rows, targets)
         return self._head(rows)
+
+    def warmup(self, max_len: int | None = None) -> None:
+        """Do at load what the first request at canvas length max_len would otherwise pay for (a no-op here)."""
 
     def fetch(self, stats: list[RangeStats]) -> list[RangeStats]:
         """The statistics as host numpy arrays, moved in one transfer where they live on a device."""
