@@ -24,6 +24,7 @@ class BackendError(Exception):
 class RangeStats:
     colsum: np.ndarray               # [layers_in_range, N] float32, still-MASK keys zeroed
     drift: np.ndarray | None = None  # [layers_in_range, 2] float32 (window mode only): across heads, across keys
+    pending: int | None = None       # a backend that runs a whole step at once: this range's stats come at fetch
 
 
 def rows_of(positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:
