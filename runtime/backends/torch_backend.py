@@ -20,6 +20,7 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 class TorchBackend(Backend):
     name = "torch"
+    MAX_CANVASES = 8  # padded mode: canvas lengths whose buffers (and programs) are kept
 
     def __init__(self, model_dir, layers_per_range: int = 1, device: str | None = None, dtype: str = "fp32",
                  buckets: bool = False, graphs: bool = False, fast: bool | None = None):
@@ -88,7 +89,7 @@ class TorchBackend(Backend):
         self.captures = 0             # CUDA graphs captured (0 on CPU)
         self.last_shape = None        # the StepShape of the latest window step
         self._pool = self.torch.cuda.graph_pool_handle() if self.graphs else None
-        self._n_allocated = None
+        self._canvases: dict = {}     # canvas length -> its caches and boundaries (padded mode)
 
     def describe(self) -> str:
         extra = ", graphs" if self.graphs else ", buckets" if self.bucketed else ""
@@ -200,21 +201,28 @@ class TorchBackend(Backend):
     # Caches hold one extra "scratch" slot (index n) that no real row attends to; pad query rows live there.
 
     def _allocate_padded(self, n: int) -> None:
+        """Buffers per canvas length, kept for the next generations of that length (their programs hold the
+        buffers' addresses); the least recently used length is dropped beyond MAX_CANVASES."""
         c, t = self.config, self.torch
-        if self._n_allocated != n:  # programs hold the addresses of these buffers: rebuild them with the caches
-            self.programs.clear()
+        buffers = self._canvases.pop(n, None)
+        if buffers is None:
             shape = (c.n_heads, n + 1, c.head_dim)
-            self.k = [t.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
-            self.v = [t.zeros_like(x) for x in self.k]
-            self.q = [t.zeros_like(x) for x in self.k]
-            self.boundary = [t.zeros((n + 1, c.d_model), dtype=self.dtype, device=self.device)
-                             for _ in range(len(self.ranges) + 1)]
-            self.positions = t.arange(n, device=self.device)
-            self.key_valid = t.arange(n + 1, device=self.device) < n
-            self._n_allocated = n
-        else:  # a new generation on the same canvas length: same addresses, fresh contents
-            for x in [*self.k, *self.v, *self.q, *self.boundary]:
+            k = [t.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
+            buffers = dict(k=k, v=[t.zeros_like(x) for x in k], q=[t.zeros_like(x) for x in k],
+                           boundary=[t.zeros((n + 1, c.d_model), dtype=self.dtype, device=self.device)
+                                     for _ in range(len(self.ranges) + 1)],
+                           positions=t.arange(n, device=self.device),
+                           key_valid=t.arange(n + 1, device=self.device) < n)
+        else:  # a new generation on a known canvas length: same addresses, fresh contents
+            for x in [*buffers["k"], *buffers["v"], *buffers["q"], *buffers["boundary"]]:
                 x.zero_()
+        self._canvases[n] = buffers
+        while len(self._canvases) > self.MAX_CANVASES:
+            old = next(iter(self._canvases))
+            del self._canvases[old]
+            self.programs = {key: p for key, p in self.programs.items() if _canvas_of(key) != old}
+        for name, value in buffers.items():
+            setattr(self, name, value)
         self._step_args = self._step_ids = None
 
     def _embed_padded(self, ids, positions):
@@ -362,6 +370,10 @@ class TorchBackend(Backend):
         self.captures += 1
         self._graphs = getattr(self, "_graphs", []) + [graph]  # the graphs must outlive their replays
         return graph.replay
+
+
+def _canvas_of(key) -> int:
+    return key.canvas if isinstance(key, bk.StepShape) else key[1]
 
 
 @dataclass
