@@ -106,3 +106,38 @@ def test_cuda_graphs_decode_like_cpu(tiny_dir, plain, prompts):
             a, b = generate(plain, opts, prompt), generate(graphed, opts, prompt)
             assert a.canvas_ids == b.canvas_ids, opts
     assert graphed.captures == sum(1 for p in graphed.programs.values() if p.replay is not None) > 0
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """tools/gpu_check.sh as a GPU session runs it (its own import shim, no install), on small CPU shapes: every
+    section must run without failing."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH="")
+    run = subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), "--device", "cpu", "--quick"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "failed" not in report, report
+    for header in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e)"):
+        assert header in report
+    assert "| 64 | window | 13 | graphs |" in report and "| elastic (next) | 1/1 | 1/1 | 1/1 |" in report
+
+
+def test_gpu_check_projection_arithmetic():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from gpu_check import PUBLISHED, project
+
+    measured = {"canvas": 1024, (1024, "window", "graphs"): 0.010, (1024, "refresh", "graphs"): 0.100,
+                (1024, "dual block", "graphs"): 0.020}
+    r = project(measured, dict(PUBLISHED, elastic_tpf=3.0, fastdllm_tpf=2.0, refresh_fraction=0.1, block=32))
+    assert set(r) == {"graphs"}
+    assert abs(r["graphs"]["elastic_step_ms"] - 20.0) < 1e-9 and abs(r["graphs"]["elastic_tps"] - 150.0) < 1e-9
+    # Fast-dLLM: a block of 32 tokens at 2 tokens/step takes 16 steps, sharing one full refresh (100 ms)
+    assert abs(r["graphs"]["fastdllm_step_ms"] - 26.25) < 1e-9 and abs(r["graphs"]["fastdllm_tps"] - 2 / 0.02625) < 1e-9

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import buckets as bk
 from ..config import layer_ranges
-from .base import Backend, BackendError, RangeStats
+from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -167,21 +167,10 @@ class TorchBackend(Backend):
             self._finish_step()
             stats = [self._step_stats[st.pending] if st.pending is not None else st for st in stats]
         on_device = [st for st in stats if isinstance(st.colsum, self.torch.Tensor)]
-        parts = [t for st in on_device for t in (st.colsum, st.drift) if t is not None]
-        if not parts:
+        if not on_device:
             return stats
-        flat = self.torch.cat([t.reshape(-1).float() for t in parts]).cpu().numpy()
-        at = 0
-
-        def take(t):
-            nonlocal at
-            if t is None:
-                return None
-            n = t.numel()
-            at += n
-            return flat[at - n: at].reshape(tuple(t.shape))
-
-        host = {id(st): RangeStats(colsum=take(st.colsum), drift=take(st.drift)) for st in on_device}
+        flat = self.torch.cat([t.reshape(-1).float() for t in stat_tensors(on_device)]).cpu().numpy()
+        host = dict(zip(map(id, on_device), split_stats(on_device, flat)))
         return [host.get(id(st), st) for st in stats]
 
     def head(self, targets):
