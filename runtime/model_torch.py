@@ -77,6 +77,13 @@ def key_axis_cosine(a: torch.Tensor, b: torch.Tensor, row_valid=None) -> torch.T
     return masked_mean(cosine(a, b, -1), None if row_valid is None else row_valid[None, :])
 
 
+def sdpa(q, k, v, allowed=None):
+    """scaled_dot_product_attention on [H, S, hd] tensors, given a batch dimension (the fused CUDA kernels want
+    4-D inputs); allowed [Sk] bool marks the keys every query may attend to."""
+    mask = None if allowed is None else allowed[None, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
@@ -205,8 +212,7 @@ class LayerRange(nn.Module):
         allowed = ~stale if query_valid is None else torch.cat([~stale, query_valid])
         if query_valid is None:
             allowed = torch.cat([allowed, torch.ones(q.shape[-2], dtype=torch.bool, device=q.device)])
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2), attn_mask=allowed[None, None, :])
+        return sdpa(q, torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2), allowed)
 
     def refresh(self, hidden, position_ids, window_rows, key_is_mask, window_valid=None):
         """Recompute every position of the range. hidden [N, D] is the full range input; window_rows are canvas
@@ -216,7 +222,7 @@ class LayerRange(nn.Module):
         for block in self.blocks:
             q, k, v = block.qkv(hidden, position_ids, self.inv_freq)
             if self.fast:
-                ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                ctx = sdpa(q, k, v)
                 window_probs = torch.softmax(self.scores(q.index_select(1, window_rows), k), dim=-1)
             else:
                 probs = torch.softmax(self.scores(q, k), dim=-1)
