@@ -36,8 +36,11 @@ def rope(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) ->
     return (xf * emb.cos() + rotated * emb.sin()).to(x.dtype)
 
 
-def masked_colsum(probs_rows: torch.Tensor, key_is_mask: torch.Tensor) -> torch.Tensor:
-    """Attention received by each key position, summed over heads and rows; still-MASK keys get 0. -> [N]."""
+def masked_colsum(probs_rows: torch.Tensor, key_is_mask: torch.Tensor, row_valid=None) -> torch.Tensor:
+    """Attention received by each key position, summed over heads and rows; still-MASK keys get 0. -> [N].
+    row_valid [R] (optional) leaves pad rows out of the sum."""
+    if row_valid is not None:
+        probs_rows = torch.where(row_valid[None, :, None], probs_rows, torch.zeros_like(probs_rows))
     score = probs_rows.sum(dim=(0, 1))
     return torch.where(key_is_mask, torch.zeros_like(score), score)
 
@@ -51,14 +54,34 @@ def cosine(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return (a * b).sum(dim) / (norm_a * norm_b)
 
 
-def head_axis_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, valid) -> torch.Tensor:
+    """Mean of x over the entries where `valid` (broadcast to x) holds; plain mean when valid is None."""
+    if valid is None:
+        return x.mean()
+    valid = valid.expand(x.shape)
+    return torch.where(valid, x, torch.zeros_like(x)).sum() / valid.sum()
+
+
+def head_axis_cosine(a: torch.Tensor, b: torch.Tensor, row_valid=None, key_valid=None) -> torch.Tensor:
     """Mean over (row, key) of the cosine between a[:, row, key] and b[:, row, key] taken across heads."""
-    return cosine(a, b, 0).mean()
+    if row_valid is None and key_valid is None:
+        return cosine(a, b, 0).mean()
+    rows = torch.ones(a.shape[1], dtype=torch.bool, device=a.device) if row_valid is None else row_valid
+    keys = torch.ones(a.shape[2], dtype=torch.bool, device=a.device) if key_valid is None else key_valid
+    return masked_mean(cosine(a, b, 0), rows[:, None] & keys[None, :])
 
 
-def key_axis_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over (head, row) of the cosine between two attention rows taken across key positions (paper formula)."""
-    return cosine(a, b, -1).mean()
+def key_axis_cosine(a: torch.Tensor, b: torch.Tensor, row_valid=None) -> torch.Tensor:
+    """Mean over (head, row) of the cosine between two attention rows taken across key positions (paper formula).
+    Pad keys hold zero attention on both sides, so they need no mask here."""
+    return masked_mean(cosine(a, b, -1), None if row_valid is None else row_valid[None, :])
+
+
+def sdpa(q, k, v, allowed=None):
+    """scaled_dot_product_attention on [H, S, hd] tensors, given a batch dimension (the fused CUDA kernels want
+    4-D inputs); allowed [Sk] bool marks the keys every query may attend to."""
+    mask = None if allowed is None else allowed[None, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
 
 class Block(nn.Module):
@@ -73,6 +96,15 @@ class Block(nn.Module):
         self.ff_proj, self.up_proj = nn.Linear(d, f, **kw), nn.Linear(d, f, **kw)
         self.ff_out = nn.Linear(f, d, **kw)
         self.n_heads, self.head_dim, self.eps = cfg.n_heads, cfg.head_dim, cfg.rms_norm_eps
+        self.qkv_weight = None  # set by fuse_qkv(): one [3D, D] projection instead of three
+
+    def fuse_qkv(self) -> None:
+        """Replace the three projections by one (fewer, larger matmuls). Only after loading weights; the exported
+        graphs keep the three separate projections."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        self.qkv_weight = nn.Parameter(w, requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def qkv(self, h: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor):
         x = rms_norm(h, self.attn_norm, self.eps)
@@ -80,9 +112,11 @@ class Block(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:  # [..., S, D] -> [..., H, S, hd]
             return t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(-3, -2)
 
-        q = rope(heads(self.q_proj(x)), position_ids, inv_freq)
-        k = rope(heads(self.k_proj(x)), position_ids, inv_freq)
-        return q, k, heads(self.v_proj(x))
+        if self.qkv_weight is not None:
+            q, k, v = torch.nn.functional.linear(x, self.qkv_weight).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return rope(heads(q), position_ids, inv_freq), rope(heads(k), position_ids, inv_freq), heads(v)
 
     def finish(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """Output projection, residual and SwiGLU MLP. ctx: [..., H, S, hd]."""
@@ -101,6 +135,7 @@ class LayerRange(nn.Module):
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.fast = False  # see make_fast()
 
     @property
     def n(self) -> int:
@@ -109,7 +144,8 @@ class LayerRange(nn.Module):
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
 
-    def window(self, hidden, position_ids, track_rows, window_rows, key_is_mask, *caches):
+    def window(self, hidden, position_ids, track_rows, window_rows, key_is_mask, *caches,
+               query_valid=None, key_valid=None, track_valid=None, window_valid=None):
         """Recompute only the query rows; read every other key from the cache.
 
         hidden [Sq, D] (range input for the query rows), position_ids [Sq] (their canvas slots), track_rows [T]
@@ -119,45 +155,92 @@ class LayerRange(nn.Module):
         Returns hidden_out [Sq, D], then per layer: new_key, new_value, new_query [H, Sq, hd], drift [2] (float32:
         the similarity across heads as the reference code computes it, and across keys as the paper writes it),
         attn_colsum [N] (float32).
+
+        Optional validity masks (not exported; None = every row is real) make padded, fixed-shape steps exact:
+        query_valid [Sq] (pad query rows are attended by no row), key_valid [N] (pad cache slots are attended by
+        no row), track_valid [T] and window_valid [W] (pad rows are left out of the drift means and column sums).
         """
         n_keys = key_is_mask.shape[0]
         # slot_of_row[i, p] = 1 where query row i lives in canvas slot p: maps new-key columns onto canvas columns.
         slot_of_row = (position_ids[:, None] == torch.arange(n_keys, device=hidden.device)[None, :]).float()
-        stale_bias = torch.where(slot_of_row.sum(0) > 0, float("-inf"), 0.0)
+        stale = slot_of_row.sum(0) > 0
+        if key_valid is not None:
+            stale = stale | ~key_valid
+        stale_bias = torch.where(stale, float("-inf"), 0.0)
+        new_bias = None if query_valid is None else torch.where(query_valid, 0.0, float("-inf"))
+        old_bias = None if key_valid is None else torch.where(key_valid, 0.0, float("-inf"))
         outputs = []
         for i, block in enumerate(self.blocks):
             past_k, past_v, track_q = caches[3 * i], caches[3 * i + 1], caches[3 * i + 2]
             q, k, v = block.qkv(hidden, position_ids, self.inv_freq)
-            s_past = self.scores(q, past_k) + stale_bias
-            s_new = self.scores(q, k)
-            probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1)
-            p_past, p_new = probs[..., :n_keys], probs[..., n_keys:]
-            ctx = torch.matmul(p_past.to(v.dtype), past_v) + torch.matmul(p_new.to(v.dtype), v)
+            if self.fast:
+                ctx = self._fused_context(q, k, v, past_k, past_v, stale, query_valid)
+                rows = torch.cat([track_rows, window_rows])
+                p_past, p_new = self._probs(q.index_select(1, rows), k, past_k, stale_bias, new_bias)
+                t = track_rows.shape[0]
+                p_track, p_window = (p_past[:, :t], p_new[:, :t]), (p_past[:, t:], p_new[:, t:])
+            else:
+                p_past, p_new = self._probs(q, k, past_k, stale_bias, new_bias)
+                ctx = torch.matmul(p_past.to(v.dtype), past_v) + torch.matmul(p_new.to(v.dtype), v)
+                p_track = (p_past.index_select(1, track_rows), p_new.index_select(1, track_rows))
+                p_window = (p_past.index_select(1, window_rows), p_new.index_select(1, window_rows))
 
-            def aligned(rows: torch.Tensor) -> torch.Tensor:  # attention of some query rows over canvas slots
-                return p_past.index_select(1, rows) + torch.matmul(p_new.index_select(1, rows), slot_of_row)
+            def aligned(pair) -> torch.Tensor:  # attention of some query rows over canvas slots
+                return pair[0] + torch.matmul(pair[1], slot_of_row)
 
-            colsum = masked_colsum(aligned(window_rows), key_is_mask)
-            old = torch.softmax(self.scores(track_q, past_k), dim=-1)
-            new = aligned(track_rows)
-            drift = torch.stack([head_axis_cosine(old, new), key_axis_cosine(old, new)])
+            colsum = masked_colsum(aligned(p_window), key_is_mask, window_valid)
+            old_scores = self.scores(track_q, past_k)
+            old = torch.softmax(old_scores if old_bias is None else old_scores + old_bias, dim=-1)
+            new = aligned(p_track)
+            drift = torch.stack([head_axis_cosine(old, new, track_valid, key_valid),
+                                 key_axis_cosine(old, new, track_valid)])
             hidden = block.finish(hidden, ctx)
             outputs += [k, v, q, drift, colsum]
         return (hidden, *outputs)
 
-    def refresh(self, hidden, position_ids, window_rows, key_is_mask):
+    def _probs(self, q, k, past_k, stale_bias, new_bias):
+        """float32 attention of query rows q over [cache slots, new keys], split into those two parts."""
+        s_new = self.scores(q, k)
+        if new_bias is not None:
+            s_new = s_new + new_bias
+        probs = torch.softmax(torch.cat([self.scores(q, past_k) + stale_bias, s_new], dim=-1), dim=-1)
+        n_keys = past_k.shape[-2]
+        return probs[..., :n_keys], probs[..., n_keys:]
+
+    def _fused_context(self, q, k, v, past_k, past_v, stale, query_valid):
+        """Attention context of every query row through scaled_dot_product_attention (no explicit probabilities)."""
+        allowed = ~stale if query_valid is None else torch.cat([~stale, query_valid])
+        if query_valid is None:
+            allowed = torch.cat([allowed, torch.ones(q.shape[-2], dtype=torch.bool, device=q.device)])
+        return sdpa(q, torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2), allowed)
+
+    def refresh(self, hidden, position_ids, window_rows, key_is_mask, window_valid=None):
         """Recompute every position of the range. hidden [N, D] is the full range input; window_rows are canvas
         slots of the decoding window. Returns hidden_out [N, D], then per layer: key, value, query [H, N, hd],
-        attn_colsum [N] (float32)."""
+        attn_colsum [N] (float32). window_valid [W] (optional, not exported) leaves pad window rows out."""
         outputs = []
         for block in self.blocks:
             q, k, v = block.qkv(hidden, position_ids, self.inv_freq)
-            probs = torch.softmax(self.scores(q, k), dim=-1)
-            ctx = torch.matmul(probs.to(v.dtype), v)
-            colsum = masked_colsum(probs.index_select(1, window_rows), key_is_mask)
+            if self.fast:
+                ctx = sdpa(q, k, v)
+                window_probs = torch.softmax(self.scores(q.index_select(1, window_rows), k), dim=-1)
+            else:
+                probs = torch.softmax(self.scores(q, k), dim=-1)
+                ctx = torch.matmul(probs.to(v.dtype), v)
+                window_probs = probs.index_select(1, window_rows)
+            colsum = masked_colsum(window_probs, key_is_mask, window_valid)
             hidden = block.finish(hidden, ctx)
             outputs += [k, v, q, colsum]
         return (hidden, *outputs)
+
+    def make_fast(self) -> "LayerRange":
+        """Fused QKV projection, attention context through scaled_dot_product_attention, and explicit
+        probabilities only for the rows the statistics need. For the torch backend; never for export."""
+        for block in self.blocks:
+            if block.qkv_weight is None:
+                block.fuse_qkv()
+        self.fast = True
+        return self
 
     def load(self, ckpt: Checkpoint) -> "LayerRange":
         weights = ckpt.read(layer_keys(self.first, self.last), dtype=self.dtype)

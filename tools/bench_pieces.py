@@ -31,16 +31,14 @@ def step_inputs(cfg, n: int, prompt_len: int, window: int, tracked: int):
 def refresh_step(backend, ids, key_is_mask, targets) -> None:
     """A full recompute: embed every slot, every range in refresh mode, head on the window."""
     backend.embed(ids)
-    for r in range(len(backend.ranges)):
-        backend.refresh(r, targets, key_is_mask)
+    backend.fetch([backend.refresh(r, targets, key_is_mask) for r in range(len(backend.ranges))])
     backend.head(targets)
 
 
 def window_step(backend, ids, key_is_mask, targets, queries, track) -> None:
     """An Elastic-Cache step without drift: embed the query rows, every range in window mode, head on the window."""
     backend.embed(ids[queries], queries)
-    for r in range(len(backend.ranges)):
-        backend.window(r, queries, track, targets, key_is_mask)
+    backend.fetch([backend.window(r, queries, track, targets, key_is_mask) for r in range(len(backend.ranges))])
     backend.head(targets)
 
 

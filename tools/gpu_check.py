@@ -1,20 +1,27 @@
-"""GPU checks in one run (for a lent GPU machine; see tools/gpu_check.sh):
+"""GPU checks in one run of at most ~8 minutes (for a lent GPU machine; see tools/gpu_check.sh). Needs only PyTorch:
 
-1. doctor, and whether TensorRT imports; when the installed flavour (TensorRT or TensorRT for RTX) supports this
-   GPU, its GPU tests (plans built, loaded and decoding token for token like ONNX Runtime);
-2. the torch backend on CUDA against the CPU reference on the bundled tiny model: token-identical generation for
-   every cache policy in fp32, and bf16 agreement on a full forward;
-3. timings of an LLaDA-8B-shaped model with random weights (32 layers, d_model 4096, bf16, prompt 256 + gen 256):
-   window-pass and refresh-pass latency per layer range, against the floor of reading the range's weights once at
-   the measured device copy bandwidth.
+(a) token-identical generation, torch backend on CUDA fp32 vs the CPU reference, every policy: eager, CUDA graphs
+    (reference attention), CUDA graphs + fast attention (fused QKV, scaled_dot_product_attention);
+(b) LLaDA-8B shape with random weights, bf16, canvases 512 and 1024: window step (all 32 ranges), refresh step and
+    Fast-dLLM dual-cache block step, eager and with CUDA graphs, each against the weight-read floor (measured copy
+    bandwidth) and the bf16 matmul floor (measured TFLOP/s of a large matmul);
+(c) the bundled model (models/arith): eval on 200 held-out problems with every baseline, torch backend on the GPU;
+(d) a projection of LLaDA-8B GSM8K-256 tokens/s from (b) and published tokens/step and refresh fractions
+    (docs/GPU.md explains the arithmetic);
+(e) the TensorRT GPU tests, when a TensorRT flavour is installed (last: skipped when time runs out).
 
-Writes a markdown report to the path given (default gpu_check.md).
+Every section reports its own failure and the report is rewritten after each one. `--device cpu --quick` runs the
+same code on small shapes (tests/test_gpu_check.py), to catch crashes before a GPU session.
+
+    python3 tools/gpu_check.py [OUT.md] [--device cuda|cpu] [--quick] [--budget SECONDS]
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -23,112 +30,232 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pieces import refresh_step, step_inputs, window_step  # noqa: E402
 
-
-def parity(lines: list[str], device: str = "cuda") -> None:
-    from dllm_trt.runtime.backends.torch_backend import TorchBackend
-    from dllm_trt.runtime.decoder import Decoder
-    from dllm_trt.runtime.policies import make_policy
-    from dllm_trt.runtime.schedule import BlockSchedule, WindowSchedule
-
-    model = REPO / "models" / "tiny"
-    cpu = TorchBackend(model, 2, "cpu", "fp32")
-    gpu = TorchBackend(model, 2, device, "fp32")
-    schedules = {"none": lambda: BlockSchedule(32, 16, steps=32), "prefix": lambda: BlockSchedule(32, 16, threshold=0.08),
-                 "dual": lambda: BlockSchedule(32, 16, threshold=0.08),
-                 "elastic": lambda: WindowSchedule(32, 8, threshold=0.08)}
-    rng = np.random.default_rng(7)
-    prompts = [rng.integers(32, 127, int(rng.integers(4, 20))).tolist() for _ in range(10)]
-    lines.append("\n## CUDA backend vs CPU reference (tiny model, fp32, 10 prompts)\n")
-    lines.append("| policy | identical generations |")
-    lines.append("|---|---|")
-    for name, sched in schedules.items():
-        same = sum(Decoder(cpu, make_policy(name), sched()).generate(p).canvas_ids ==
-                   Decoder(gpu, make_policy(name), sched()).generate(p).canvas_ids for p in prompts)
-        lines.append(f"| {name} | {same}/{len(prompts)} |")
-    bf16 = TorchBackend(model, 2, device, "bf16")
-    agree, diffs = 0, []
-    for p in prompts:
-        ids = np.array(p + [cpu.config.mask_token_id] * 16)
-        rows = np.arange(len(p), len(ids))
-        out = []
-        for b in (cpu, bf16):
-            b.begin(len(ids))
-            b.embed(ids)
-            for r in range(len(b.ranges)):
-                b.refresh(r, rows, ids == cpu.config.mask_token_id)
-            out.append(b.head(rows))
-        agree += int(np.sum(out[0][0] == out[1][0]))
-        diffs.append(float(np.max(np.abs(out[0][1] - out[1][1]))))
-    lines.append(f"\nbf16 on CUDA vs fp32 on CPU, one full forward: {agree}/{16 * len(prompts)} argmax tokens agree, "
-                 f"max |prob difference| {max(diffs):.3e}")
-
-
 LLADA_8B = dict(d_model=4096, n_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,
                 embedding_size=126464, mask_token_id=126336, eos_token_id=126081, max_sequence_length=4096,
                 rms_norm_eps=1e-5, rope_theta=500000.0)
+SMALL = dict(d_model=128, n_heads=4, n_layers=4, mlp_hidden_size=256, vocab_size=512, embedding_size=512,
+             mask_token_id=500, eos_token_id=501, max_sequence_length=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+# Published decoding statistics for LLaDA-8B-Instruct, GSM8K 5-shot, gen length 256 (../shared/research): the
+# Polestar re-measurement (A100-80GB, batch 1) and Elastic-Cache's reported refresh fraction at gamma 0.9.
+PUBLISHED = {"elastic_tpf": 2.93, "elastic_tps_a100": 55.01, "fastdllm_tpf": 2.72, "fastdllm_tps_a100": 47.88,
+             "refresh_fraction": 0.10, "block": 32, "gen": 256}
 
 
-def timings(lines: list[str], repeats: int = 10, shape: dict = LLADA_8B, device: str = "cuda",
-            copy_bytes: int = 2 << 30) -> None:
+class Check:
+    """Run state shared by the sections: device, size, deadline, the report lines and measured numbers."""
+
+    def __init__(self, out: Path, device: str, quick: bool, budget: float):
+        self.out, self.device, self.quick = out, device, quick
+        self.deadline = time.perf_counter() + budget
+        self.lines: list[str] = []
+        self.measured: dict = {}
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    def write(self) -> None:
+        self.out.write_text("\n".join(self.lines) + "\n")
+
+
+# ---- (a) parity ------------------------------------------------------------------------------------------------
+POLICIES = {"none": dict(cache="none", window=8, threshold=0.08), "prefix": dict(cache="prefix", threshold=0.08),
+            "dual": dict(cache="dual", threshold=0.08),
+            "elastic (rerun)": dict(cache="elastic", window=8, threshold=0.08, gamma=0.95),
+            "elastic (next)": dict(cache="elastic", window=8, threshold=0.08, gamma=0.95, refresh_alignment="next")}
+
+
+def generate(backend, options: dict, prompt, gen: int = 32):
+    from dllm_trt.runtime.decoder import Decoder
+    from dllm_trt.runtime.options import DecodeOptions, build
+
+    schedule, policy = build(DecodeOptions(**options), gen)
+    return Decoder(backend, policy, schedule).generate(prompt)
+
+
+def parity(ck: Check) -> None:
+    from dllm_trt.runtime.backends.torch_backend import TorchBackend
+
+    model = REPO / "models" / "tiny"
+    cpu = TorchBackend(model, 2, "cpu", "fp32")
+    variants = {"eager": TorchBackend(model, 2, ck.device, "fp32"),
+                "graphs": TorchBackend(model, 2, ck.device, "fp32", graphs=True, fast=False),
+                "graphs + fast attention": TorchBackend(model, 2, ck.device, "fp32", graphs=True, fast=True)}
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(32, 127, int(rng.integers(4, 20))).tolist() for _ in range(1 if ck.quick else 10)]
+    ck.lines += [f"\n## (a) torch backend on {ck.device} vs the CPU reference (tiny model, fp32, {len(prompts)} "
+                 "prompts, gen 32): identical generations\n",
+                 "| policy | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for name, options in POLICIES.items():
+        want = [generate(cpu, options, p).canvas_ids for p in prompts]
+        same = [sum(generate(be, options, p).canvas_ids == w for p, w in zip(prompts, want))
+                for be in variants.values()]
+        ck.lines.append(f"| {name} | " + " | ".join(f"{s}/{len(prompts)}" for s in same) + " |")
+    g = variants["graphs"]
+    ck.lines.append(f"\ngraphs: {g.captures} CUDA graphs captured, {len(g.programs)} fixed-shape programs "
+                    f"({sum(p.runs for p in g.programs.values())} runs)")
+
+
+# ---- (b) LLaDA-8B-shape timings ----------------------------------------------------------------------------------
+def measure_floors(ck: Check, dtype) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, matmul FLOP/s) measured on this device."""
+    import torch
+
+    def rate(fn, reps):
+        fn()
+        ck.sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        ck.sync()
+        return (time.perf_counter() - t0) / reps
+
+    size = (64 << 20) if ck.quick else (2 << 30)
+    x = torch.empty(size, dtype=torch.uint8, device=ck.device)
+    y = torch.empty_like(x)
+    bandwidth = 2 * size / rate(lambda: y.copy_(x), 10)
+    del x, y
+    m = 512 if ck.quick else 8192
+    a = torch.randn(m, m, dtype=dtype, device=ck.device)
+    b = torch.randn(m, m, dtype=dtype, device=ck.device)
+    flops = 2 * m ** 3 / rate(lambda: a @ b, 5 if ck.quick else 20)
+    return bandwidth, flops
+
+
+def step_cost(cfg, n: int, rows: int, window: int, layer_params: int) -> tuple[int, int]:
+    """(weight bytes read, matmul FLOPs) of a step computing `rows` query rows against n keys in every layer,
+    plus the head on `window` rows (bf16 weights)."""
+    head = cfg.vocab_size * cfg.d_model
+    weights = 2 * (cfg.n_layers * layer_params + head)
+    flops = 2 * rows * cfg.n_layers * layer_params + 4 * rows * n * cfg.d_model * cfg.n_layers + 2 * window * head
+    return weights, flops
+
+
+def timings(ck: Check) -> None:
     import torch
 
     from dllm_trt.runtime.backends.torch_backend import TorchBackend
     from dllm_trt.runtime.config import ModelConfig
 
-    cfg = ModelConfig(**shape)
-    prompt, gen, window, tracked = 256, 256, 16, 12
-    n = prompt + gen
-    be = TorchBackend.random(cfg, 1, device, "bf16")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    x = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync()
-    bandwidth = 10 * 2 * x.numel() / (time.perf_counter() - t0)  # bytes read + written per second
-    del x, y
-    layer_bytes = sum(p.numel() * p.element_size() for p in be.layers[0].parameters())
+    cfg = ModelConfig(**(SMALL if ck.quick else LLADA_8B))
+    dtype_name = "fp32" if ck.device == "cpu" else "bf16"
+    dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+    gen, window, tracked, block = (32, 8, 4, 8) if ck.quick else (256, 16, 12, 32)
+    canvases = [64] if ck.quick else [512, 1024]
+    repeats = 2 if ck.quick else 10
+    bandwidth, matmul = measure_floors(ck, dtype)
+    ck.lines += [f"\n## (b) {'small' if ck.quick else 'LLaDA-8B'} shape, random weights, {dtype_name}, torch backend "
+                 f"on {ck.device}\n",
+                 f"measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write), {dtype_name} matmul "
+                 f"{matmul / 1e12:.1f} TFLOP/s. Floors per step: weights read once at that bandwidth; the step's "
+                 "matmul FLOPs at that rate.\n",
+                 "| canvas | step | rows | mode | median ms | x weight-read floor | x matmul floor |",
+                 "|---|---|---|---|---|---|---|"]
+    ck.write()
+    for mode, options in (("eager", {}), ("graphs", dict(graphs=True, fast=True))):
+        be = TorchBackend.random(cfg, 1, ck.device, dtype_name, **options)
+        layer_params = sum(p.numel() for p in be.layers[0].parameters())
+        for n in canvases:
+            prompt = n - gen
+            ids, mask, targets, queries, track = step_inputs(cfg, n, prompt, window, tracked)
+            block_rows = np.arange(prompt, prompt + block)
+            steps = {"window": (lambda: window_step(be, ids, mask, targets, queries, track), len(queries), window),
+                     "refresh": (lambda: refresh_step(be, ids, mask, targets), n, window),
+                     "dual block": (lambda: window_step(be, ids, mask, block_rows, block_rows, block_rows[:0]),
+                                    block, block)}
+            be.begin(n)
+            refresh_step(be, ids, mask, targets)
+            for name, (fn, rows, heads) in steps.items():
+                if ck.left() < 60:
+                    ck.lines.append(f"| {n} | {name} | {rows} | {mode} | skipped: time budget | | |")
+                    continue
+                fn()  # first call: programs built / graphs captured
+                times = []
+                for _ in range(repeats):
+                    ck.sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    ck.sync()
+                    times.append(time.perf_counter() - t0)
+                t = statistics.median(times)
+                weights, flops = step_cost(cfg, n, rows, heads, layer_params)
+                floor_w, floor_f = weights / (bandwidth / 2), flops / matmul  # copy bandwidth counts 2 bytes/byte
+                ck.measured[(n, name, mode)] = t
+                ck.lines.append(f"| {n} | {name} | {rows} | {mode} | {t * 1e3:.2f} | {t / floor_w:.1f}x | "
+                                f"{t / floor_f:.1f}x |")
+                ck.write()
+        del be
+        if ck.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    ck.measured["canvas"] = canvases[-1]
 
-    ids, mask, targets, queries, track = step_inputs(cfg, n, prompt, window, tracked)
 
-    def timed(fn):
-        times = []
-        for _ in range(repeats):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+# ---- (c) the bundled model ---------------------------------------------------------------------------------------
+def arith_eval(ck: Check) -> None:
+    from dllm_trt.evaluate.harness import evaluate, load_problems, standard_configs, table
+    from dllm_trt.runtime.backends.torch_backend import TorchBackend
+    from dllm_trt.runtime.tokenizer import TextTokenizer
 
-    be.begin(n)
-    refresh_step(be, ids, mask, targets)
-    refresh_layer = timed(lambda: be.refresh(len(be.ranges) // 2, targets, mask))
-    be.embed(ids[queries], queries)
-    window_layer = timed(lambda: (be.embed(ids[queries], queries), be.window(0, queries, track, targets, mask)))
-    step_refresh = timed(lambda: refresh_step(be, ids, mask, targets))
-    step_window = timed(lambda: window_step(be, ids, mask, targets, queries, track))
-    floor_layer = layer_bytes / bandwidth
-    lines.append(f"\n## LLaDA-8B shape, random weights, bf16, torch backend on CUDA "
-                 f"(canvas {n} = prompt {prompt} + gen {gen}; window pass = {len(queries)} query rows)\n")
-    lines.append(f"device copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write); one layer's weights "
-                 f"{layer_bytes / 2**20:.0f} MiB -> weight-read floor {floor_layer * 1e3:.3f} ms per layer, "
-                 f"{cfg.n_layers * floor_layer * 1e3:.2f} ms for {cfg.n_layers} layers\n")
-    lines.append("| measurement | median ms | multiple of weight-read floor |")
-    lines.append("|---|---|---|")
-    for name, t, floor in (("refresh pass, one layer range (1 layer, all 512 rows)", refresh_layer, floor_layer),
-                           ("window pass, one layer range (1 layer, query rows only; incl. embed)", window_layer,
-                            floor_layer),
-                           ("full refresh step (embed + all ranges + head)", step_refresh, cfg.n_layers * floor_layer),
-                           ("full window step (embed + all ranges + head)", step_window, cfg.n_layers * floor_layer)):
-        lines.append(f"| {name} | {t * 1e3:.2f} | {t / floor:.1f}x |")
+    model = REPO / "models" / "arith"
+    limit, gen = (2, 16) if ck.quick else (200, 128)
+    problems = load_problems(str(REPO / "data" / "arith_heldout.jsonl"), limit)
+    tok = TextTokenizer(model)
+    runs = [("CUDA graphs + fast attention", dict(graphs=True), True), ("eager", {}, False)]
+    for label, options, llada in runs[:1] if ck.quick else runs:
+        if ck.left() < 90:
+            ck.lines.append(f"\n(c) {label}: skipped, time budget")
+            continue
+        backend = TorchBackend(model, 1, ck.device, "fp32", **options)
+        configs = standard_configs(["elastic"], llada_baseline=llada)
+        summaries = evaluate(backend, tok, problems, configs, gen, progress=False)
+        ck.lines += ["", table(summaries, f"## (c) models/arith, {len(problems)} held-out problems, gen {gen}, "
+                                          f"{backend.describe()}")]
+        ck.write()
 
 
-def tensorrt_tests(lines: list[str]) -> None:
+# ---- (d) projection ----------------------------------------------------------------------------------------------
+def project(measured: dict, published: dict = PUBLISHED) -> dict:
+    """LLaDA-8B GSM8K-256 tokens/s from measured step times (docs/GPU.md, "Projection"). Returns per mode the
+    projected tokens/s of Elastic-Cache and Fast-dLLM."""
+    n, out = measured["canvas"], {}
+    for mode in ("eager", "graphs"):
+        try:
+            window, refresh, blk = (measured[(n, s, mode)] for s in ("window", "refresh", "dual block"))
+        except KeyError:
+            continue
+        elastic_step = window + published["refresh_fraction"] * refresh
+        steps_per_block = published["block"] / published["fastdllm_tpf"]
+        fast_step = blk + refresh / steps_per_block  # Fast-dLLM refreshes the dual cache once per block
+        out[mode] = {"elastic_step_ms": elastic_step * 1e3, "elastic_tps": published["elastic_tpf"] / elastic_step,
+                     "fastdllm_step_ms": fast_step * 1e3, "fastdllm_tps": published["fastdllm_tpf"] / fast_step}
+    return out
+
+
+def projection(ck: Check) -> None:
+    if "canvas" not in ck.measured:
+        raise RuntimeError("no step times from (b) to project from")
+    rows = project(ck.measured)
+    p = PUBLISHED
+    ck.lines += [f"\n## (d) projected LLaDA-8B GSM8K-256 tokens/s (canvas {ck.measured['canvas']}, published "
+                 f"TPF {p['elastic_tpf']} Elastic-Cache / {p['fastdllm_tpf']} Fast-dLLM, refresh fraction "
+                 f"{p['refresh_fraction']}; see docs/GPU.md)\n",
+                 "| mode | Elastic-Cache ms/step | Elastic-Cache tok/s | Fast-dLLM ms/step | Fast-dLLM tok/s |",
+                 "|---|---|---|---|---|"]
+    for mode, r in rows.items():
+        ck.lines.append(f"| {mode} | {r['elastic_step_ms']:.2f} | {r['elastic_tps']:.1f} | "
+                        f"{r['fastdllm_step_ms']:.2f} | {r['fastdllm_tps']:.1f} |")
+    ck.lines.append(f"\npublished on one A100-80GB (Polestar re-measurement): Elastic-Cache {p['elastic_tps_a100']} "
+                    f"tok/s, Fast-dLLM {p['fastdllm_tps_a100']} tok/s")
+
+
+# ---- (e) TensorRT ------------------------------------------------------------------------------------------------
+def tensorrt_tests(ck: Check) -> None:
     """Run the TensorRT GPU tests of each installed flavour that supports this GPU (pytest, in a subprocess)."""
     import subprocess
 
@@ -137,47 +264,60 @@ def tensorrt_tests(lines: list[str]) -> None:
     from dllm_trt.runtime.backends.tensorrt_backend import installed_flavors
     from dllm_trt.runtime.trt_plans import FLAVOR_NAMES, gpu_support
 
+    ck.lines.append("\n## (e) TensorRT on this GPU\n")
+    if not installed_flavors() or not ck.device.startswith("cuda"):
+        ck.lines.append("no TensorRT flavour installed (or no GPU): nothing to run")
+        return
     major, minor = torch.cuda.get_device_capability()
     tests = {"rtx": ["tests/test_tensorrt_rtx.py"],
              "tensorrt": ["tests/test_tensorrt_logic.py::test_tensorrt_build_and_generate"]}
-    lines.append("\n## TensorRT on this GPU\n")
-    if not installed_flavors():
-        lines.append("no TensorRT flavour installed: nothing to run")
     for flavor in installed_flavors():
         ok, advice = gpu_support(flavor, f"{major}.{minor}")
         if not ok:
-            lines.append(f"{FLAVOR_NAMES[flavor]}: skipped ({advice})")
+            ck.lines.append(f"{FLAVOR_NAMES[flavor]}: skipped ({advice})")
             continue
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *tests[flavor]], cwd=REPO,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, timeout=max(ck.left(), 1))
         tail = "\n".join(run.stdout.strip().splitlines()[-15:])
-        lines.append(f"{FLAVOR_NAMES[flavor]}: pytest exit {run.returncode}\n\n```\n{tail}\n```")
+        ck.lines.append(f"{FLAVOR_NAMES[flavor]}: pytest exit {run.returncode}\n\n```\n{tail}\n```")
 
 
-def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check.md")
+SECTIONS = (parity, timings, arith_eval, projection, tensorrt_tests)
+
+
+def main(argv: list[str] | None = None) -> Check:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default="gpu_check.md")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="small shapes and few problems (for CPU smoke tests)")
+    ap.add_argument("--budget", type=float, default=450.0, help="seconds; later sections are skipped past it")
+    a = ap.parse_args(argv)
     import torch
 
-    from dllm_trt.runtime.doctor import report
-
-    lines = ["# GPU check", "", "```", *report(), "```"]
+    torch.set_grad_enabled(False)
+    ck = Check(Path(a.out), a.device, a.quick, a.budget)
+    ck.lines = ["# GPU check", ""]
     try:
-        import tensorrt  # noqa: F401
+        from dllm_trt.runtime.doctor import report
 
-        lines.append("\nTensorRT imports: yes")
-    except ImportError as e:
-        lines.append(f"\nTensorRT imports: no ({e})")
-    if not torch.cuda.is_available():
-        lines.append("\nno CUDA device: nothing else to check")
-    else:
-        for section in (tensorrt_tests, parity, timings):
-            try:
-                section(lines)
-            except Exception as e:  # report and go on: one failing section must not lose the others
-                lines.append(f"\n{section.__name__} failed: {type(e).__name__}: {e}")
-            out.write_text("\n".join(lines) + "\n")
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        ck.lines += ["```", *report(), "```"]
+    except Exception as e:
+        ck.lines.append(f"doctor failed: {type(e).__name__}: {e}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ck.lines.append("\nno CUDA device: nothing else to check")
+        ck.write()
+        return ck
+    for section in SECTIONS:
+        t0 = time.perf_counter()
+        try:
+            section(ck)
+        except Exception as e:  # report and go on: one failing section must not lose the others
+            tail = "".join(traceback.format_exception(e)[-3:])
+            ck.lines.append(f"\n{section.__name__} failed: {type(e).__name__}: {e}\n\n```\n{tail}```")
+        ck.lines.append(f"\n({section.__name__}: {time.perf_counter() - t0:.0f} s)")
+        ck.write()
+    print("\n".join(ck.lines))
+    return ck
 
 
 if __name__ == "__main__":

@@ -24,6 +24,28 @@ class BackendError(Exception):
 class RangeStats:
     colsum: np.ndarray               # [layers_in_range, N] float32, still-MASK keys zeroed
     drift: np.ndarray | None = None  # [layers_in_range, 2] float32 (window mode only): across heads, across keys
+    pending: int | None = None       # a backend that runs a whole step at once: this range's stats come at fetch
+
+
+def stat_tensors(stats: list[RangeStats]) -> list:
+    """The statistics tensors of a step in the order split_stats expects them (drift omitted where absent)."""
+    return [t for st in stats for t in (st.colsum, st.drift) if t is not None]
+
+
+def split_stats(stats: list[RangeStats], flat: np.ndarray) -> list[RangeStats]:
+    """Host RangeStats cut from `flat`, the concatenation of stat_tensors(stats) flattened (one device copy)."""
+    out, at = [], 0
+    for st in stats:
+        parts = []
+        for t in (st.colsum, st.drift):
+            if t is None:
+                parts.append(None)
+                continue
+            n = int(np.prod(t.shape))
+            parts.append(flat[at: at + n].reshape(tuple(t.shape)))
+            at += n
+        out.append(RangeStats(colsum=parts[0], drift=parts[1]))
+    return out
 
 
 def rows_of(positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:

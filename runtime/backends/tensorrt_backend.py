@@ -27,7 +27,7 @@ from ..manifest import load_manifest, range_name
 from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_precision, choose_flavor,
                          dim_ranges, find_built, gpu_support, plan_dir, profile_for,
                          read_record, rtx_targets, stale_pieces, write_record)
-from .base import Backend, BackendError, RangeStats
+from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
 
@@ -208,7 +208,12 @@ def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None):
 
 
 class TensorRTBackend(Backend):
+    """Step structure (docs/CONTRACT.md, "Step order"): every window engine is enqueued back to back on one
+    stream, the statistics stay on the device until `fetch` copies all of them to pinned host memory and waits
+    on one event, then refresh engines run from the first drifting range."""
+
     name = "tensorrt"
+    one_sync_per_step = True
 
     def __init__(self, engine_dir, precision: str | None = None, flavor: str = "auto"):
         torch, gpu_name, device_cc = cuda_device()
@@ -249,6 +254,7 @@ class TensorRTBackend(Backend):
         self.stream = torch.cuda.current_stream()  # torch's copies and TensorRT's kernels share one stream, in order
         scratch = max(e.device_memory_size_v2 for e in self.engines.values())
         self.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)  # shared: pieces run in turn
+        self._stat_host, self._stat_event = None, torch.cuda.Event()
 
     def _runtime_config(self, engine, cache_path: Path, strategy):
         """An RTX runtime config for one context; the first call opens the shared runtime cache, loaded from
@@ -336,9 +342,8 @@ class TensorRTBackend(Backend):
             self.q[L].index_copy_(1, pos, outputs[f"new_queries.{L}"])
         self.boundary[r + 1].index_copy_(0, pos, outputs["hidden_states_out"])
         self.current = outputs["hidden_states_out"]
-        host = self._host([outputs[f"drift.{L}"] for L in range(a, b)] +
-                          [outputs[f"attn_colsum.{L}"] for L in range(a, b)])
-        return RangeStats(colsum=np.stack(host[b - a:]), drift=np.stack(host[: b - a]))
+        return RangeStats(colsum=self.torch.stack([outputs[f"attn_colsum.{L}"] for L in range(a, b)]),
+                          drift=self.torch.stack([outputs[f"drift.{L}"] for L in range(a, b)]))
 
     def _refresh(self, r, window_positions, key_is_mask):
         a, b = self.ranges[r]
@@ -351,7 +356,21 @@ class TensorRTBackend(Backend):
                   {"hidden_states": self.boundary[r], "position_ids": self.positions,
                    "window_positions": self._t(window_positions), "key_is_mask": self._t(key_is_mask)}, outputs)
         self.current = self.boundary[r + 1]
-        return RangeStats(colsum=np.stack(self._host([outputs[f"attn_colsum.{L}"] for L in range(a, b)])))
+        return RangeStats(colsum=self.torch.stack([outputs[f"attn_colsum.{L}"] for L in range(a, b)]))
+
+    def fetch(self, stats):
+        """All statistics of a step (device tensors) in one copy to pinned host memory and one event wait."""
+        parts = stat_tensors(stats)
+        if not parts:
+            return stats
+        flat = self.torch.cat([t.reshape(-1).float() for t in parts])
+        if self._stat_host is None or self._stat_host.numel() < flat.numel():
+            self._stat_host = self.torch.empty(flat.numel(), dtype=self.torch.float32, pin_memory=True)
+        host = self._stat_host[: flat.numel()]
+        host.copy_(flat, non_blocking=True)
+        self._stat_event.record(self.stream)
+        self._stat_event.synchronize()
+        return split_stats(stats, host.numpy().copy())
 
     def _head(self, rows):
         n = len(rows)
