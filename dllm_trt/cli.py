@@ -53,6 +53,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--engine-cache", default="engines", help="where --model exports are cached (default engines/)")
     b.add_argument("--device", help="torch backend device: cpu or cuda (default cuda when present, else cpu)")
     b.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | bf16 | fp16")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="torch backend: bucketed fixed-shape steps replayed as CUDA graphs (not yet run on a GPU)")
 
 
 def flag_error(e: OptionError) -> UsageError:
@@ -83,7 +85,7 @@ def open_backend(a):
     if getattr(a, "engines", None):
         return open_engines(a.engines, a.backend), Path(a.engines)
     if a.backend == "torch":
-        return open_checkpoint(a.model, a.layers_per_range, a.device, a.dtype), Path(a.model)
+        return open_checkpoint(a.model, a.layers_per_range, a.device, a.dtype, a.cuda_graphs), Path(a.model)
     from .runtime.config import layer_ranges, load_config
 
     try:

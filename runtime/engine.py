@@ -41,11 +41,13 @@ def _may_have_plans(engines) -> bool:
 
 
 def open_checkpoint(model: str | Path, layers_per_range: int = 1, device: str | None = None,
-                    dtype: str = "fp32") -> Backend:
+                    dtype: str = "fp32", graphs: bool = False) -> Backend:
+    """The torch backend on a checkpoint; graphs=True: fixed-shape (bucketed) steps replayed as CUDA graphs on a
+    GPU (the same padded programs run eagerly on a CPU)."""
     from .backends.torch_backend import TorchBackend
 
     try:
-        return TorchBackend(model, layers_per_range, device, dtype)
+        return TorchBackend(model, layers_per_range, device, dtype, graphs=graphs)
     except ValueError as e:
         raise ModelError(str(e)) from None
 

@@ -90,3 +90,14 @@ def test_special_token_text_in_a_prompt_is_text(tiny_engines, capsys):
     main(["generate", "--engines", str(tiny_engines), "--prompt", "x" * len(text), "--chat", "--gen-length", "8",
           "--json"])
     assert chat == json.loads(capsys.readouterr().out)["prompt_tokens"]
+
+
+def test_cuda_graphs_flag_decodes_the_same_tokens(tiny_dir, capsys):
+    """--cuda-graphs runs bucketed fixed-shape steps (eagerly on a CPU): same tokens as the plain torch backend."""
+    args = ["generate", "--model", str(tiny_dir), "--backend", "torch", "--prompt", "Hello", "--gen-length", "24",
+            "--json", "--threshold", "0.08"]
+    main(args)
+    plain = json.loads(capsys.readouterr().out)
+    main(args + ["--cuda-graphs"])
+    graphs = json.loads(capsys.readouterr().out)
+    assert graphs["token_ids"] == plain["token_ids"] and "buckets" in graphs["backend"]
