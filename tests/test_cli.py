@@ -22,7 +22,8 @@ def run_cli(args, capsys):
 
 
 def test_generate_json(tiny_dir, capsys, cache):
-    main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--gen-length", "16", "--json", *cache])
+    main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--gen-length", "16", "--json",
+          "--layers-per-range", "4", *cache])
     out = json.loads(capsys.readouterr().out)
     for key in ("text", "token_ids", "steps", "tokens", "seconds", "tokens_per_second", "refresh_fraction",
                 "finish_reason", "peak_rss_bytes", "weight_bytes"):

@@ -9,17 +9,14 @@ import sys
 import onnx
 import pytest
 
-from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime import manifest as manifest_module
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import load_manifest, onnx_external_locations, sha256_file
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("manifest") / "eng"
-    export_model(tiny_dir, out, layers_per_range=4, max_len=48, max_active=16, quiet=True)
-    return out
+def engines(tiny_engines):
+    return tiny_engines
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +60,7 @@ def test_external_locations_match_onnx(engines):
     (lambda m: m["pieces"][0].pop("sha256"), r"pieces\[0\] has no 'sha256'"),
     (lambda m: m["pieces"][1].update(data_size="12"), r"pieces\[1\].data_size must be int"),
     (lambda m: m["pieces"].pop(1), r"pieces do not match the model and layer ranges"),
-    (lambda m: m["pieces"][1]["inputs"][0].update(name="x"), r"first difference: layers_00_04.window"),
+    (lambda m: m["pieces"][1]["inputs"][0].update(name="x"), r"first difference: layers_00_02.window"),
     (lambda m: m["model"].update(d_model="64"), r"key 'd_model' must be a positive integer"),
     (lambda m: m["model"].update(n_heads=0), r"key 'n_heads' must be a positive integer"),
     (lambda m: m["model"].update(end_token_ids=[999]), r"end_token_ids \[999\] must start with eos_token_id"),
@@ -162,8 +159,8 @@ def scribble(path):
 
 
 def test_overwritten_data_file_is_refused(eng):
-    scribble(eng / "layers_00_04.window.onnx.data")
-    with pytest.raises(ModelError, match=r"layers_00_04.window.onnx.data: weights do not match manifest.json "
+    scribble(eng / "layers_00_02.window.onnx.data")
+    with pytest.raises(ModelError, match=r"layers_00_02.window.onnx.data: weights do not match manifest.json "
                                          r"\(sha256 differs"):
         load_manifest(eng)
 
@@ -178,14 +175,15 @@ def count_hashes(monkeypatch):
 def test_verified_data_files_are_remembered(eng, cache_dir, monkeypatch):
     calls = count_hashes(monkeypatch)
     load_manifest(eng)
-    assert sorted(calls) == ["embed.onnx.data", "head.onnx.data", "layers_00_04.window.onnx.data"]
+    assert sorted(calls) == ["embed.onnx.data", "head.onnx.data", "layers_00_02.window.onnx.data",
+                            "layers_02_04.window.onnx.data"]
     assert (cache_dir / "verified.json").is_file()
     monkeypatch.setattr(manifest_module, "_IN_MEMORY", {})  # as a new process would: only the cache file
     calls.clear()
     load_manifest(eng)
     assert calls == []
     load_manifest(eng, verify_data=True)  # dllm-trt check: always
-    assert len(calls) == 3
+    assert len(calls) == 4
     calls.clear()
     data = eng / "head.onnx.data"
     st = data.stat()

@@ -19,10 +19,8 @@ TINY = Path(__file__).resolve().parent.parent / "models" / "tiny"
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mem") / "tiny"
-    export_model(TINY, out, layers_per_range=2, max_len=64, max_active=32, quiet=True)
-    return out
+def engines(tiny_engines):
+    return tiny_engines
 
 
 def generate(backend, prompts, gen=24):
