@@ -88,10 +88,14 @@ def open_backend(a):
         return open_checkpoint(a.model, a.layers_per_range, a.device, a.dtype, a.cuda_graphs), Path(a.model)
     from .runtime.config import layer_ranges, load_config
 
+    cfg = load_config(a.model)
     try:
-        layer_ranges(load_config(a.model).n_layers, a.layers_per_range)
+        layer_ranges(cfg.n_layers, a.layers_per_range)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if getattr(a, "gen_length", None) is not None and a.gen_length >= cfg.max_sequence_length:  # before exporting
+        raise UsageError(f"--gen-length {a.gen_length} exceeds the {cfg.max_sequence_length} positions available "
+                         f"(prompt included)")
     engines = export_cache_dir(a.model, a.engine_cache, layers_per_range=a.layers_per_range)
     if not (engines / "manifest.json").is_file():
         try:
