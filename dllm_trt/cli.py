@@ -116,6 +116,11 @@ def cmd_generate(a) -> None:
     if not a.prompt or not a.prompt.strip():
         raise UsageError("--prompt is empty")
     opts = decode_options(a)
+    if opts.gen_length is not None:  # schedule errors (e.g. blocks that do not divide it) before any export
+        try:
+            build(opts, opts.gen_length)
+        except OptionError as e:
+            raise flag_error(e) from None
     backend, source_dir = open_backend(a)
     tok = TextTokenizer(source_dir)
     try:
