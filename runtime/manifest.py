@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import protobuf
 from .config import ModelConfig, ModelError, config_from_manifest, is_int, read_json
 from .paths import inside
 
@@ -377,47 +378,12 @@ def _walk(buf: memoryview, kind: str, out: list[str], depth: int) -> None:
     if depth > 64:
         raise ValueError("graphs nested too deeply")
     entry = {}
-    for field, value in _length_delimited(buf):
-        if kind == "entry" and field in (1, 2):
-            entry[field] = bytes(value).decode("utf-8")
-        elif field in _ONNX_FIELDS[kind]:
-            _walk(value, _ONNX_FIELDS[kind][field], out, depth + 1)
+    for number, wire, value in protobuf.fields(buf):
+        if wire != 2:  # only strings and sub-messages lead to a location
+            continue
+        if kind == "entry" and number in (1, 2):
+            entry[number] = bytes(value).decode("utf-8")
+        elif number in _ONNX_FIELDS[kind]:
+            _walk(value, _ONNX_FIELDS[kind][number], out, depth + 1)
     if kind == "entry" and entry.get(1) == "location":
         out.append(entry.get(2, ""))
-
-
-def _length_delimited(buf: memoryview):
-    """(field number, bytes) of each length-delimited field of one protobuf message; other fields are skipped."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            if i + size > n:
-                raise ValueError("truncated field")
-            yield key >> 3, buf[i:i + size]
-            i += size
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if i > n:
-            raise ValueError("truncated field")
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("malformed varint")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import protobuf
+
 # ONNX TensorProto.DataType -> numpy dtype of the same item size (bf16 and the float8 types have no numpy dtype:
 # their bytes are viewed as unsigned integers and the OrtValue is tagged with the ONNX type instead).
 ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
@@ -62,45 +64,14 @@ class ExternalTensor:
     length: int
 
 
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf: memoryview):
-    """(field number, wire type, value) of one message; length-delimited values are sub-views."""
-    i, end = 0, len(buf)
-    while i < end:
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, wire, value
-
-
 def _tensor(buf: memoryview) -> ExternalTensor | None:
     name, data_type, dims, external, location = "", 0, [], {}, 0
-    for field, wire, value in _fields(buf):
+    for field, wire, value in protobuf.fields(buf):
         if field == 1:      # dims: repeated int64, packed or not
             if wire == 2:
                 j = 0
                 while j < len(value):
-                    d, j = _varint(value, j)
+                    d, j = protobuf.varint(value, j)
                     dims.append(d)
             else:
                 dims.append(value)
@@ -109,7 +80,7 @@ def _tensor(buf: memoryview) -> ExternalTensor | None:
         elif field == 8:
             name = bytes(value).decode()
         elif field == 13:   # StringStringEntryProto {key = 1, value = 2}
-            entry = {f: bytes(v).decode() for f, _, v in _fields(value)}
+            entry = {f: bytes(v).decode() for f, _, v in protobuf.fields(value)}
             external[entry.get(1, "")] = entry.get(2, "")
         elif field == 14:
             location = value
@@ -123,9 +94,9 @@ def external_initializers(onnx_path: str | Path) -> list[ExternalTensor]:
     """The main graph's initializers stored in external data files (ModelProto.graph = 7, initializer = 5)."""
     buf = memoryview(Path(onnx_path).read_bytes())
     out = []
-    for field, _, graph in _fields(buf):
+    for field, _, graph in protobuf.fields(buf):
         if field == 7:
-            for f, _, t in _fields(graph):
+            for f, _, t in protobuf.fields(graph):
                 if f == 5 and (tensor := _tensor(t)) is not None:
                     out.append(tensor)
     return out
