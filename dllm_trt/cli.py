@@ -53,6 +53,26 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--engine-cache", default="engines", help="where --model exports are cached (default engines/)")
     b.add_argument("--device", help="torch backend device: cpu or cuda (default cuda when present, else cpu)")
     b.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | bf16 | fp16")
+    add_threads_arg(b)
+
+
+def add_threads_arg(p) -> None:
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per piece (default: $DLLM_TRT_THREADS, else "
+                                                "the physical cores this process may use)")
+
+
+def apply_threads(a) -> None:
+    """--threads reaches every ONNX Runtime session this process opens, the server's included, through the
+    environment variable the backend reads."""
+    if getattr(a, "threads", None) is None:
+        return
+    if a.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {a.threads}")
+    import os
+
+    from .runtime.backends.onnxruntime_backend import THREADS_ENV
+
+    os.environ[THREADS_ENV] = str(a.threads)
 
 
 def flag_error(e: OptionError) -> UsageError:
@@ -321,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
+    add_threads_arg(sv)
     sv.add_argument("--max-queue", type=int, default=16, help="requests in progress before 503 (default 16)")
     sv.add_argument("--max-body", type=int, default=1 << 20,
                     help="largest request body in bytes; larger ones get 413 before being read (default 1 MiB)")
@@ -367,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "model", None) is None and getattr(args, "engines", None) is None:
         args.model = str(DEFAULT_MODEL)
     try:
+        apply_threads(args)
         args.func(args)
     except (UsageError, ModelError, BackendError) as e:
         fail(str(e))

@@ -17,11 +17,13 @@ from .onnx_export import QUANTIZED_KINDS, TORCH_DTYPES, _module_and_weights
 TOLERANCE = {"fp32": {"act": 2e-4, "stat": 2e-5}, "bf16": {"act": 6e-2, "stat": 2e-2},
              "fp16": {"act": 2e-2, "stat": 5e-3}}
 # Weight-only quantized pieces against the fp32 reference. Their error scales with the activations, so hidden
-# states, K/V/Q and attention column sums are compared relative to the reference's largest magnitude ("rel");
+# states, K/V/Q and attention column sums are compared as ||ort - torch|| / ||torch|| (L2 over the tensor, "rel");
 # drift (a cosine) and probabilities absolutely; argmax tokens as the fraction of rows that differ, since random
-# inputs give near-tied logits that any weight rounding may flip.
+# inputs give near-tied logits that any weight rounding may flip. The bounds hold for random Gaussian weights (the
+# worst case: the small test models reach 0.23 relative error at int4, the trained models/arith 0.09); a wrong
+# graph (say, an untransposed weight) is off by ~1. Accuracy loss on a task is eval's job, not check's.
 QUANT_TOLERANCE = {"int8": {"act": 3e-2, "colsum": 3e-2, "stat": 1e-2, "tokens": 0.25},
-                   "int4": {"act": 2e-1, "colsum": 2e-1, "stat": 5e-2, "tokens": 0.5}}
+                   "int4": {"act": 3e-1, "colsum": 3e-1, "stat": 5e-2, "tokens": 0.5}}
 STATS = ("drift.", "probs")
 
 
@@ -31,7 +33,7 @@ class Row:
     output: str
     max_abs: float
     tolerance: float
-    measure: str = "abs"      # abs: max |ort - torch|; rel: that / max |torch|; frac: fraction of rows that differ
+    measure: str = "abs"      # abs: max |ort - torch|; rel: ||ort - torch|| / ||torch||; frac: rows that differ
 
     @property
     def ok(self) -> bool:
@@ -115,9 +117,10 @@ def compare(piece: str, t, g: np.ndarray, w: np.ndarray, scheme: str) -> Row:
             return Row(piece, t.name, float(np.mean(g != w)) if g.size else 0.0, tol["tokens"], "frac")
         if t.name.startswith(STATS):
             return Row(piece, t.name, diff, tol["stat"])
-        scale = float(np.max(np.abs(w))) if w.size else 0.0
+        err = float(np.linalg.norm(g.astype(np.float64) - w.astype(np.float64)))
+        scale = float(np.linalg.norm(w.astype(np.float64)))
         kind = "colsum" if t.name.startswith("attn_colsum") else "act"
-        return Row(piece, t.name, diff / scale if scale else diff, tol[kind], "rel")
+        return Row(piece, t.name, err / scale if scale else err, tol[kind], "rel")
     if t.dtype == "int64":  # argmax tokens: must agree exactly
         return Row(piece, t.name, float(np.sum(g != w)), 0.0)
     kind = "stat" if t.dtype == "float32" and scheme != "fp32" else "act"

@@ -93,7 +93,8 @@ def quantize_model(model: onnx.ModelProto, scheme: str, block: int) -> onnx.Mode
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     weights_as_matmul(model)
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    for name in ("onnxruntime.quantization", "onnx_ir"):  # both log every rewritten node at INFO
+        logging.getLogger(name).setLevel(logging.ERROR)
     q = MatMulNBitsQuantizer(model, bits=SCHEMES[scheme], block_size=block, is_symmetric=SYMMETRIC,
                              accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",))
     q.process()

@@ -22,8 +22,45 @@ from ..memory import SharedWeights, distinct_external_bytes
 from .base import Backend, BackendError, RangeStats
 
 
+THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
 WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
 PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack only when each session has its own weights
+
+
+def physical_cores(cpus: set[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores among the CPUs this process may run on (its affinity mask): SMT siblings share one core's
+    execution units, and a second ONNX Runtime thread on a sibling mostly waits for the first. Cores are told
+    apart by (package, core id) from sysfs; where that cannot be read, every allowed CPU counts as a core."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            topo = sysfs / f"cpu{c}" / "topology"
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """CPUs a container's cgroup (v2) quota allows, rounded up; None without a quota."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads() -> int:
+    """$DLLM_TRT_THREADS, else the physical cores this process may use (capped by a cgroup CPU quota)."""
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise BackendError(f"{THREADS_ENV} must be a positive whole number, got {env!r}")
+        return int(env)
+    limit = cgroup_cpu_limit()
+    return min(physical_cores(), limit) if limit else physical_cores()
 
 
 def weight_mode(share_weights: bool | None, prepack: bool | None) -> tuple[bool, bool]:
@@ -69,6 +106,7 @@ class OnnxRuntimeBackend(Backend):
         if self.manifest.dtype != "fp32" and providers[0] == "CPUExecutionProvider":
             raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
                                f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
+        self.threads = threads or default_threads()
         self.share_weights, self.prepack = weight_mode(share_weights, prepack)
         if providers[0] != "CPUExecutionProvider":
             # a GPU session copies its initializers to the device anyway: leave loading to ONNX Runtime there
@@ -77,7 +115,7 @@ class OnnxRuntimeBackend(Backend):
         shared = SharedWeights(ort.OrtValue) if self.share_weights else None
         self.initializer_addresses: dict[str, dict[str, int]] = {}   # piece -> shared tensor -> buffer address
         try:
-            self.sessions = {p.name: self._session(p.name, d / p.file, threads, shared) for p in self.manifest.pieces}
+            self.sessions = {p.name: self._session(p.name, d / p.file, self.threads, shared) for p in self.manifest.pieces}
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
         self.shared = shared
@@ -90,7 +128,7 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         # Pieces run one after another, never concurrently: all cores for each, and no spinning threads left
         # behind by one session to fight the next one.
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -124,7 +162,9 @@ class OnnxRuntimeBackend(Backend):
         return session
 
     def describe(self) -> str:
-        return f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider').lower()}, {self.manifest.dtype})"
+        q = self.manifest.quantization
+        weights = f", {q['scheme']} weights" if q else ""
+        return f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider').lower()}, {self.manifest.dtype}{weights})"
 
     def warmup(self, max_len: int | None = None) -> None:
         """Run every piece once at its largest shapes (canvas max_len, max_active query rows), so that the weights
