@@ -107,7 +107,7 @@ def test_compare_fails_beyond_the_tolerance():
 
 def test_quantized_engine_runs_on_shared_weights(quantized, prompts):
     backend = OnnxRuntimeBackend(quantized["int4"], threads=1)
-    assert backend.share_weights and "int4 weights" in backend.describe()
+    assert backend.share_weights and backend.prepack and "int4 weights" in backend.describe()
     m = backend.manifest
     for a, b in m.layer_ranges:
         window = backend.initializer_addresses[f"layers_{a:02d}_{b:02d}.window"]
@@ -117,6 +117,13 @@ def test_quantized_engine_runs_on_shared_weights(quantized, prompts):
     runs = [Decoder(b, make_policy("elastic"), WindowSchedule(24, 8, 0.1)).generate(prompts[0])
             for b in (backend, OnnxRuntimeBackend(quantized["int4"], threads=1, share_weights=False))]
     assert runs[0].canvas_ids == runs[1].canvas_ids and runs[0].tokens > 0
+
+
+def test_quantized_engines_prepack_by_default_and_float_ones_do_not(quantized, monkeypatch):
+    """MatMulNBits without its packed weights takes a slow dequantizing path (and rounds differently)."""
+    monkeypatch.delenv("DLLM_TRT_ORT_PREPACK", raising=False)
+    assert OnnxRuntimeBackend(quantized["int8"], threads=1).prepack
+    assert not OnnxRuntimeBackend(quantized["fp32"], threads=1).prepack
 
 
 def test_manifest_with_a_bad_quantization_record_is_refused(quantized, tmp_path):

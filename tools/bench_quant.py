@@ -46,6 +46,46 @@ def export(model: Path, out: Path, scheme: str, block: int) -> float:
     return time.perf_counter() - t
 
 
+def write_wide_checkpoint(out: Path) -> Path:
+    """LLaDA-8B's widths with 2 layers, bf16 on disk (~2.9 GB)."""
+    import torch
+
+    from dllm_trt.export.checkpoint_writer import byte_tokenizer, random_weights, tiny_config, write_checkpoint
+    from dataclasses import replace
+
+    cfg = replace(tiny_config(n_layers=2, d_model=4096, n_heads=32, max_len=4096), mlp_hidden_size=12288,
+                  vocab_size=126464, embedding_size=126464)
+    return write_checkpoint(out, cfg, random_weights(cfg, 5, dtype=torch.bfloat16), byte_tokenizer(), shards=2)
+
+
+def wide_export(work: Path, scheme: str, block: int) -> dict:
+    """Export the 2-layer LLaDA-8B-width checkpoint (--max-len 512) under /usr/bin/time -v; project 32 layers."""
+    model = work / "wide-model"
+    if not (model / "config.json").is_file():
+        write_wide_checkpoint(model)
+    out = work / f"wide-{scheme}"
+    extra = [] if scheme == "fp32" else ["--quantize", scheme, "--quant-block", str(block)]
+    t = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "dllm_trt.cli", "export", "--model",
+                           str(model), "--out", str(out), "--max-len", "512", "--max-active", "64", *extra],
+                          capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - t
+    rss = next(int(line.split()[-1]) * 1024 for line in proc.stderr.splitlines() if "Maximum resident" in line)
+    from dllm_trt.runtime.manifest import load_manifest
+
+    m = load_manifest(out)
+    sizes = {p.name: (out / p.file).stat().st_size + p.data_size for p in m.pieces}
+    per_range = {n: v for n, v in sizes.items() if n.startswith("layers_")}
+    one_range = sum(per_range.values()) / len(m.layer_ranges)
+    full = sizes["embed"] + sizes["head"] + 32 * one_range
+    report = {"scheme": scheme, "seconds": round(seconds, 1), "peak_rss": rss, "sizes": sizes,
+              "projected_32_layers": full, "projected_32_layers_without_embed": full - sizes["embed"]}
+    print(f"wide {scheme}: export {seconds:.0f} s, peak RSS {rss / 2**30:.2f} GiB; " + ", ".join(
+        f"{n} {v / 2**20:.0f} MiB" for n, v in sizes.items()) + f"; 32 layers projected {full / 1e9:.2f} GB "
+        f"({(full - sizes['embed']) / 1e9:.2f} GB without the float embedding)", flush=True)
+    return report
+
+
 def cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -114,8 +154,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--prepack", choices=["default", "on", "off"], default="default")
     ap.add_argument("--out", help="also write the report as JSON here")
+    ap.add_argument("--wide", help="instead: export the 2-layer LLaDA-8B-width model with these schemes (e.g. "
+                                   "int4,fp32) and report time, peak RSS, sizes and the 32-layer projection")
     a = ap.parse_args()
     work = Path(a.work)
+    if a.wide:
+        report = [wide_export(work, s, a.block) for s in a.wide.split(",")]
+        if a.out:
+            Path(a.out).write_text(json.dumps(report, indent=2))
+        return
     model = work / "model"
     if not (model / "config.json").is_file():
         write_checkpoint(model)

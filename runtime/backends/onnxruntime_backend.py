@@ -8,6 +8,11 @@ given to each session that uses it, so a range's window and refresh sessions, th
 copies and processes serving the same folder share the pages. Pre-packing is off in that mode: it would make a
 private packed copy per session again (it costs the 25-row window pass about 14% more CPU time; the refresh pass
 about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
+Quantized engines (MatMulNBits) pre-pack by default even so: without its packed layout MatMulNBits falls back to
+dequantizing every weight on every call, 6-8x slower than fp32 (tools/bench_quant.py); the packed int4/int8 copies
+are private to each session, the mapped file pages stay shared.
+
+Threads: every session gets the physical cores this process may use (default_threads), never the logical ones.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from .base import Backend, BackendError, RangeStats
 
 THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
 WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
+LOAD_WORKERS = 4                       # sessions built at once at start-up (at most the physical cores)
 PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack only when each session has its own weights
 
 
@@ -63,14 +69,14 @@ def default_threads() -> int:
     return min(physical_cores(), limit) if limit else physical_cores()
 
 
-def weight_mode(share_weights: bool | None, prepack: bool | None) -> tuple[bool, bool]:
+def weight_mode(share_weights: bool | None, prepack: bool | None, quantized: bool = False) -> tuple[bool, bool]:
     if share_weights is None:
         mode = os.environ.get(WEIGHTS_ENV, "shared")
         if mode not in ("shared", "per-session"):
             raise BackendError(f"{WEIGHTS_ENV} must be 'shared' or 'per-session', got {mode!r}")
         share_weights = mode == "shared"
     if prepack is None:
-        prepack = os.environ.get(PREPACK_ENV, "0" if share_weights else "1") == "1"
+        prepack = os.environ.get(PREPACK_ENV, "0" if share_weights and not quantized else "1") == "1"
     return share_weights, prepack
 
 
@@ -107,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
                                f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
         self.threads = threads or default_threads()
-        self.share_weights, self.prepack = weight_mode(share_weights, prepack)
+        self.share_weights, self.prepack = weight_mode(share_weights, prepack, bool(self.manifest.quantization))
         if providers[0] != "CPUExecutionProvider":
             # a GPU session copies its initializers to the device anyway: leave loading to ONNX Runtime there
             self.share_weights, self.prepack = False, True
@@ -115,11 +121,12 @@ class OnnxRuntimeBackend(Backend):
         shared = SharedWeights(ort.OrtValue) if self.share_weights else None
         self.initializer_addresses: dict[str, dict[str, int]] = {}   # piece -> shared tensor -> buffer address
         try:
-            self.sessions = {p.name: self._session(p.name, d / p.file, self.threads, shared) for p in self.manifest.pieces}
+            self.sessions = self._sessions(d, shared)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
         self.shared = shared
-        self.weight_bytes = distinct_external_bytes(d / p.file for p in self.manifest.pieces)
+        self.weight_bytes = (shared.weight_bytes if shared is not None
+                             else distinct_external_bytes(d / p.file for p in self.manifest.pieces))
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.dims["active_len"]["max"]
 
@@ -148,8 +155,25 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3
         return opts
 
-    def _session(self, piece: str, path: Path, threads: int | None, shared: SharedWeights | None):
-        opts = self._options(threads)
+    def _sessions(self, d: Path, shared: SharedWeights | None) -> dict:
+        """Every piece's session. Options and shared initializers are prepared here (Python, in order); the
+        sessions are then built side by side, since ONNX Runtime releases the GIL while it loads and optimizes a
+        graph (start-up is mostly that: see tools/bench_startup.py)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pieces = self.manifest.pieces
+        opts = [self._session_options(p.name, d / p.file, shared) for p in pieces]
+
+        def build(i: int):
+            session = self.ort.InferenceSession(str(d / pieces[i].file), opts[i], providers=self.providers)
+            session.shared_weights = shared  # the OrtValues point into these mappings: keep them with the session
+            return session
+
+        with ThreadPoolExecutor(max(1, min(len(pieces), physical_cores(), LOAD_WORKERS))) as pool:
+            return dict(zip((p.name for p in pieces), pool.map(build, range(len(pieces)))))
+
+    def _session_options(self, piece: str, path: Path, shared: SharedWeights | None):
+        opts = self._options(self.threads)
         self.initializer_addresses[piece] = {}
         if shared is not None:
             # add_initializer (unlike add_external_initializers, which copies) makes the session use the
@@ -157,9 +181,7 @@ class OnnxRuntimeBackend(Backend):
             for name, value in zip(*shared.initializers(path)):
                 opts.add_initializer(name, value)
                 self.initializer_addresses[piece][name] = value.data_ptr()
-        session = self.ort.InferenceSession(str(path), opts, providers=self.providers)
-        session.shared_weights = shared  # the OrtValues point into these mappings: keep them while the session lives
-        return session
+        return opts
 
     def describe(self) -> str:
         q = self.manifest.quantization
