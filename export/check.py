@@ -11,7 +11,7 @@ import torch
 from dllm_trt.runtime.checkpoint import Checkpoint
 from dllm_trt.runtime.manifest import Manifest, PieceSpec, load_manifest
 
-from .onnx_export import QUANTIZED_KINDS, TORCH_DTYPES, _module_and_weights
+from .onnx_export import TORCH_DTYPES, _module_and_weights, quantized_kinds
 
 # max |ort - torch| allowed per output kind and activation dtype (probabilities and statistics are float32 always)
 TOLERANCE = {"fp32": {"act": 2e-4, "stat": 2e-5}, "bf16": {"act": 6e-2, "stat": 2e-2},
@@ -100,7 +100,7 @@ def check_engines(engine_dir: str | Path, model_dir: str | Path | None = None, s
         with torch.no_grad():
             want = module(*[a.to(dtype) if a.is_floating_point() else a for a in args])
         want = want if isinstance(want, tuple) else (want,)
-        quantized = scheme if scheme and spec.kind in QUANTIZED_KINDS else None
+        quantized = scheme if spec.kind in quantized_kinds(scheme) else None
         for t, g, w in zip(spec.outputs, got, want):
             w = w.float().numpy() if w.is_floating_point() else w.numpy()
             rows.append(compare(spec.name, t, g, w, quantized or m.dtype))

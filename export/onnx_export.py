@@ -25,7 +25,15 @@ from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, pi
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZED_KINDS = ("window", "refresh", "head")  # the embedding is a lookup: it stays float
+QUANTIZED_KINDS = ("window", "refresh", "head")  # and the embedding with int4 (see quantize.embedding_bits)
+
+
+def quantized_kinds(scheme: str | None) -> tuple[str, ...]:
+    if not scheme:
+        return ()
+    from .quantize import embedding_bits
+
+    return QUANTIZED_KINDS + (("embed",) if embedding_bits(scheme) else ())
 # Preferred example sizes for tracing (see example_sizes).
 EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_tokens": 11, "n_hidden": 19,
            "n_rows": 7}
@@ -131,11 +139,11 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
     if not (out / spec.data_file).is_file():  # exporter kept everything inline (tiny piece): nothing external
         spec.data_file = ""
     onnx.checker.check_model(str(path), full_check=True)
-    if quantize and spec.kind in QUANTIZED_KINDS:
+    if spec.kind in quantized_kinds(quantize):
         from .quantize import quantize_file
 
         spec.data_file = spec.data_file or f"{spec.name}.onnx.data"
-        quantize_file(path, spec.data_file, quantize, quant_block)
+        quantize_file(path, spec.data_file, quantize, quant_block, lookup=spec.kind == "embed")
         onnx.checker.check_model(str(path))
     spec.sha256 = sha256_file(path)
     if spec.data_file:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dllm_trt.cli import main
 from dllm_trt.export.check import QUANT_TOLERANCE, check_engines, compare
 from dllm_trt.export.onnx_export import export_model
-from dllm_trt.export.quantize import weights_as_matmul
+from dllm_trt.export.quantize import lookup_as_gather, quantize_model, weights_as_matmul
 from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.decoder import Decoder
@@ -57,6 +57,26 @@ def test_gemm_and_transposed_weights_become_matmul_on_k_by_n_weights():
     np.testing.assert_allclose(_run(model, x), before, rtol=1e-6, atol=1e-6)
 
 
+def test_embedding_lookup_becomes_gather_and_then_4_bit_rows():
+    table = np.random.default_rng(2).standard_normal((40, 64)).astype(np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["ids", "axes"], ["idx"]),
+             helper.make_node("GatherND", ["table", "idx"], ["y"], batch_dims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+                              [numpy_helper.from_array(table, "table"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    ids = np.array([3, 0, 39, 3], np.int64)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids})[0]
+    assert lookup_as_gather(model) == 1 and [n.op_type for n in model.graph.node] == ["Gather"]
+    np.testing.assert_array_equal(run(model), table[ids])
+    q = quantize_model(model, "int4", 32, lookup=True)
+    assert [n.op_type for n in q.graph.node] == ["GatherBlockQuantized"]
+    got = run(q)
+    assert 0 < np.linalg.norm(got - table[ids]) / np.linalg.norm(table[ids]) < 0.15
+
+
 def test_gemm_with_bias_or_scale_is_left_alone():
     model = _gemm_and_transpose_model()
     model.graph.node[0].attribute.append(helper.make_attribute("alpha", 2.0))
@@ -75,6 +95,7 @@ def test_quantized_export_records_the_scheme_and_shares_weights(quantized, schem
     for p in m.pieces:
         ops = {n.op_type for n in onnx.load(str(quantized[scheme] / p.file), load_external_data=False).graph.node}
         assert ("MatMulNBits" in ops) == (p.kind != "embed"), p.name
+        assert ("GatherBlockQuantized" in ops) == (p.kind == "embed" and scheme == "int4"), p.name
         assert not ops & {"Gemm"}
         if p.kind == "refresh":   # every weight is read from the window piece's data file
             assert p.shares_data_of == p.name.replace("refresh", "window") and not p.data_file
@@ -92,7 +113,10 @@ def test_check_passes_within_the_scheme_tolerances_and_sees_real_rounding(quanti
     assert all(r.measure == "rel" and r.tolerance == QUANT_TOLERANCE[scheme]["act"] for r in layer_rows)
     assert all(r.max_abs > 1e-4 for r in layer_rows)   # the weights really are rounded
     embed = [r for r in rows if r.piece == "embed"]
-    assert embed and all(r.measure == "abs" and r.tolerance == 2e-4 for r in embed)
+    if scheme == "int8":   # float embedding: fp32 tolerance
+        assert embed and all(r.measure == "abs" and r.tolerance == 2e-4 for r in embed)
+    else:                  # 4-bit embedding rows
+        assert embed and all(r.measure == "rel" and r.max_abs > 1e-4 for r in embed)
 
 
 def test_compare_fails_beyond_the_tolerance():
