@@ -34,6 +34,8 @@ def quantized_kinds(scheme: str | None) -> tuple[str, ...]:
     from .quantize import embedding_bits
 
     return QUANTIZED_KINDS + (("embed",) if embedding_bits(scheme) else ())
+
+
 # Preferred example sizes for tracing (see example_sizes).
 EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_tokens": 11, "n_hidden": 19,
            "n_rows": 7}

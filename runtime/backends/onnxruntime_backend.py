@@ -30,7 +30,8 @@ from .base import Backend, BackendError, RangeStats
 THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
 WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
 LOAD_WORKERS = 4                       # sessions built at once at start-up (at most the physical cores)
-PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack only when each session has its own weights
+PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack when sessions have their own weights or the
+                                       # engine is quantized
 
 
 def physical_cores(cpus: set[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
@@ -139,7 +140,7 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Basic rewrites only: the extended fusions (FusedMatMul, QuickGelu, ...) cost a quarter of the bundled
-        # model's session start-up and changed no step time measurably, fp32 or int4 (tools/bench_startup.py)
+        # model's session start-up and changed no step time measurably (bundled model; mid-size fp32 and int4)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
