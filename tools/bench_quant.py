@@ -82,7 +82,7 @@ def wide_export(work: Path, scheme: str, block: int) -> dict:
               "projected_32_layers": full, "projected_32_layers_without_embed": full - sizes["embed"]}
     print(f"wide {scheme}: export {seconds:.0f} s, peak RSS {rss / 2**30:.2f} GiB; " + ", ".join(
         f"{n} {v / 2**20:.0f} MiB" for n, v in sizes.items()) + f"; 32 layers projected {full / 1e9:.2f} GB "
-        f"({(full - sizes['embed']) / 1e9:.2f} GB without the float embedding)", flush=True)
+        f"({(full - sizes['embed']) / 1e9:.2f} GB without the embedding)", flush=True)
     return report
 
 
