@@ -55,6 +55,26 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | bf16 | fp16")
     b.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend: bucketed fixed-shape steps replayed as CUDA graphs (not yet run on a GPU)")
+    add_threads_arg(b)
+
+
+def add_threads_arg(p) -> None:
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per piece (default: $DLLM_TRT_THREADS, else "
+                                                "the physical cores this process may use)")
+
+
+def apply_threads(a) -> None:
+    """--threads reaches every ONNX Runtime session this process opens, the server's included, through the
+    environment variable the backend reads."""
+    if getattr(a, "threads", None) is None:
+        return
+    if a.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {a.threads}")
+    import os
+
+    from .runtime.backends.onnxruntime_backend import THREADS_ENV
+
+    os.environ[THREADS_ENV] = str(a.threads)
 
 
 def flag_error(e: OptionError) -> UsageError:
@@ -256,7 +276,7 @@ def cmd_export(a) -> None:
     from .export.onnx_export import export_model
 
     export_model(a.model, a.out, layers_per_range=a.layers_per_range, dtype=a.dtype, opset=a.opset,
-                 max_len=a.max_len, max_active=a.max_active)
+                 max_len=a.max_len, max_active=a.max_active, quantize=a.quantize, quant_block=a.quant_block)
 
 
 def cmd_check(a) -> None:
@@ -332,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
+    add_threads_arg(sv)
     sv.add_argument("--max-queue", type=int, default=16, help="requests in progress before 503 (default 16)")
     sv.add_argument("--max-body", type=int, default=1 << 20,
                     help="largest request body in bytes; larger ones get 413 before being read (default 1 MiB)")
@@ -346,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=20, choices=[20, 23])
     x.add_argument("--max-len", type=int, help="largest canvas (prompt + gen length); default: the model's maximum")
     x.add_argument("--max-active", type=int, default=256, help="largest number of query rows in a window pass")
+    x.add_argument("--quantize", choices=["int8", "int4"], help="weight-only block quantization of the layer and head "
+                   "matmuls (ONNX Runtime MatMulNBits; CPU); default: float weights")
+    x.add_argument("--quant-block", type=int, default=32, help="weights per quantization block (power of two >= 16)")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("check", help="compare every exported piece with the PyTorch reference")
@@ -375,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "model", None) is None and getattr(args, "engines", None) is None:
         args.model = str(DEFAULT_MODEL)
     try:
+        apply_threads(args)
         args.func(args)
     except (UsageError, ModelError, BackendError) as e:
         fail(str(e))

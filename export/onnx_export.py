@@ -18,6 +18,7 @@ import torch
 from torch.export import Dim
 from tqdm import tqdm
 
+from dllm_trt.runtime import buckets
 from dllm_trt.runtime.checkpoint import PREFIX, Checkpoint, layer_keys
 from dllm_trt.runtime.config import ModelError, layer_ranges
 from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, piece_specs, range_name,
@@ -25,6 +26,17 @@ from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, pi
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZED_KINDS = ("window", "refresh", "head")  # and the embedding with int4 (see quantize.embedding_bits)
+
+
+def quantized_kinds(scheme: str | None) -> tuple[str, ...]:
+    if not scheme:
+        return ()
+    from .quantize import embedding_bits
+
+    return QUANTIZED_KINDS + (("embed",) if embedding_bits(scheme) else ())
+
+
 # Preferred example sizes for tracing (see example_sizes).
 EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_tokens": 11, "n_hidden": 19,
            "n_rows": 7}
@@ -107,7 +119,8 @@ def _module_and_weights(spec: PieceSpec, ckpt: Checkpoint, dtype: torch.dtype):
     return module.eval(), weights
 
 
-def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset: int, dims: dict) -> None:
+def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset: int, dims: dict,
+                 quantize: str | None = None, quant_block: int = 32) -> None:
     tdtype = TORCH_DTYPES[dtype]
     module, weights = _module_and_weights(spec, ckpt, tdtype)
     shapes = _dynamic_shapes(spec, dims)
@@ -129,6 +142,12 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
     if not (out / spec.data_file).is_file():  # exporter kept everything inline (tiny piece): nothing external
         spec.data_file = ""
     onnx.checker.check_model(str(path), full_check=True)
+    if spec.kind in quantized_kinds(quantize):
+        from .quantize import quantize_file
+
+        spec.data_file = spec.data_file or f"{spec.name}.onnx.data"
+        quantize_file(path, spec.data_file, quantize, quant_block, lookup=spec.kind == "embed")
+        onnx.checker.check_model(str(path))
     spec.sha256 = sha256_file(path)
     if spec.data_file:
         spec.data_size = (out / spec.data_file).stat().st_size
@@ -162,7 +181,7 @@ def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
     (out / other.data_file).unlink()
     onnx.save_model(model, str(out / other.file), save_as_external_data=True, location=other.data_file,
                     size_threshold=1024)
-    onnx.checker.check_model(str(out / other.file), full_check=True)
+    onnx.checker.check_model(str(out / other.file), full_check=not _has_contrib_ops(model))
     other.sha256 = sha256_file(out / other.file)
     other.shares_data_of = owner.name
     if (out / other.data_file).is_file():
@@ -174,9 +193,19 @@ def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
 
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
                  opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False,
-                 shown_as: str | Path | None = None) -> Manifest:
+                 shown_as: str | Path | None = None, quantize: str | None = None, quant_block: int = 32) -> Manifest:
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
+    if quantize is not None:
+        from .quantize import QuantizeError, check_scheme
+
+        try:
+            check_scheme(quantize, quant_block)
+        except QuantizeError as e:
+            raise ModelError(str(e)) from None
+        if dtype != "fp32":
+            raise ModelError(f"--quantize needs --dtype fp32 (weight-only quantization for ONNX Runtime on CPU), "
+                             f"got --dtype {dtype}")
     if opset not in (20, 23):
         raise ModelError(f"opset must be 20 or 23, got {opset}")
     out = Path(out_dir)
@@ -202,7 +231,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     bar = tqdm(pieces, desc="export", unit="piece", disable=quiet, file=sys.stderr)
     for spec in bar:
         bar.set_postfix_str(spec.name)
-        _quietly(export_piece, spec, ckpt, out, dtype, opset, dims)
+        _quietly(export_piece, spec, ckpt, out, dtype, opset, dims, quantize, quant_block)
         if spec.kind == "refresh":  # exported right after the window piece of the same range
             share_weights(manifest_piece(pieces, f"{range_name(*spec.layers)}.window"), spec, out)
     tokenizer_files = []
@@ -212,14 +241,19 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
             tokenizer_files.append(name)
     manifest = Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, {
         "source": str(ckpt.dir.resolve()), "source_fingerprint": ckpt.fingerprint(), "layers_per_range": layers_per_range, "opset": opset,
-        "max_len": max_len, "max_active": max_active,
+        "max_len": max_len, "max_active": max_active, "buckets": buckets.manifest_entry(max_len, max_active),
         "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": _version("onnxscript")},
         "seconds": round(time.perf_counter() - t0, 1),
     }, out)
+    if quantize:
+        from .quantize import scheme_record
+
+        manifest.quantization = scheme_record(quantize, quant_block)
     manifest.save(out)
     if not quiet:
         total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)  # shared data counted once
-        print(f"exported {len(pieces)} pieces ({dtype}, opset {opset}, {len(ranges)} layer ranges) to {shown_as or out}: "
+        what = f"{dtype}, {quantize} weights (block {quant_block})" if quantize else dtype
+        print(f"exported {len(pieces)} pieces ({what}, opset {opset}, {len(ranges)} layer ranges) to {shown_as or out}: "
               f"{total / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return manifest
 
@@ -235,6 +269,11 @@ def check_out_dir(out: Path) -> None:
         raise ModelError(f"{out}: cannot create the output folder ({existing} is not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ModelError(f"{out}: cannot create the output folder ({existing} is not writable)")
+
+
+def _has_contrib_ops(model: onnx.ModelProto) -> bool:
+    """onnx's full check cannot infer shapes through ONNX Runtime's own ops (MatMulNBits)."""
+    return any(n.domain == "com.microsoft" for n in model.graph.node)
 
 
 def manifest_piece(pieces: list[PieceSpec], name: str) -> PieceSpec:

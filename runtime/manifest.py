@@ -20,6 +20,7 @@ FORMAT = "dllm-trt-manifest"
 FORMAT_VERSION = 1
 READ_BY_NAME = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+QUANT_SCHEMES = ("int8", "int4")   # weight-only, MatMulNBits; older manifests without "quantization" are float
 
 
 @dataclass
@@ -55,6 +56,9 @@ class Manifest:
     tokenizer_files: list[str] = field(default_factory=list)
     export: dict = field(default_factory=dict)
     directory: Path | None = None
+    # weight-only quantization of the window/refresh/head graphs ({} = float weights): scheme (int8 | int4),
+    # bits, block_size, symmetric, accuracy_level, op, tool and tool versions
+    quantization: dict = field(default_factory=dict)
 
     def piece(self, name: str) -> PieceSpec:
         for p in self.pieces:
@@ -68,7 +72,7 @@ class Manifest:
             "model": self.config.to_dict(), "dtype": self.dtype, "layer_ranges": self.layer_ranges,
             "dims": self.dims, "tokenizer_files": self.tokenizer_files, "export": self.export,
             "pieces": [asdict(p) for p in self.pieces],
-        }
+        } | ({"quantization": self.quantization} if self.quantization else {})
 
     def save(self, directory: Path) -> None:
         (Path(directory) / "manifest.json").write_text(json.dumps(self.to_json(), indent=2))
@@ -237,7 +241,11 @@ def _parse(raw: dict, path: Path, d: Path) -> Manifest:
     export = raw.get("export", {})
     if not isinstance(export, dict):
         raise bad("export must be an object")
-    return Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, export, d)
+    quantization = raw.get("quantization", {})
+    if not (isinstance(quantization, dict) and (not quantization or (
+            quantization.get("scheme") in QUANT_SCHEMES and is_int(quantization.get("block_size"))))):
+        raise bad(f"quantization must be {{}} or name a scheme ({', '.join(QUANT_SCHEMES)}) and a block_size")
+    return Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, export, d, quantization)
 
 
 def _is_ranges(ranges, n_layers: int) -> bool:

@@ -8,6 +8,11 @@ given to each session that uses it, so a range's window and refresh sessions, th
 copies and processes serving the same folder share the pages. Pre-packing is off in that mode: it would make a
 private packed copy per session again (it costs the 25-row window pass about 14% more CPU time; the refresh pass
 about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
+Quantized engines (MatMulNBits) pre-pack by default even so: without its packed layout MatMulNBits falls back to
+dequantizing every weight on every call, 6-8x slower than fp32 (tools/bench_quant.py); the packed int4/int8 copies
+are private to each session, the mapped file pages stay shared.
+
+Threads: every session gets the physical cores this process may use (default_threads), never the logical ones.
 """
 from __future__ import annotations
 
@@ -22,18 +27,57 @@ from ..memory import SharedWeights, distinct_external_bytes
 from .base import Backend, BackendError, RangeStats
 
 
+THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
 WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
-PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack only when each session has its own weights
+LOAD_WORKERS = 4                       # sessions built at once at start-up (at most the physical cores)
+PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack when sessions have their own weights or the
+                                       # engine is quantized
 
 
-def weight_mode(share_weights: bool | None, prepack: bool | None) -> tuple[bool, bool]:
+def physical_cores(cpus: set[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores among the CPUs this process may run on (its affinity mask): SMT siblings share one core's
+    execution units, and a second ONNX Runtime thread on a sibling mostly waits for the first. Cores are told
+    apart by (package, core id) from sysfs; where that cannot be read, every allowed CPU counts as a core."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            topo = sysfs / f"cpu{c}" / "topology"
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """CPUs a container's cgroup (v2) quota allows, rounded up; None without a quota."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads() -> int:
+    """$DLLM_TRT_THREADS, else the physical cores this process may use (capped by a cgroup CPU quota)."""
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise BackendError(f"{THREADS_ENV} must be a positive whole number, got {env!r}")
+        return int(env)
+    limit = cgroup_cpu_limit()
+    return min(physical_cores(), limit) if limit else physical_cores()
+
+
+def weight_mode(share_weights: bool | None, prepack: bool | None, quantized: bool = False) -> tuple[bool, bool]:
     if share_weights is None:
         mode = os.environ.get(WEIGHTS_ENV, "shared")
         if mode not in ("shared", "per-session"):
             raise BackendError(f"{WEIGHTS_ENV} must be 'shared' or 'per-session', got {mode!r}")
         share_weights = mode == "shared"
     if prepack is None:
-        prepack = os.environ.get(PREPACK_ENV, "0" if share_weights else "1") == "1"
+        prepack = os.environ.get(PREPACK_ENV, "0" if share_weights and not quantized else "1") == "1"
     return share_weights, prepack
 
 
@@ -69,7 +113,8 @@ class OnnxRuntimeBackend(Backend):
         if self.manifest.dtype != "fp32" and providers[0] == "CPUExecutionProvider":
             raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
                                f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
-        self.share_weights, self.prepack = weight_mode(share_weights, prepack)
+        self.threads = threads or default_threads()
+        self.share_weights, self.prepack = weight_mode(share_weights, prepack, bool(self.manifest.quantization))
         if providers[0] != "CPUExecutionProvider":
             # a GPU session copies its initializers to the device anyway: leave loading to ONNX Runtime there
             self.share_weights, self.prepack = False, True
@@ -77,11 +122,12 @@ class OnnxRuntimeBackend(Backend):
         shared = SharedWeights(ort.OrtValue) if self.share_weights else None
         self.initializer_addresses: dict[str, dict[str, int]] = {}   # piece -> shared tensor -> buffer address
         try:
-            self.sessions = {p.name: self._session(p.name, d / p.file, threads, shared) for p in self.manifest.pieces}
+            self.sessions = self._sessions(d, shared)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
         self.shared = shared
-        self.weight_bytes = distinct_external_bytes(d / p.file for p in self.manifest.pieces)
+        self.weight_bytes = (shared.weight_bytes if shared is not None
+                             else distinct_external_bytes(d / p.file for p in self.manifest.pieces))
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.dims["active_len"]["max"]
 
@@ -90,10 +136,12 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         # Pieces run one after another, never concurrently: all cores for each, and no spinning threads left
         # behind by one session to fight the next one.
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Basic rewrites only: the extended fusions (FusedMatMul, QuickGelu, ...) cost a quarter of the bundled
+        # model's session start-up and changed no step time measurably (bundled model; mid-size fp32 and int4)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not self.prepack:
@@ -110,8 +158,25 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3
         return opts
 
-    def _session(self, piece: str, path: Path, threads: int | None, shared: SharedWeights | None):
-        opts = self._options(threads)
+    def _sessions(self, d: Path, shared: SharedWeights | None) -> dict:
+        """Every piece's session. Options and shared initializers are prepared here (Python, in order); the
+        sessions are then built side by side, since ONNX Runtime releases the GIL while it loads and optimizes a
+        graph (start-up is mostly that: see tools/bench_startup.py)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pieces = self.manifest.pieces
+        opts = [self._session_options(p.name, d / p.file, shared) for p in pieces]
+
+        def build(i: int):
+            session = self.ort.InferenceSession(str(d / pieces[i].file), opts[i], providers=self.providers)
+            session.shared_weights = shared  # the OrtValues point into these mappings: keep them with the session
+            return session
+
+        with ThreadPoolExecutor(max(1, min(len(pieces), physical_cores(), LOAD_WORKERS))) as pool:
+            return dict(zip((p.name for p in pieces), pool.map(build, range(len(pieces)))))
+
+    def _session_options(self, piece: str, path: Path, shared: SharedWeights | None):
+        opts = self._options(self.threads)
         self.initializer_addresses[piece] = {}
         if shared is not None:
             # add_initializer (unlike add_external_initializers, which copies) makes the session use the
@@ -119,12 +184,12 @@ class OnnxRuntimeBackend(Backend):
             for name, value in zip(*shared.initializers(path)):
                 opts.add_initializer(name, value)
                 self.initializer_addresses[piece][name] = value.data_ptr()
-        session = self.ort.InferenceSession(str(path), opts, providers=self.providers)
-        session.shared_weights = shared  # the OrtValues point into these mappings: keep them while the session lives
-        return session
+        return opts
 
     def describe(self) -> str:
-        return f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider').lower()}, {self.manifest.dtype})"
+        q = self.manifest.quantization
+        weights = f", {q['scheme']} weights" if q else ""
+        return f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider').lower()}, {self.manifest.dtype}{weights})"
 
     def warmup(self, max_len: int | None = None) -> None:
         """Run every piece once at its largest shapes (canvas max_len, max_active query rows), so that the weights
