@@ -372,6 +372,9 @@ _ONNX_FIELDS = {
 }
 
 
+LOCATION = b"location"
+
+
 def onnx_external_locations(data: bytes, path: Path) -> list[str]:
     """The `location` of every external-data tensor in a serialised ONNX model."""
     out: list[str] = []
@@ -391,7 +394,9 @@ def _walk(buf: memoryview, kind: str, out: list[str], depth: int) -> None:
             continue
         if kind == "entry" and number in (1, 2):
             entry[number] = bytes(value).decode("utf-8")
-        elif number in _ONNX_FIELDS[kind]:
+        elif number in _ONNX_FIELDS[kind] and LOCATION in value.tobytes():
+            # a message holds a location entry only if its bytes spell the key (sub-messages are stored verbatim),
+            # so the many nodes without one are skipped unparsed
             _walk(value, _ONNX_FIELDS[kind][number], out, depth + 1)
     if kind == "entry" and entry.get(1) == "location":
         out.append(entry.get(2, ""))

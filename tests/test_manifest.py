@@ -49,6 +49,31 @@ def test_external_locations_match_onnx(engines):
         assert want and onnx_external_locations(f.read_bytes(), f) == want
 
 
+def test_external_locations_inside_nodes_and_subgraphs_are_found():
+    """External data may also sit in a Constant node's tensor or in a subgraph's initializer: the reader must see
+    those locations too (an independent walk with onnx says where they are)."""
+    from onnx import TensorProto, helper
+
+    def external(name, location):
+        t = helper.make_tensor(name, TensorProto.FLOAT, [1], [0.0])
+        t.ClearField("float_data")
+        t.data_location = TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=location)
+        return t
+
+    branch = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "branch", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                               initializer=[external("w", "in_subgraph.bin")])
+    nodes = [helper.make_node("Constant", [], ["c"], value=external("c", "in_constant.bin")),
+             helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+                              initializer=[external("init", "in_graph.bin")])
+    data = helper.make_model(graph).SerializeToString()
+    found = onnx_external_locations(data, "m.onnx")
+    assert sorted(found) == ["in_constant.bin", "in_graph.bin", "in_subgraph.bin", "in_subgraph.bin"]
+
+
 # ---- corrupt manifests: one line each --------------------------------------------------------------------------
 @pytest.mark.parametrize("change,message", [
     (lambda m: m["dims"].pop("seq_len"), r"dims must name exactly"),

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TOOLS = str(Path(__file__).resolve().parent)
 PROMPT = "A counter shows 36 . Each step adds 5 and keeps the last two digits . What does it show after 5 steps ?"
 MODES = ("per-session", "shared")
 
@@ -41,6 +42,12 @@ def export(model: Path, out: Path, max_len: int | None) -> Path:
         subprocess.run([sys.executable, "-m", "dllm_trt.cli", "export", "--model", str(model), "--out", str(out),
                         *extra], check=True)
     return out
+
+
+def with_tools(env: dict) -> dict:
+    """The environment of a child that imports tools/step_passes.py."""
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TOOLS, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def last_json(proc) -> dict:
@@ -125,26 +132,14 @@ def two_processes(engines: Path, mode: str) -> list[dict]:
 
 # ---- 3. first vs later refresh pass -------------------------------------------------------------------------------
 FIRST = """
-import json, resource, sys, time
-import numpy as np
+import json, sys, time
 from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from step_passes import cpu_seconds as cpu, refresh_pass
 b = OnnxRuntimeBackend(sys.argv[1])
 t = time.perf_counter()
 if sys.argv[2] == "1":
     b.warmup()
 warmup_s = time.perf_counter() - t
-
-def cpu():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-def refresh_pass(n):
-    key_is_mask = np.arange(n) >= n // 2
-    window = np.arange(n // 2, n // 2 + 16)
-    b.embed(np.arange(n) % b.config.vocab_size)
-    for r in range(len(b.ranges)):
-        b.refresh(r, window, key_is_mask)
-    b.head(window)
 
 out = {"warmup_s": round(warmup_s, 2)}
 for n in (int(x) for x in sys.argv[3].split(",")):
@@ -152,7 +147,7 @@ for n in (int(x) for x in sys.argv[3].split(",")):
     passes = []
     for _ in range(4):
         c, t = cpu(), time.perf_counter()
-        refresh_pass(n)
+        refresh_pass(b, n)
         passes.append([round(time.perf_counter() - t, 3), round(cpu() - c, 3)])
     out[n] = passes
 print(json.dumps(out))
@@ -160,7 +155,7 @@ print(json.dumps(out))
 
 
 def first_vs_later(engines: Path, mode: str, warm: bool, lengths: str) -> dict:
-    env = dict(os.environ, DLLM_TRT_ORT_WEIGHTS=mode)
+    env = with_tools(dict(os.environ, DLLM_TRT_ORT_WEIGHTS=mode))
     proc = subprocess.run([sys.executable, "-c", FIRST, str(engines), "1" if warm else "0", lengths], env=env,
                           capture_output=True, text=True, check=True)
     return last_json(proc)
@@ -168,53 +163,21 @@ def first_vs_later(engines: Path, mode: str, warm: bool, lengths: str) -> dict:
 
 # ---- 4. window and refresh passes side by side --------------------------------------------------------------------
 SIDE = """
-import json, resource, sys, time
-import numpy as np
+import json, sys
 from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from step_passes import side_by_side
 eng, n, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 backends = {"per-session": OnnxRuntimeBackend(eng, share_weights=False),
             "shared": OnnxRuntimeBackend(eng, share_weights=True)}
-
-def cpu():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-def refresh_pass(b):
-    key_is_mask = np.arange(n) >= n // 2
-    window = np.arange(n // 2, n // 2 + 16)
-    b.embed(np.arange(n) % b.config.vocab_size)
-    for r in range(len(b.ranges)):
-        b.refresh(r, window, key_is_mask)
-    b.head(window)
-
-def window_pass(b):   # 25 query rows: 8 tracked + 1 fresh + 16 window, as in BENCHMARKS section 5
-    key_is_mask = np.arange(n) >= n // 2
-    rows = np.arange(n // 2 - 9, n // 2 + 16)
-    b.embed(rows % b.config.vocab_size, rows)
-    for r in range(len(b.ranges)):
-        b.window(r, rows, rows[:8], rows[9:], key_is_mask)
-    b.head(rows[9:])
-
 for b in backends.values():
     b.warmup()
-    b.begin(n)
-    refresh_pass(b)
-    window_pass(b)
-times = {m: {"refresh": [], "window": [], "refresh_cpu": [], "window_cpu": []} for m in backends}
-for _ in range(repeats):
-    for m, b in backends.items():
-        for kind, fn in (("refresh", refresh_pass), ("window", window_pass)):
-            c, t = cpu(), time.perf_counter()
-            fn(b)
-            times[m][kind].append(time.perf_counter() - t)
-            times[m][kind + "_cpu"].append(cpu() - c)
-print(json.dumps({m: {k: float(np.median(v)) for k, v in d.items()} for m, d in times.items()}))
+print(json.dumps(side_by_side(backends, n, repeats)))
 """
 
 
 def side_by_side(engines: Path, canvas: int, repeats: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", SIDE, str(engines), str(canvas), str(repeats)],
-                          capture_output=True, text=True, check=True)
+                          env=with_tools(dict(os.environ)), capture_output=True, text=True, check=True)
     return last_json(proc)
 
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 SCHEMES = ("fp32", "int8", "int4")
 CANVAS = 384
@@ -86,46 +84,13 @@ def wide_export(work: Path, scheme: str, block: int) -> dict:
     return report
 
 
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def refresh_step(b, n: int) -> None:
-    key_is_mask = np.arange(n) >= n // 2
-    window = np.arange(n // 2, n // 2 + 16)
-    b.embed(np.arange(n) % b.config.vocab_size)
-    for r in range(len(b.ranges)):
-        b.refresh(r, window, key_is_mask)
-    b.head(window)
-
-
-def window_step(b, n: int) -> None:
-    key_is_mask = np.arange(n) >= n // 2
-    rows = np.arange(n // 2 - 9, n // 2 + 16)
-    b.embed(rows % b.config.vocab_size, rows)
-    for r in range(len(b.ranges)):
-        b.window(r, rows, rows[:8], rows[9:], key_is_mask)
-    b.head(rows[9:])
-
-
 def side_by_side(engines: dict[str, Path], repeats: int, threads: int | None, prepack: bool | None) -> dict:
+    from step_passes import side_by_side as alternate
+
     from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     backends = {s: OnnxRuntimeBackend(e, threads=threads, prepack=prepack) for s, e in engines.items()}
-    for b in backends.values():
-        b.begin(CANVAS)
-        refresh_step(b, CANVAS)
-        window_step(b, CANVAS)
-    times = {s: {"window": [], "refresh": [], "window_cpu": [], "refresh_cpu": []} for s in backends}
-    for _ in range(repeats):
-        for s, b in backends.items():
-            for kind, fn in (("window", window_step), ("refresh", refresh_step)):
-                c, t = cpu(), time.perf_counter()
-                fn(b, CANVAS)
-                times[s][kind].append(time.perf_counter() - t)
-                times[s][kind + "_cpu"].append(cpu() - c)
-    return {s: {k: float(np.median(v)) for k, v in d.items()} for s, d in times.items()}
+    return alternate(backends, CANVAS, repeats)
 
 
 def engine_bytes(engine: Path) -> dict:
