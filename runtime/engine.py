@@ -32,12 +32,13 @@ def open_engines(engines: str | Path, backend: str = "auto", threads: int | None
 
 
 def _may_have_plans(engines) -> bool:
+    if not (Path(engines) / "trt").is_dir():
+        return False  # the common case, answered without importing the TensorRT bookkeeping
     import importlib.util
 
     from .trt_plans import FLAVORS
 
-    installed = any(importlib.util.find_spec(module) is not None for module in FLAVORS.values())
-    return installed and (Path(engines) / "trt").is_dir()
+    return any(importlib.util.find_spec(module) is not None for module in FLAVORS.values())
 
 
 def open_checkpoint(model: str | Path, layers_per_range: int = 1, device: str | None = None,

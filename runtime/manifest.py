@@ -66,6 +66,10 @@ class Manifest:
                 return p
         raise ModelError(f"manifest has no piece named {name!r}")
 
+    def weight_bytes(self) -> int:
+        """Bytes of the data files (each counted once: a refresh piece shares its window piece's file)."""
+        return sum({p.data_file: p.data_size for p in self.pieces if p.data_file}.values())
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,

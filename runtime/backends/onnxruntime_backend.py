@@ -29,6 +29,7 @@ from .base import Backend, BackendError, RangeStats
 
 THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
 WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
+EXTENDED_FROM = 64 << 20               # weight bytes from which sessions get ONNX Runtime's extended fusions
 LOAD_WORKERS = 4                       # sessions built at once at start-up (at most the physical cores)
 PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack when sessions have their own weights or the
                                        # engine is quantized
@@ -139,9 +140,12 @@ class OnnxRuntimeBackend(Backend):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Basic rewrites only: the extended fusions (FusedMatMul, QuickGelu, ...) cost a quarter of the bundled
-        # model's session start-up and changed no step time measurably (bundled model; mid-size fp32 and int4)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # The extended fusions (FusedMatMul absorbing the key transposes, ...) make a mid-size int4 window step 8%
+        # faster but add a quarter to a small engine's session start-up, where they save nothing measurable
+        # (docs/BENCHMARKS.md section 12): basic rewrites only below EXTENDED_FROM bytes of weights.
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                                         if self.manifest.weight_bytes() >= EXTENDED_FROM
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not self.prepack:
