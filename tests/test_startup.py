@@ -105,3 +105,17 @@ def test_a_piece_that_fails_to_load_in_a_worker_is_one_line(tiny_engines, monkey
     with pytest.raises(ModelError, match="ONNX Runtime cannot load the pieces .*head is broken") as exc:
         OnnxRuntimeBackend(tiny_engines, threads=1)
     assert "\n" not in str(exc.value)
+
+
+def test_large_engines_get_extended_fusions_and_decode_the_same(tiny_engines, prompts, monkeypatch):
+    import onnxruntime as ort
+
+    runs = []
+    for threshold, level in ((1 << 40, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+                             (0, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)):
+        monkeypatch.setattr(ob, "EXTENDED_FROM", threshold)
+        backend = OnnxRuntimeBackend(tiny_engines, threads=1)
+        assert {s.get_session_options().graph_optimization_level for s in backend.sessions.values()} == {level}
+        runs.append([Decoder(backend, make_policy("elastic"), WindowSchedule(24, 8, 0.1)).generate(p).canvas_ids
+                     for p in prompts[:3]])
+    assert runs[0] == runs[1]
