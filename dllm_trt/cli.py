@@ -276,7 +276,8 @@ def cmd_export(a) -> None:
     from .export.onnx_export import export_model
 
     export_model(a.model, a.out, layers_per_range=a.layers_per_range, dtype=a.dtype, opset=a.opset,
-                 max_len=a.max_len, max_active=a.max_active, quantize=a.quantize, quant_block=a.quant_block)
+                 max_len=a.max_len, max_active=a.max_active, quantize=a.quantize,
+                 **({} if a.quant_block is None else {"quant_block": a.quant_block}))
 
 
 def cmd_check(a) -> None:
@@ -369,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-active", type=int, default=256, help="largest number of query rows in a window pass")
     x.add_argument("--quantize", choices=["int8", "int4"], help="weight-only block quantization of the layer and head "
                    "matmuls (ONNX Runtime MatMulNBits; CPU); default: float weights")
-    x.add_argument("--quant-block", type=int, default=32, help="weights per quantization block (power of two >= 16)")
+    x.add_argument("--quant-block", type=int, help="weights per quantization block (power of two >= 16; default 128)")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("check", help="compare every exported piece with the PyTorch reference")

@@ -25,6 +25,8 @@ from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, pi
                                        sha256_file)
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
 
+from .quantize import DEFAULT_BLOCK
+
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_KINDS = ("window", "refresh", "head")  # and the embedding with int4 (see quantize.embedding_bits)
 
@@ -120,7 +122,7 @@ def _module_and_weights(spec: PieceSpec, ckpt: Checkpoint, dtype: torch.dtype):
 
 
 def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset: int, dims: dict,
-                 quantize: str | None = None, quant_block: int = 32) -> None:
+                 quantize: str | None = None, quant_block: int = DEFAULT_BLOCK) -> None:
     tdtype = TORCH_DTYPES[dtype]
     module, weights = _module_and_weights(spec, ckpt, tdtype)
     shapes = _dynamic_shapes(spec, dims)
@@ -193,7 +195,7 @@ def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
 
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
                  opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False,
-                 shown_as: str | Path | None = None, quantize: str | None = None, quant_block: int = 32) -> Manifest:
+                 shown_as: str | Path | None = None, quantize: str | None = None, quant_block: int = DEFAULT_BLOCK) -> Manifest:
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     if quantize is not None:

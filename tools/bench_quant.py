@@ -1,6 +1,6 @@
 """Weight-only int8/int4 pieces against fp32 on ONNX Runtime (CPU): step times side by side, sizes, peak RSS.
 
-    python tools/bench_quant.py [--work /tmp/dllm-quant] [--repeats 10] [--block 32]
+    python tools/bench_quant.py [--work /tmp/dllm-quant] [--repeats 10] [--block 128]
 
 Writes a random mid-size LLaDA (d_model 2048, 16 heads, 8 layers, SwiGLU 5504, vocabulary 32000) into --work,
 exports it three times (fp32, --quantize int8, --quantize int4; --max-len 384, one layer per range), then in ONE
@@ -115,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/dllm-quant")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--prepack", choices=["default", "on", "off"], default="default")
     ap.add_argument("--out", help="also write the report as JSON here")
