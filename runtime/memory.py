@@ -143,11 +143,6 @@ class SharedWeights:
                 self.values[key] = self.OrtValue.ortvalue_from_numpy_with_onnx_type(array, t.data_type)
         return self.values[key]
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of the distinct tensors handed out (a tensor used by several sessions counts once)."""
-        return sum(key[2] for key in self.values)
-
 
 def distinct_external_bytes(onnx_paths) -> int:
     """Bytes of external weights of these graphs, each stored tensor counted once however many graphs use it."""

@@ -141,6 +141,9 @@ def test_quantized_engine_runs_on_shared_weights(quantized, prompts):
     runs = [Decoder(b, make_policy("elastic"), WindowSchedule(24, 8, 0.1)).generate(prompts[0])
             for b in (backend, OnnxRuntimeBackend(quantized["int4"], threads=1, share_weights=False))]
     assert runs[0].canvas_ids == runs[1].canvas_ids and runs[0].tokens > 0
+    # every stored byte counts, the 4-bit embedding table (which ONNX Runtime loads itself) included
+    data = sum(f.stat().st_size for f in quantized["int4"].glob("*.onnx.data"))
+    assert backend.weight_bytes == data
 
 
 def test_quantized_engines_prepack_by_default_and_float_ones_do_not(quantized, monkeypatch):

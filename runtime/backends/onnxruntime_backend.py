@@ -127,8 +127,8 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
         self.shared = shared
-        self.weight_bytes = (shared.weight_bytes if shared is not None
-                             else distinct_external_bytes(d / p.file for p in self.manifest.pieces))
+        # every stored tensor once, whether shared or loaded by ONNX Runtime itself (4-bit tables are)
+        self.weight_bytes = distinct_external_bytes(d / p.file for p in self.manifest.pieces)
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.dims["active_len"]["max"]
 
