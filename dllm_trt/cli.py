@@ -275,6 +275,8 @@ def cmd_serve(a) -> None:
 def cmd_export(a) -> None:
     from .export.onnx_export import export_model
 
+    if a.quant_block is not None and a.quantize is None:
+        raise UsageError("--quant-block needs --quantize int8 or int4")
     export_model(a.model, a.out, layers_per_range=a.layers_per_range, dtype=a.dtype, opset=a.opset,
                  max_len=a.max_len, max_active=a.max_active, quantize=a.quantize,
                  **({} if a.quant_block is None else {"quant_block": a.quant_block}))
@@ -369,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-len", type=int, help="largest canvas (prompt + gen length); default: the model's maximum")
     x.add_argument("--max-active", type=int, default=256, help="largest number of query rows in a window pass")
     x.add_argument("--quantize", choices=["int8", "int4"], help="weight-only block quantization of the layer and head "
-                   "matmuls (ONNX Runtime MatMulNBits; CPU); default: float weights")
-    x.add_argument("--quant-block", type=int, help="weights per quantization block (power of two >= 16; default 128)")
+                   "matmuls (ONNX Runtime MatMulNBits; int4 also the embedding table; CPU); default: float weights")
+    x.add_argument("--quant-block", type=int, help="weights per quantization block: 16, 32, 64, 128 (default) or 256")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("check", help="compare every exported piece with the PyTorch reference")

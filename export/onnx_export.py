@@ -25,7 +25,7 @@ from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, pi
                                        sha256_file)
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
 
-from .quantize import DEFAULT_BLOCK
+from .quantize import DEFAULT_BLOCK, QuantizeError
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_KINDS = ("window", "refresh", "head")  # and the embedding with int4 (see quantize.embedding_bits)
@@ -149,6 +149,8 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
 
         spec.data_file = spec.data_file or f"{spec.name}.onnx.data"
         quantize_file(path, spec.data_file, quantize, quant_block, lookup=spec.kind == "embed")
+        if not (out / spec.data_file).is_file():
+            spec.data_file = ""
         onnx.checker.check_model(str(path))
     spec.sha256 = sha256_file(path)
     if spec.data_file:
@@ -199,7 +201,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     if quantize is not None:
-        from .quantize import QuantizeError, check_scheme
+        from .quantize import check_scheme
 
         try:
             check_scheme(quantize, quant_block)
@@ -233,7 +235,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     bar = tqdm(pieces, desc="export", unit="piece", disable=quiet, file=sys.stderr)
     for spec in bar:
         bar.set_postfix_str(spec.name)
-        _quietly(export_piece, spec, ckpt, out, dtype, opset, dims, quantize, quant_block)
+        try:
+            _quietly(export_piece, spec, ckpt, out, dtype, opset, dims, quantize, quant_block)
+        except QuantizeError as e:
+            raise ModelError(str(e)) from None
         if spec.kind == "refresh":  # exported right after the window piece of the same range
             share_weights(manifest_piece(pieces, f"{range_name(*spec.layers)}.window"), spec, out)
     tokenizer_files = []

@@ -22,6 +22,7 @@ SCHEMES = {"int8": 8, "int4": 4}
 # per dot product) and LLaDA-8B's int4 pieces 17% smaller, and the bundled model loses no more accuracy
 # (docs/BENCHMARKS.md section 12)
 DEFAULT_BLOCK = 128
+BLOCKS = (16, 32, 64, 128, 256)
 # MatMulNBits accuracy_level 4: activations are quantized to int8 per block inside the kernel, so the products run
 # on int8 dot-product instructions; levels 0/1 dequantize the weights to float32 and are several times slower.
 ACCURACY_LEVEL = 4
@@ -36,8 +37,9 @@ class QuantizeError(ValueError):
 def check_scheme(scheme: str | None, block: int) -> None:
     if scheme is not None and scheme not in SCHEMES:
         raise QuantizeError(f"unknown quantization {scheme!r} (choose {', '.join(SCHEMES)})")
-    if block < 16 or block & (block - 1):
-        raise QuantizeError(f"--quant-block must be a power of two >= 16, got {block}")
+    if block not in BLOCKS:
+        raise QuantizeError(f"--quant-block must be one of {', '.join(map(str, BLOCKS))} (ONNX Runtime's "
+                            f"block-wise kernels), got {block}")
 
 
 def scheme_record(scheme: str, block: int) -> dict:
@@ -106,7 +108,8 @@ def lookup_as_gather(model: onnx.ModelProto) -> int:
         u = producers.get(n.input[1]) if n.op_type == "GatherND" else None
         if u is None or u.op_type != "Unsqueeze" or _attrs(n).get("batch_dims", 0) != 0:
             continue
-        if u.input[1] not in consts or list(consts[u.input[1]].reshape(-1)) not in ([-1], [1]):
+        # ids[..., None] only: axis -1 (axis 1 is the same thing only for 1-D ids, which is not known here)
+        if u.input[1] not in consts or list(consts[u.input[1]].reshape(-1)) != [-1]:
             continue
         n.op_type = "Gather"
         del n.attribute[:]
@@ -153,10 +156,14 @@ def quantize_file(path, data_file: str, scheme: str, block: int, lookup: bool = 
 
     path = Path(path)
     model = onnx.load(str(path))
-    model = quantize_model(model, scheme, block, lookup)
+    try:
+        model = quantize_model(model, scheme, block, lookup)
+    except RuntimeError as e:  # onnxruntime's quantizer raises plain RuntimeErrors from its C++ kernels
+        raise QuantizeError(f"{path.name}: onnxruntime's quantizer failed ({str(e).splitlines()[0]})") from None
     data = path.parent / data_file
     if data.exists():
         data.unlink()  # onnx appends to an existing data file
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_file, size_threshold=1024)
-    data.chmod(path.stat().st_mode & 0o777)  # onnx creates the data file owner-only; keep the graph's mode
+    if data.exists():  # onnx writes none when every tensor is small enough to stay inline
+        data.chmod(path.stat().st_mode & 0o777)  # onnx creates the data file owner-only; keep the graph's mode

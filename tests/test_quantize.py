@@ -77,6 +77,18 @@ def test_embedding_lookup_becomes_gather_and_then_4_bit_rows():
     assert 0 < np.linalg.norm(got - table[ids]) / np.linalg.norm(table[ids]) < 0.15
 
 
+def test_lookup_on_another_axis_is_left_alone():
+    """GatherND(W, Unsqueeze(ids, 1)) is a row lookup only for 1-D ids: with [n, 2] ids it is not, so it stays."""
+    nodes = [helper.make_node("Unsqueeze", ["ids", "axes"], ["idx"]),
+             helper.make_node("GatherND", ["table", "idx"], ["y"], batch_dims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.zeros((40, 64), np.float32), "table"),
+                               numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert lookup_as_gather(model) == 0 and [n.op_type for n in model.graph.node] == ["Unsqueeze", "GatherND"]
+
+
 def test_gemm_with_bias_or_scale_is_left_alone():
     model = _gemm_and_transpose_model()
     model.graph.node[0].attribute.append(helper.make_attribute("alpha", 2.0))
@@ -164,7 +176,9 @@ def test_manifest_with_a_bad_quantization_record_is_refused(quantized, tmp_path)
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--quantize", "int8", "--quant-block", "24"], "--quant-block must be a power of two >= 16, got 24"),
+    (["--quantize", "int8", "--quant-block", "24"], "--quant-block must be one of 16, 32, 64, 128, 256"),
+    (["--quantize", "int4", "--quant-block", "512"], "--quant-block must be one of 16, 32, 64, 128, 256"),
+    (["--quant-block", "64"], "--quant-block needs --quantize int8 or int4"),
     (["--quantize", "int4", "--dtype", "bf16"], "--quantize needs --dtype fp32"),
 ])
 def test_export_flag_mistakes_are_one_line(tiny_dir, tmp_path, capsys, args, message):

@@ -46,9 +46,10 @@ def test_threads_from_environment_or_physical_cores(monkeypatch):
     assert default_threads() == 6
     monkeypatch.setenv("DLLM_TRT_THREADS", "3")
     assert default_threads() == 3
-    monkeypatch.setenv("DLLM_TRT_THREADS", "two")
-    with pytest.raises(BackendError, match="DLLM_TRT_THREADS must be a positive whole number"):
-        default_threads()
+    for bad in ("two", "\u00b2", "0"):   # a superscript two is a digit to str.isdigit, not to int()
+        monkeypatch.setenv("DLLM_TRT_THREADS", bad)
+        with pytest.raises(BackendError, match="DLLM_TRT_THREADS must be a positive whole number"):
+            default_threads()
 
 
 def test_every_session_gets_the_threads_and_does_not_spin(tiny_engines, monkeypatch):

@@ -64,7 +64,7 @@ def default_threads() -> int:
     """$DLLM_TRT_THREADS, else the physical cores this process may use (capped by a cgroup CPU quota)."""
     env = os.environ.get(THREADS_ENV)
     if env:
-        if not env.isdigit() or int(env) < 1:
+        if not (env.isascii() and env.isdigit()) or int(env) < 1:
             raise BackendError(f"{THREADS_ENV} must be a positive whole number, got {env!r}")
         return int(env)
     limit = cgroup_cpu_limit()
@@ -114,6 +114,8 @@ class OnnxRuntimeBackend(Backend):
         if self.manifest.dtype != "fp32" and providers[0] == "CPUExecutionProvider":
             raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
                                f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
+        if threads is not None and threads < 1:
+            raise BackendError(f"threads must be at least 1, got {threads}")
         self.threads = threads or default_threads()
         self.share_weights, self.prepack = weight_mode(share_weights, prepack, bool(self.manifest.quantization))
         if providers[0] != "CPUExecutionProvider":
