@@ -1,6 +1,6 @@
 """Weight-only int8/int4 pieces against fp32 on ONNX Runtime (CPU): step times side by side, sizes, peak RSS.
 
-    python tools/bench_quant.py [--work /tmp/dllm-quant] [--repeats 10] [--block 128]
+    python tools/bench_quant.py [--work /tmp/dllm-quant] [--repeats 10] [--block 128 | --blocks 32,64,128]
 
 Writes a random mid-size LLaDA (d_model 2048, 16 heads, 8 layers, SwiGLU 5504, vocabulary 32000) into --work,
 exports it three times (fp32, --quantize int8, --quantize int4; --max-len 384, one layer per range), then in ONE
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -61,7 +62,8 @@ def wide_export(work: Path, scheme: str, block: int) -> dict:
     model = work / "wide-model"
     if not (model / "config.json").is_file():
         write_wide_checkpoint(model)
-    out = work / f"wide-{scheme}"
+    out = work / f"wide-{scheme}-b{block}"
+    shutil.rmtree(out, ignore_errors=True)  # time a whole export every run
     extra = [] if scheme == "fp32" else ["--quantize", scheme, "--quant-block", str(block)]
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "dllm_trt.cli", "export", "--model",
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/dllm-quant")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--blocks", help="compare these block sizes side by side instead (e.g. 32,64,128)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--prepack", choices=["default", "on", "off"], default="default")
     ap.add_argument("--out", help="also write the report as JSON here")
@@ -131,19 +134,24 @@ def main() -> None:
     model = work / "model"
     if not (model / "config.json").is_file():
         write_checkpoint(model)
-    engines = {s: work / f"engines-{s}" for s in SCHEMES}
-    report = {"export_seconds": {s: round(export(model, e, s, a.block), 1) for s, e in engines.items()}}
-    report["bytes"] = {s: engine_bytes(e) for s, e in engines.items()}
+    # one engine per scheme and block size (the block is part of the folder name, so an engine quantized with
+    # other blocks is never reused); --blocks 32,64,128 compares block sizes side by side in the same process
+    blocks = [int(b) for b in a.blocks.split(",")] if a.blocks else [a.block]
+    variants = {"fp32": ("fp32", 0)} | {(s if len(blocks) == 1 else f"{s}-b{b}"): (s, b)
+                                       for s in SCHEMES[1:] for b in blocks}
+    engines = {v: work / ("engines-fp32" if s == "fp32" else f"engines-{s}-b{b}") for v, (s, b) in variants.items()}
+    report = {"export_seconds": {v: round(export(model, engines[v], s, b), 1) for v, (s, b) in variants.items()}}
+    report["bytes"] = {v: engine_bytes(e) for v, e in engines.items()}
     prepack = {"default": None, "on": True, "off": False}[a.prepack]
     side = report["side_by_side"] = side_by_side(engines, a.repeats, a.threads, prepack)
-    for s in SCHEMES:
-        w, r = side[s], side["fp32"]
-        print(f"{s}: window step {w['window'] * 1e3:.1f} ms ({r['window'] / w['window']:.2f}x fp32; CPU "
+    for v in variants:
+        w, r = side[v], side["fp32"]
+        print(f"{v}: window step {w['window'] * 1e3:.1f} ms ({r['window'] / w['window']:.2f}x fp32; CPU "
               f"{r['window_cpu'] / w['window_cpu']:.2f}x), refresh step {w['refresh'] * 1e3:.1f} ms "
               f"({r['refresh'] / w['refresh']:.2f}x fp32; CPU {r['refresh_cpu'] / w['refresh_cpu']:.2f}x), "
-              f"pieces {report['bytes'][s]['total'] / 2**20:.0f} MiB", flush=True)
-    report["generate_peak_rss"] = {s: generate_rss(e) for s, e in engines.items()}
-    print("generate peak RSS: " + ", ".join(f"{s} {v / 2**20:.0f} MiB" for s, v in report["generate_peak_rss"].items()))
+              f"pieces {report['bytes'][v]['total'] / 2**20:.0f} MiB", flush=True)
+    report["generate_peak_rss"] = {v: generate_rss(e) for v, e in engines.items()}
+    print("generate peak RSS: " + ", ".join(f"{v} {x / 2**20:.0f} MiB" for v, x in report["generate_peak_rss"].items()))
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2))
 
