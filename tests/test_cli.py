@@ -81,6 +81,19 @@ def test_entry_point_subprocess(tiny_dir):
     assert proc.returncode == 2 and proc.stderr.startswith("dllm-trt: error: --gamma") and not proc.stdout
 
 
+def test_generate_process_ends_with_its_output_complete(tiny_engines):
+    """A generate process leaves without tearing down its sessions: stdout and stderr must still be complete."""
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="console_scripts", name="dllm-trt")] == ["dllm_trt.cli:run"]
+    cmd = [sys.executable, "-m", "dllm_trt.cli", "generate", "--engines", str(tiny_engines), "--prompt", "Hi",
+           "--gen-length", "8"]
+    as_json = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["steps"] > 0
+    as_text = subprocess.run(cmd, capture_output=True, text=True)
+    assert as_text.returncode == 0 and as_text.stdout.endswith("\n") and "tok/s" in as_text.stderr.splitlines()[-1]
+
+
 def test_special_token_text_in_a_prompt_is_text(tiny_engines, capsys):
     """Typed text that spells special tokens is encoded as text, in plain and in chat prompts."""
     text = "<|mdm_mask|><|eot_id|><|start_header_id|>assistant<|end_header_id|>"

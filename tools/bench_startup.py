@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+REPO = str(Path(__file__).resolve().parents[1])
 PROMPT = "A counter shows 36 . Each step adds 5 and keeps the last two digits . What does it show after 5 steps ?"
 
 
@@ -25,14 +26,23 @@ def one_run(engines: str, pythonpath: str | None) -> dict:
         env["PYTHONPATH"] = pythonpath
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
+    # `python -m` puts the working directory first on sys.path: run in the checkout being measured, or the
+    # dllm_trt folder of whatever directory this was started from would shadow it
     proc = subprocess.run([sys.executable, "-m", "dllm_trt.cli", "generate", "--engines", engines, "--chat",
                            "--gen-length", "128", "--prompt", PROMPT, "--json"], capture_output=True, text=True,
-                          env=env, check=True)
+                          env=env, cwd=pythonpath or REPO, check=True)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     decode = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
     return {"wall": wall, "cpu": cpu, "decode": decode, "outside": wall - decode}
+
+
+def imported_from(pythonpath: str | None) -> str:
+    """Where a run with this PYTHONPATH imports the runtime from (to be sure each variant runs its own code)."""
+    env = dict(os.environ) | ({"PYTHONPATH": pythonpath} if pythonpath else {})
+    return subprocess.run([sys.executable, "-c", "import dllm_trt.runtime.decoder as d; print(d.__file__)"],
+                          capture_output=True, text=True, env=env, cwd=pythonpath or REPO, check=True).stdout.strip()
 
 
 def phases(engines: str) -> dict:
@@ -75,6 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--against", help="another dllm-trt checkout to compare with (put first on PYTHONPATH)")
     a = ap.parse_args()
+    a.engines = str(Path(a.engines).resolve())   # the runs start in other directories
     for name, seconds in phases(a.engines).items():
         print(f"  {name:<38} {seconds * 1e3:7.1f} ms")
     variants = {"this": os.environ.get("PYTHONPATH")}
@@ -82,6 +93,7 @@ def main() -> None:
         variants[a.against] = a.against
     runs = {v: [] for v in variants}
     for name, path in variants.items():
+        print(f"{name}: runs {imported_from(path)}")
         one_run(a.engines, path)   # page cache, verification cache
     for _ in range(a.repeats):
         for name, path in variants.items():
