@@ -416,8 +416,11 @@ def run() -> None:
     output is flushed and it has nothing left to save, while tearing down its sessions and the interpreter takes
     about 30 ms of the bundled model's 0.29 s run (docs/BENCHMARKS.md section 12)."""
     if main():
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):  # a reader that went away (| head) or a closed stream
+                pass
         os._exit(0)
 
 
