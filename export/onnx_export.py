@@ -197,7 +197,8 @@ def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
 
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
                  opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False,
-                 shown_as: str | Path | None = None, quantize: str | None = None, quant_block: int = DEFAULT_BLOCK) -> Manifest:
+                 shown_as: str | Path | None = None, quantize: str | None = None,
+                 quant_block: int = DEFAULT_BLOCK) -> Manifest:
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     if quantize is not None:

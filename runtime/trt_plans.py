@@ -140,6 +140,14 @@ class Target:
         return (self.gpu_name, self.compute_capability) == (gpu_name, device_cc)
 
 
+def check_buildable(manifest: Manifest) -> None:
+    """Weight-only quantized pieces use ONNX Runtime's own operators (com.microsoft MatMulNBits,
+    GatherBlockQuantized), which TensorRT's ONNX parser does not know."""
+    if manifest.quantization:
+        raise ValueError(f"these engines hold {manifest.quantization['scheme']} weight-only pieces for ONNX Runtime "
+                         f"(MatMulNBits), which TensorRT cannot build: export without --quantize for TensorRT")
+
+
 def check_precision(manifest: Manifest, precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -12,7 +12,7 @@ import pytest
 from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime.manifest import load_manifest
 from dllm_trt.runtime.doctor import tensorrt_usable
-from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_precision, choose_flavor,
+from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_buildable, check_precision, choose_flavor,
                                         dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
                                         rtx_targets, stale_pieces, write_record)
 
@@ -58,6 +58,14 @@ def test_precision_must_match_export(engines):
     check_precision(m, "fp32")
     with pytest.raises(ValueError, match="needs an export with --dtype bf16"):
         check_precision(m, "bf16")
+
+
+def test_quantized_engines_are_refused_before_building(engines):
+    m = load_manifest(engines)
+    check_buildable(m)
+    m.quantization = {"scheme": "int4", "block_size": 128}
+    with pytest.raises(ValueError, match="int4 weight-only pieces for ONNX Runtime .* export without --quantize"):
+        check_buildable(m)
 
 
 def test_fingerprint_covers_gpu_trt_precision_and_profiles(target):

@@ -195,7 +195,8 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> str:
         q = self.manifest.quantization
         weights = f", {q['scheme']} weights" if q else ""
-        return f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider').lower()}, {self.manifest.dtype}{weights})"
+        provider = self.providers[0].removesuffix("ExecutionProvider").lower()
+        return f"onnxruntime ({provider}, {self.manifest.dtype}{weights})"
 
     def warmup(self, max_len: int | None = None) -> None:
         """Run every piece once at its largest shapes (canvas max_len, max_active query rows), so that the weights

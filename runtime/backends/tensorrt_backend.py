@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
-from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_precision, choose_flavor,
+from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_buildable, check_precision, choose_flavor,
                          dim_ranges, find_built, gpu_support, plan_dir, profile_for,
                          read_record, rtx_targets, stale_pieces, write_record)
 from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
@@ -142,9 +142,13 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
                 target_cc: str | None = None) -> Path:
     """Build every piece into <engine_dir>/trt/<fingerprint>/; a no-op when up-to-date plans exist.
     precision defaults to the export's dtype; target_cc (RTX only): 'ampere+', 'current' or e.g. '7.5,8.6'."""
+    manifest = load_manifest(engine_dir)
+    try:
+        check_buildable(manifest)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
     torch, gpu_name, device_cc = cuda_device()
     trt, flavor = import_tensorrt(flavor, device_cc)
-    manifest = load_manifest(engine_dir)
     precision = precision or manifest.dtype
     try:
         check_precision(manifest, precision)
