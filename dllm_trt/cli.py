@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 for ONNX Runtime on CPU; bf16/fp16 for TensorRT")
     x.add_argument("--opset", type=int, default=20, choices=[20, 23])
     x.add_argument("--max-len", type=int, help="largest canvas (prompt + gen length); default: the model's maximum")
-    x.add_argument("--max-active", type=int, default=256, help="largest number of query rows in a window pass")
+    x.add_argument("--max-active", type=int, help="largest number of query rows in a window pass (default 256, or "
+                                                   "--max-len when smaller)")
     x.add_argument("--quantize", choices=["int8", "int4"], help="weight-only block quantization of the layer and head "
                    "matmuls (ONNX Runtime MatMulNBits; int4 also the embedding table; CPU); default: float weights")
     x.add_argument("--quant-block", type=int, help="weights per quantization block: 16, 32, 64, 128 (default) or 256")

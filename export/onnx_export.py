@@ -27,6 +27,7 @@ from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMod
 
 from .quantize import DEFAULT_BLOCK, QuantizeError
 
+MAX_ACTIVE = 256  # default largest window pass (query rows), or the whole canvas when that is shorter
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_KINDS = ("window", "refresh", "head")  # and the embedding with int4 (see quantize.embedding_bits)
 
@@ -196,7 +197,7 @@ def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
-                 opset: int = 20, max_len: int | None = None, max_active: int = 256, quiet: bool = False,
+                 opset: int = 20, max_len: int | None = None, max_active: int | None = None, quiet: bool = False,
                  shown_as: str | Path | None = None, quantize: str | None = None,
                  quant_block: int = DEFAULT_BLOCK) -> Manifest:
     if dtype not in DTYPES:
@@ -220,6 +221,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     max_len = max_len or cfg.max_sequence_length
     if not 2 <= max_len <= cfg.max_sequence_length:
         raise ModelError(f"--max-len must be in 2..{cfg.max_sequence_length}, got {max_len}")
+    max_active = max_active or min(MAX_ACTIVE, max_len)
     if not 1 <= max_active <= max_len:
         raise ModelError(f"--max-active must be in 1..{max_len}, got {max_active}")
     try:

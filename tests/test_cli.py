@@ -115,3 +115,16 @@ def test_cuda_graphs_flag_decodes_the_same_tokens(tiny_dir, capsys):
     main(args + ["--cuda-graphs"])
     graphs = json.loads(capsys.readouterr().out)
     assert graphs["token_ids"] == plain["token_ids"] and "buckets" in graphs["backend"]
+
+
+def test_model_shorter_than_the_default_window_limit_exports_without_flags(tmp_path, capsys):
+    """A checkpoint with fewer positions than the default --max-active (256) exports and runs as it is."""
+    from dllm_trt.export.checkpoint_writer import byte_tokenizer, random_weights, tiny_config, write_checkpoint
+
+    cfg = tiny_config(n_layers=1, d_model=32, n_heads=2, max_len=48)
+    model = write_checkpoint(tmp_path / "short", cfg, random_weights(cfg, 1), byte_tokenizer())
+    main(["generate", "--model", str(model), "--engine-cache", str(tmp_path / "engines"), "--prompt", "Hi",
+          "--gen-length", "8", "--json"])
+    assert json.loads(capsys.readouterr().out)["steps"] > 0
+    (engines,) = (tmp_path / "engines").iterdir()
+    assert json.loads((engines / "manifest.json").read_text())["dims"]["active_len"]["max"] == 48
