@@ -42,6 +42,15 @@ def test_manifest_carries_end_tokens(engines):
     assert json.loads((engines / "manifest.json").read_text())["model"]["end_token_ids"] == [256, 261]
 
 
+def test_manifest_records_the_bucket_shapes(engines):
+    from dllm_trt.runtime import buckets
+
+    raw = json.loads((engines / "manifest.json").read_text())
+    entry = raw["export"]["buckets"]
+    assert entry == buckets.manifest_entry(raw["dims"]["seq_len"]["max"], raw["dims"]["active_len"]["max"])
+    assert entry["rows"][-1] == raw["dims"]["active_len"]["max"]
+
+
 def test_external_locations_match_onnx(engines):
     for f in engines.glob("*.onnx"):
         graph = onnx.load(str(f), load_external_data=False).graph
