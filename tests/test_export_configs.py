@@ -57,7 +57,7 @@ def test_example_sizes_search_upwards_past_static_sizes():
 
 
 @pytest.mark.parametrize("heads,head_dim,max_len,max_active",
-                         itertools.product([1, 2, 3, 5, 7, 13], [2, 4, 8, 32], [16, 40, 256], [8, 16, 64]))
+                         list(itertools.product([1, 2, 3, 5, 7, 13], [2, 4, 8, 32], [16, 40, 256], [8, 16, 64])))
 def test_example_sizes_are_distinct_in_range_and_unlike_static_sizes(heads, head_dim, max_len, max_active):
     if max_active > max_len:
         return
