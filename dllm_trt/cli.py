@@ -123,6 +123,7 @@ def open_backend(a):
             raise BackendError(f"running a checkpoint on ONNX Runtime exports it first, which needs the export "
                                f"extra (pip install 'dllm-trt[export]'; missing {e.name}); or pass --engines DIR"
                                ) from None
+        print(f"exporting {a.model} to {engines} (once; later runs reuse it)", file=sys.stderr)
         export_into(a.model, engines, layers_per_range=a.layers_per_range)
     return open_engines(engines, a.backend), engines
 
@@ -273,13 +274,13 @@ def cmd_serve(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from .export.onnx_export import export_model
+    from .export.onnx_export import export_into
 
     if a.quant_block is not None and a.quantize is None:
         raise UsageError("--quant-block needs --quantize int8 or int4")
-    export_model(a.model, a.out, layers_per_range=a.layers_per_range, dtype=a.dtype, opset=a.opset,
-                 max_len=a.max_len, max_active=a.max_active, quantize=a.quantize,
-                 **({} if a.quant_block is None else {"quant_block": a.quant_block}))
+    export_into(a.model, Path(a.out), layers_per_range=a.layers_per_range, dtype=a.dtype, opset=a.opset,
+                max_len=a.max_len, max_active=a.max_active, quantize=a.quantize,
+                **({} if a.quant_block is None else {"quant_block": a.quant_block}))
 
 
 def cmd_check(a) -> None:
@@ -416,12 +417,13 @@ def run() -> None:
     """The `dllm-trt` console script. A finished one-shot `generate` on ONNX Runtime leaves with os._exit: its
     output is flushed and it has nothing left to save, while tearing down its sessions and the interpreter takes
     about 30 ms of the bundled model's 0.29 s run (docs/BENCHMARKS.md section 12)."""
-    if main():
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (BrokenPipeError, ValueError):  # a reader that went away (| head) or a closed stream
-                pass
+    try:
+        fast = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (| head): nothing left to say, and no traceback about it
+        os._exit(1)
+    if fast:
+        sys.stderr.flush()
         os._exit(0)
 
 

@@ -263,15 +263,21 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     if not quiet:
         total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)  # shared data counted once
         what = f"{dtype}, {quantize} weights (block {quant_block})" if quantize else dtype
-        print(f"exported {len(pieces)} pieces ({what}, opset {opset}, {len(ranges)} layer ranges) to {shown_as or out}: "
+        ranges_text = f"{len(ranges)} layer range" + ("s" if len(ranges) > 1 else "")
+        print(f"exported {len(pieces)} pieces ({what}, opset {opset}, {ranges_text}) to {shown_as or out}: "
               f"{total / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return manifest
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse an output path that cannot become an engine folder, before any work is done."""
+def check_out_dir(out: Path, replacing: bool = False) -> None:
+    """Refuse an output path that cannot become an engine folder, before any work is done. A folder with files in
+    it is refused (pieces of an older export would stay behind), except an engine folder when `replacing` (export_into
+    replaces it as a whole)."""
     if out.exists() and not out.is_dir():
         raise ModelError(f"{out}: exists and is not a folder; choose a new --out")
+    if out.is_dir() and any(out.iterdir()) and not (replacing and (out / "manifest.json").is_file()):
+        what = "is not empty and holds no engines" if replacing else "is not empty"
+        raise ModelError(f"{out}: {what}; choose a new or empty --out")
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -313,11 +319,11 @@ def _quietly(fn, *args):
 
 def export_into(model_dir: str | Path, target: Path, **settings) -> Path:
     """Export into `target` through a temporary sibling folder, so an interrupted export leaves nothing behind
-    that looks complete."""
-    check_out_dir(target)
+    that looks complete; an engine folder already at `target` is replaced as a whole."""
+    target = Path(target)
+    check_out_dir(target, replacing=True)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exporting {model_dir} to {target} (once; later runs reuse it)", file=sys.stderr)
     export_model(model_dir, tmp, shown_as=target, **settings)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

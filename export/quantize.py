@@ -127,11 +127,23 @@ def embedding_bits(scheme: str) -> int | None:
     return 4 if SCHEMES[scheme] == 4 else None
 
 
+def quantizer_class():
+    """onnxruntime's quantizer module configures the root logger at INFO when it is imported, after which every
+    library's INFO messages (onnxscript's, hundreds per export) would print: import it with the root logger kept."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+    return MatMulNBitsQuantizer
+
+
 def quantize_model(model: onnx.ModelProto, scheme: str, block: int, lookup: bool = False) -> onnx.ModelProto:
     """Every MatMul with a constant weight as MatMulNBits (weights_as_matmul first); with `lookup` (the embedding
     piece, int4 only), the table lookup as GatherBlockQuantized (blocks along d_model) instead."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    MatMulNBitsQuantizer = quantizer_class()
     if lookup:
         lookup_as_gather(model)
         ops = ("Gather",)

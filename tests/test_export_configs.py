@@ -1,6 +1,7 @@
 """Export works for any valid head count and depth: tracing sizes never collide with the model's static sizes.
 Each tiny engine is checked once against the PyTorch reference on ONNX Runtime (dllm-trt check)."""
 import itertools
+import json
 import subprocess
 import sys
 
@@ -102,3 +103,26 @@ def test_export_onto_a_file_on_the_command_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"dllm-trt: error: {tmp_path / 'taken'}: exists and is not a " \
                                                    f"folder; choose a new --out"
+
+
+def test_export_onto_a_folder_with_files(tmp_path, tiny_dir, capsys):
+    """--out may be new, empty, or an engine folder (replaced as a whole); never a folder with other files."""
+    from dllm_trt.cli import main
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "note.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--model", str(tiny_dir), "--out", str(tmp_path / "docs")])
+    assert exc.value.code == 2 and "is not empty and holds no engines" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "docs").iterdir()] == ["note.txt"]
+    with pytest.raises(ModelError, match="is not empty"):
+        export_model(tiny_dir, tmp_path / "docs", quiet=True)
+
+    out = tmp_path / "eng"
+    common = ["export", "--model", str(tiny_dir), "--out", str(out), "--max-len", "32", "--max-active", "8"]
+    main(common + ["--layers-per-range", "1"])
+    main(common + ["--layers-per-range", "2"])
+    listed = {f for p in json.loads((out / "manifest.json").read_text())["pieces"] for f in (p["file"], p["data_file"])}
+    on_disk = {f.name for f in out.glob("*.onnx*")}
+    assert on_disk == listed - {""}   # no pieces of the first export left behind
+    assert not (tmp_path / "eng.partial").exists()

@@ -187,3 +187,20 @@ def test_export_flag_mistakes_are_one_line(tiny_dir, tmp_path, capsys, args, mes
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "e").exists()
+
+
+def test_importing_the_quantizer_leaves_the_root_logger_alone():
+    """onnxruntime's quantizer module sets the root logger to INFO when imported; an export would then print every
+    library's INFO lines (hundreds of onnxscript constant-folding notes). A fresh interpreter, so that the import
+    really happens."""
+    import logging
+    import subprocess
+    import sys
+
+    code = ("import logging\n"
+            "from dllm_trt.export.quantize import quantizer_class\n"
+            "quantizer_class()\n"
+            "root = logging.getLogger()\n"
+            "print(root.level, len(root.handlers))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(logging.WARNING), "0"]

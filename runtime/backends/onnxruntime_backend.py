@@ -62,7 +62,7 @@ def cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
 
 def default_threads() -> int:
     """$DLLM_TRT_THREADS, else the physical cores this process may use (capped by a cgroup CPU quota)."""
-    env = os.environ.get(THREADS_ENV)
+    env = os.environ.get(THREADS_ENV, "").strip()
     if env:
         if not (env.isascii() and env.isdigit()) or int(env) < 1:
             raise BackendError(f"{THREADS_ENV} must be a positive whole number, got {env!r}")
