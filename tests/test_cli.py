@@ -94,6 +94,16 @@ def test_generate_process_ends_with_its_output_complete(tiny_engines):
     assert as_text.returncode == 0 and as_text.stdout.endswith("\n") and "tok/s" in as_text.stderr.splitlines()[-1]
 
 
+def test_a_reader_that_goes_away_gets_no_traceback(tiny_engines):
+    """`dllm-trt generate ... | head -0`: the pipe is closed before anything is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "dllm_trt.cli", "generate", "--engines", str(tiny_engines),
+                             "--prompt", "Hi", "--gen-length", "8", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 1 and "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_special_token_text_in_a_prompt_is_text(tiny_engines, capsys):
     """Typed text that spells special tokens is encoded as text, in plain and in chat prompts."""
     text = "<|mdm_mask|><|eot_id|><|start_header_id|>assistant<|end_header_id|>"
