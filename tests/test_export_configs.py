@@ -118,8 +118,12 @@ def test_export_onto_a_folder_with_files(tmp_path, tiny_dir, capsys):
     with pytest.raises(ModelError, match="is not empty"):
         export_model(tiny_dir, tmp_path / "docs", quiet=True)
 
+    from dllm_trt.export.checkpoint_writer import byte_tokenizer, random_weights, tiny_config, write_checkpoint
+
+    cfg = tiny_config(n_layers=2, d_model=32, n_heads=2, max_len=32)
+    small = write_checkpoint(tmp_path / "small", cfg, random_weights(cfg, 1), byte_tokenizer())
     out = tmp_path / "eng"
-    common = ["export", "--model", str(tiny_dir), "--out", str(out), "--max-len", "32", "--max-active", "8"]
+    common = ["export", "--model", str(small), "--out", str(out)]
     main(common + ["--layers-per-range", "1"])
     main(common + ["--layers-per-range", "2"])
     listed = {f for p in json.loads((out / "manifest.json").read_text())["pieces"] for f in (p["file"], p["data_file"])}
