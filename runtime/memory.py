@@ -143,12 +143,3 @@ class SharedWeights:
                 self.values[key] = self.OrtValue.ortvalue_from_numpy_with_onnx_type(array, t.data_type)
         return self.values[key]
 
-
-def distinct_external_bytes(onnx_paths) -> int:
-    """Bytes of external weights of these graphs, each stored tensor counted once however many graphs use it."""
-    seen = set()
-    for path in onnx_paths:
-        path = Path(path)
-        for t in external_initializers(path):
-            seen.add(((path.parent / t.location).resolve(), t.offset, t.length))
-    return sum(key[2] for key in seen)

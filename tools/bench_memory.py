@@ -182,10 +182,9 @@ def side_by_side(engines: Path, canvas: int, repeats: int) -> dict:
 
 
 def weight_bytes(engines: Path) -> int:
-    from dllm_trt.runtime.memory import distinct_external_bytes
     from dllm_trt.runtime.manifest import load_manifest
 
-    return distinct_external_bytes(engines / p.file for p in load_manifest(engines).pieces)
+    return load_manifest(engines).weight_bytes()
 
 
 def gb(x: float) -> str:

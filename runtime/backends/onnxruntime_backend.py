@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
-from ..memory import SharedWeights, distinct_external_bytes
+from ..memory import SharedWeights
 from .base import Backend, BackendError, RangeStats
 
 
@@ -117,6 +117,9 @@ class OnnxRuntimeBackend(Backend):
         if threads is not None and threads < 1:
             raise BackendError(f"threads must be at least 1, got {threads}")
         self.threads = threads or default_threads()
+        # the data files, each once (shared or loaded by ONNX Runtime itself, as 4-bit tables are); their sizes
+        # were checked against the manifest when it was loaded
+        self.weight_bytes = self.manifest.weight_bytes()
         self.share_weights, self.prepack = weight_mode(share_weights, prepack, bool(self.manifest.quantization))
         if providers[0] != "CPUExecutionProvider":
             # a GPU session copies its initializers to the device anyway: leave loading to ONNX Runtime there
@@ -129,8 +132,6 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
         self.shared = shared
-        # every stored tensor once, whether shared or loaded by ONNX Runtime itself (4-bit tables are)
-        self.weight_bytes = distinct_external_bytes(d / p.file for p in self.manifest.pieces)
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.dims["active_len"]["max"]
 
@@ -146,7 +147,7 @@ class OnnxRuntimeBackend(Backend):
         # faster but add a quarter to a small engine's session start-up, where they save nothing measurable
         # (docs/BENCHMARKS.md section 12): basic rewrites only below EXTENDED_FROM bytes of weights.
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-                                         if self.manifest.weight_bytes() >= EXTENDED_FROM
+                                         if self.weight_bytes >= EXTENDED_FROM
                                          else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
