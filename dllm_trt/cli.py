@@ -159,30 +159,27 @@ def cmd_generate(a) -> bool:
         print(f"gen length {gen_length}: what fits in the {limit} positions after the {len(prompt_ids)}-token "
               f"prompt (--gen-length to choose)", file=sys.stderr)
     result = Decoder(backend, policy, schedule, detokenize=tok.decode).generate(prompt_ids)
+    nothing_to_save = backend.name == "onnxruntime"  # TensorRT for RTX saves its runtime cache at exit
     if a.json:
         from .runtime.memory import peak_rss_bytes
 
         print(json.dumps(result.to_dict() | {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": backend.weight_bytes}))
-        return backend.name == "onnxruntime"
+        return nothing_to_save
     print(result.text)
     extra = f", refresh fraction {result.refresh_fraction:.3f}" if policy.name == "elastic" else ""
     print(f"[{result.backend} | cache {policy.name} | {schedule.name} schedule] {result.tokens} tokens in "
           f"{result.steps} steps, {result.seconds:.2f} s, {result.tokens_per_second:.1f} tok/s{extra}",
           file=sys.stderr)
-    return backend.name == "onnxruntime"  # nothing to save at exit (TensorRT for RTX saves its runtime cache)
+    return nothing_to_save
 
 
 def _eval_inputs(a):
     from .evaluate.harness import load_problems, standard_configs
     from .runtime.tokenizer import TextTokenizer
 
-    if a.gen_length is not None and a.gen_length < 1:
-        raise UsageError(f"--gen-length must be at least 1, got {a.gen_length}")
     if a.limit is not None and a.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {a.limit}")
-    if a.window is not None and a.window < 1:
-        raise UsageError(f"--window must be at least 1, got {a.window}")
-    decode_options(a, cache="elastic")  # the shared flags (gamma, ...) are valid
+    decode_options(a, cache="elastic")  # the shared flags (gen length, window, gamma, ...) are valid
     try:
         problems = load_problems(a.data, a.limit)
         configs = standard_configs([c.strip() for c in a.cache.split(",") if c.strip()], a.gamma, a.window or 16,

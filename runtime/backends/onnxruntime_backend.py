@@ -6,7 +6,7 @@ the new rows only and are scattered into the caches in place. Only numpy and onn
 Weights (CPU): every external tensor is one OrtValue on a read-only memory map of its data file (runtime/memory.py),
 given to each session that uses it, so a range's window and refresh sessions, the embedding and the head hold no
 copies and processes serving the same folder share the pages. Pre-packing is off in that mode: it would make a
-private packed copy per session again (it costs the 25-row window pass about 14% more CPU time; the refresh pass
+private packed copy per session again (it costs the 25-row window pass about 16% more CPU time on a 0.42 B model; the refresh pass
 about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
 Quantized engines (MatMulNBits) pre-pack by default even so: without its packed layout MatMulNBits falls back to
 dequantizing every weight on every call, 6-8x slower than fp32 (tools/bench_quant.py); the packed int4/int8 copies
