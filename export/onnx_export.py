@@ -25,7 +25,8 @@ from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, pi
                                        sha256_file)
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
 
-from .quantize import DEFAULT_BLOCK, QuantizeError
+from .quantize import (DEFAULT_BLOCK, QuantizeError, check_scheme, embedding_bits, quantize_file,
+                       scheme_record)
 
 MAX_ACTIVE = 256  # default largest window pass (query rows), or the whole canvas when that is shorter
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,8 +36,6 @@ QUANTIZED_KINDS = ("window", "refresh", "head")  # and the embedding with int4 (
 def quantized_kinds(scheme: str | None) -> tuple[str, ...]:
     if not scheme:
         return ()
-    from .quantize import embedding_bits
-
     return QUANTIZED_KINDS + (("embed",) if embedding_bits(scheme) else ())
 
 
@@ -146,8 +145,6 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
         spec.data_file = ""
     onnx.checker.check_model(str(path), full_check=True)
     if spec.kind in quantized_kinds(quantize):
-        from .quantize import quantize_file
-
         spec.data_file = spec.data_file or f"{spec.name}.onnx.data"
         quantize_file(path, spec.data_file, quantize, quant_block, lookup=spec.kind == "embed")
         if not (out / spec.data_file).is_file():
@@ -203,8 +200,6 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     if quantize is not None:
-        from .quantize import check_scheme
-
         try:
             check_scheme(quantize, quant_block)
         except QuantizeError as e:
@@ -256,8 +251,6 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
         "seconds": round(time.perf_counter() - t0, 1),
     }, out)
     if quantize:
-        from .quantize import scheme_record
-
         manifest.quantization = scheme_record(quantize, quant_block)
     manifest.save(out)
     if not quiet:
