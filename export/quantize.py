@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -164,8 +165,6 @@ def quantize_model(model: onnx.ModelProto, scheme: str, block: int, lookup: bool
 
 def quantize_file(path, data_file: str, scheme: str, block: int, lookup: bool = False) -> None:
     """Quantize one exported .onnx (weights in `data_file` next to it) in place: one piece in memory at a time."""
-    from pathlib import Path
-
     path = Path(path)
     model = onnx.load(str(path))
     try:
