@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .api import Cancelled, Engine, OptionError, PromptTooLong
+from .options import DecodeOptions
 from .config import ModelError
 from .memory import peak_rss_bytes
 
@@ -65,7 +66,8 @@ class _Body(BaseModel):
     early_stop: bool | None = None
 
 
-DECODING_FIELDS = ("cache", "gamma", "window", "threshold", "block_length", "steps", "track_num", "early_stop")
+# the body fields that are decoding options (the extra fields above), by their DecodeOptions names
+DECODING_FIELDS = tuple(name for name in _Body.model_fields if name in DecodeOptions.__dataclass_fields__)
 
 
 class Message(BaseModel):
