@@ -8,10 +8,12 @@
 (c) the bundled model (models/arith): eval on 200 held-out problems with every baseline, torch backend on the GPU;
 (d) a projection of LLaDA-8B GSM8K-256 tokens/s from (b) and published tokens/step and refresh fractions
     (docs/GPU.md explains the arithmetic);
-(e) the TensorRT GPU tests, when a TensorRT flavour is installed (last: skipped when time runs out).
+(e) the TensorRT GPU tests, when a TensorRT flavour is installed;
+(f) the ONNX Runtime CUDA-provider test (caches on the device), when onnxruntime-gpu is installed (last: skipped
+    when time runs out).
 
 Every section reports its own failure and the report is rewritten after each one. `--device cpu --quick` runs the
-same code on small shapes (tests/test_gpu_check.py), to catch crashes before a GPU session.
+same code on small shapes (tests/test_cuda_graphs.py), to catch crashes before a GPU session.
 
     python3 tools/gpu_check.py [OUT.md] [--device cuda|cpu] [--quick] [--budget SECONDS]
 """
@@ -282,7 +284,28 @@ def tensorrt_tests(ck: Check) -> None:
         ck.lines.append(f"{FLAVOR_NAMES[flavor]}: pytest exit {run.returncode}\n\n```\n{tail}\n```")
 
 
-SECTIONS = (parity, timings, arith_eval, projection, tensorrt_tests)
+# ---- (f) ONNX Runtime's CUDA execution provider -----------------------------------------------------------------
+def onnxruntime_cuda_tests(ck: Check) -> None:
+    """The CUDA-provider test (device caches, every policy, CUDA vs CPU tokens) where onnxruntime-gpu is installed."""
+    import subprocess
+
+    ck.lines.append("\n## (f) ONNX Runtime, CUDA execution provider\n")
+    try:
+        import onnxruntime
+    except ImportError:
+        ck.lines.append("onnxruntime is not installed: nothing to run")
+        return
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not ck.device.startswith("cuda"):
+        ck.lines.append("no CUDA execution provider (onnxruntime-gpu) here: nothing to run")
+        return
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs",
+                          "tests/test_ort_device_caches.py::test_cuda_device_caches_decode_like_the_cpu"], cwd=REPO,
+                         capture_output=True, text=True, timeout=max(ck.left(), 1))
+    tail = "\n".join(run.stdout.strip().splitlines()[-15:])
+    ck.lines.append(f"pytest exit {run.returncode}\n\n```\n{tail}\n```")
+
+
+SECTIONS = (parity, timings, arith_eval, projection, tensorrt_tests, onnxruntime_cuda_tests)
 
 
 def main(argv: list[str] | None = None) -> Check:

@@ -1,7 +1,9 @@
-"""The ONNX Runtime backend: one InferenceSession per exported piece, persistent numpy caches bound with IOBinding.
+"""The ONNX Runtime backend: one InferenceSession per exported piece, persistent caches bound with IOBinding.
 
 Refresh outputs are bound straight onto the cache buffers (no copy of a whole cache per call); window outputs are
-the new rows only and are scattered into the caches in place. Only numpy and onnxruntime are imported here.
+the new rows only and are written into the caches. The caches are numpy arrays on CPU and OrtValues on the device
+with the CUDA execution provider, so that no cache crosses to the host (ort_arrays.py). Only numpy and onnxruntime
+are imported on the CPU path.
 
 Weights (CPU): every external tensor is one OrtValue on a read-only memory map of its data file (runtime/memory.py),
 given to each session that uses it, so a range's window and refresh sessions, the embedding and the head hold no
@@ -25,12 +27,14 @@ from ..config import ModelError
 from ..manifest import load_manifest, range_name
 from ..memory import SharedWeights
 from .base import Backend, BackendError, RangeStats
+from .ort_arrays import DeviceArrays, HostArrays
 
 
 THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
 WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
 EXTENDED_FROM = 64 << 20               # weight bytes from which sessions get ONNX Runtime's extended fusions
 LOAD_WORKERS = 4                       # sessions built at once at start-up (at most the physical cores)
+CACHES_ENV = "DLLM_TRT_ORT_CACHES"     # "host" (numpy) or "device" (OrtValues); default: device off the CPU
 PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack when sessions have their own weights or the
                                        # engine is quantized
 
@@ -97,7 +101,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                 share_weights: bool | None = None, prepack: bool | None = None):
+                 share_weights: bool | None = None, prepack: bool | None = None, caches: str | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -110,8 +114,10 @@ class OnnxRuntimeBackend(Backend):
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.providers = providers
-        if self.manifest.dtype != "fp32" and providers[0] == "CPUExecutionProvider":
+        self.providers = providers   # names, or (name, provider options) pairs as ONNX Runtime takes them
+        self.provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        self.on_cpu = self.provider == "CPUExecutionProvider"
+        if self.manifest.dtype != "fp32" and self.on_cpu:
             raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
                                f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
         if threads is not None and threads < 1:
@@ -121,7 +127,7 @@ class OnnxRuntimeBackend(Backend):
         # were checked against the manifest when it was loaded
         self.weight_bytes = self.manifest.weight_bytes()
         self.share_weights, self.prepack = weight_mode(share_weights, prepack, bool(self.manifest.quantization))
-        if providers[0] != "CPUExecutionProvider":
+        if not self.on_cpu:
             # a GPU session copies its initializers to the device anyway: leave loading to ONNX Runtime there
             self.share_weights, self.prepack = False, True
         d = Path(engine_dir)
@@ -132,8 +138,25 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
         self.shared = shared
+        self.arrays = self._arrays(caches)
+        self.device_caches = isinstance(self.arrays, DeviceArrays)
+        # on a GPU every window pass is enqueued before the statistics are read (decoder.py, "batched")
+        self.one_sync_per_step = not self.on_cpu
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.dims["active_len"]["max"]
+
+    def _arrays(self, caches: str | None):
+        caches = caches or os.environ.get(CACHES_ENV) or ("host" if self.on_cpu else "device")
+        if caches == "host":
+            return HostArrays(self.manifest.dtype)
+        if caches != "device":
+            raise BackendError(f"caches must be 'host' or 'device' ({CACHES_ENV}), got {caches!r}")
+        device = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}.get(self.provider)
+        if device is None:
+            raise BackendError(f"caches on the device are implemented for the CPU and CUDA providers, "
+                               f"not {self.provider}")
+        options = {} if isinstance(self.providers[0], str) else self.providers[0][1]
+        return DeviceArrays(self.ort, self.manifest.dtype, self.providers, device, int(options.get("device_id", 0)))
 
     def _options(self, threads: int | None):
         ort = self.ort
@@ -196,7 +219,7 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> str:
         q = self.manifest.quantization
         weights = f", {q['scheme']} weights" if q else ""
-        provider = self.providers[0].removesuffix("ExecutionProvider").lower()
+        provider = self.provider.removesuffix("ExecutionProvider").lower()
         return f"onnxruntime ({provider}, {self.manifest.dtype}{weights})"
 
     def warmup(self, max_len: int | None = None) -> None:
@@ -218,34 +241,42 @@ class OnnxRuntimeBackend(Backend):
         self.begin(2)  # drop the warm-up caches
 
     # ---- running one piece with IOBinding ----------------------------------------------------------------------
-    def _run(self, piece: str, inputs: dict[str, np.ndarray], bound_outputs: dict[str, np.ndarray],
-             other_outputs: list[str]) -> list[np.ndarray]:
+    def _run(self, piece: str, inputs: dict, bound_outputs: dict, kept_outputs: list[str],
+             host_outputs: list[str] = ()) -> list:
+        """Run a piece. inputs and bound_outputs are numpy arrays or OrtValues (bound outputs are written in place);
+        kept_outputs come back where the caches live (self.arrays), host_outputs as numpy arrays."""
         ov = self.ort.OrtValue
         session = self.sessions[piece]
         binding = session.io_binding()
-        for name, arr in inputs.items():
-            binding.bind_ortvalue_input(name, ov.ortvalue_from_numpy(arr))
-        for name, arr in bound_outputs.items():   # written in place by the graph
-            binding.bind_ortvalue_output(name, ov.ortvalue_from_numpy(arr))
-        for name in other_outputs:
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, ov.ortvalue_from_numpy(value) if isinstance(value, np.ndarray)
+                                        else value)
+        for name, value in bound_outputs.items():
+            binding.bind_ortvalue_output(name, ov.ortvalue_from_numpy(value) if isinstance(value, np.ndarray)
+                                         else value)
+        for name in kept_outputs:
+            binding.bind_output(name, self.arrays.device)
+        for name in host_outputs:
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return [outputs[len(bound_outputs) + i].numpy() for i in range(len(other_outputs))]
+        outputs = binding.get_outputs()[len(bound_outputs):]
+        return ([self.arrays.kept(v) for v in outputs[:len(kept_outputs)]]
+                + [v.numpy() for v in outputs[len(kept_outputs):]])
 
     # ---- the backend primitives ----------------------------------------------------------------------------------
     def _allocate(self, n: int) -> None:
         if n > self.max_len:
             raise ModelError(f"the canvas needs {n} positions but the engines were exported for at most "
                              f"{self.max_len} (re-export with a larger --max-len)")
-        c = self.config
+        c, zeros = self.config, self.arrays.zeros
         shape = (c.n_heads, n, c.head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
-        self.q = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
-        self.boundary = [np.zeros((n, c.d_model), np.float32) for _ in self.ranges]
-        self.final = np.zeros((n, c.d_model), np.float32)
+        self.k = [zeros(shape) for _ in range(c.n_layers)]
+        self.v = [zeros(shape) for _ in range(c.n_layers)]
+        self.q = [zeros(shape) for _ in range(c.n_layers)]
+        self.boundary = [zeros((n, c.d_model)) for _ in self.ranges]
+        self.final = zeros((n, c.d_model))
         self.positions = np.arange(n, dtype=np.int64)
+        self.filled = False   # device caches start uninitialised; the first full refresh of a generation fills them
 
     def _check_active(self, count: int, what: str) -> None:
         if count > self.max_active:
@@ -255,39 +286,43 @@ class OnnxRuntimeBackend(Backend):
     def _store(self, r: int, positions, hidden) -> None:
         self.current = hidden
         if positions is not None and r < len(self.ranges):
-            self.boundary[r][positions] = hidden
+            self.boundary[r] = self.arrays.put_rows(self.boundary[r], 0, positions, hidden)
 
     def _embed(self, ids, positions):
         if positions is None:
             self._run("embed", {"input_ids": ids}, {"hidden_states": self.boundary[0]}, [])
             self.current = self.boundary[0]
+            self.filled = True   # the start of a full refresh (every policy's first step is one)
         else:
             self._check_active(len(ids), "a window pass")
             (hidden,) = self._run("embed", {"input_ids": ids}, {}, ["hidden_states"])
             self._store(0, positions, hidden)
 
     def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
+        if not self.filled:
+            raise ValueError("window mode needs caches filled by a full refresh (every policy starts with one)")
         a, b = self.ranges[r]
+        arrays = self.arrays
         inputs = {"hidden_states": self.current, "position_ids": positions, "track_rows": track_rows,
                   "window_rows": window_rows, "key_is_mask": key_is_mask}
         names = []
         for L in range(a, b):
             inputs[f"past_key_values.{L}.key"] = self.k[L]
             inputs[f"past_key_values.{L}.value"] = self.v[L]
-            inputs[f"track_queries.{L}"] = np.ascontiguousarray(self.q[L][:, track_positions])
+            inputs[f"track_queries.{L}"] = arrays.take_rows(self.q[L], 1, track_positions)
             names += [f"new_key_values.{L}.key", f"new_key_values.{L}.value", f"new_queries.{L}", f"drift.{L}",
                       f"attn_colsum.{L}"]
         out = self._run(f"{range_name(a, b)}.window", inputs, {}, ["hidden_states_out"] + names)
         drift, colsum = [], []
         for i, L in enumerate(range(a, b)):
             k, v, q, d, c = out[1 + 5 * i: 6 + 5 * i]
-            self.k[L][:, positions] = k
-            self.v[L][:, positions] = v
-            self.q[L][:, positions] = q
+            self.k[L] = arrays.put_rows(self.k[L], 1, positions, k)
+            self.v[L] = arrays.put_rows(self.v[L], 1, positions, v)
+            self.q[L] = arrays.put_rows(self.q[L], 1, positions, q)
             drift.append(d)
             colsum.append(c)
         self._store(r + 1, positions, out[0])
-        return RangeStats(colsum=np.stack(colsum), drift=np.stack(drift))
+        return self._stats(colsum, drift)
 
     def _refresh(self, r, window_positions, key_is_mask):
         a, b = self.ranges[r]
@@ -302,8 +337,23 @@ class OnnxRuntimeBackend(Backend):
                            {"hidden_states": self.boundary[r], "position_ids": self.positions,
                             "window_positions": window_positions, "key_is_mask": key_is_mask}, bound, names)
         self.current = target
-        return RangeStats(colsum=np.stack(colsum))
+        return self._stats(colsum)
 
     def _head(self, rows):
-        tokens, probs = self._run("head", {"hidden_states": self.current, "rows": rows}, {}, ["tokens", "probs"])
+        tokens, probs = self._run("head", {"hidden_states": self.current, "rows": rows}, {}, [],
+                                  ["tokens", "probs"])
         return tokens, probs
+
+    # ---- statistics: stacked on the host at once (CPU), or left on the device until fetch ----------------------
+    def _stats(self, colsum: list, drift: list | None = None) -> RangeStats:
+        if self.device_caches:
+            return RangeStats(colsum=colsum, drift=drift)
+        return RangeStats(colsum=np.stack(colsum), drift=None if drift is None else np.stack(drift))
+
+    def fetch(self, stats: list[RangeStats]) -> list[RangeStats]:
+        if not self.device_caches:
+            return stats
+        host = self.arrays.host
+        return [RangeStats(colsum=np.stack([host(c) for c in st.colsum]),
+                           drift=None if st.drift is None else np.stack([host(d) for d in st.drift]))
+                for st in stats]
