@@ -28,23 +28,25 @@ def backends(tiny_dir, tiny_engines):
             "torch": TorchBackend(tiny_dir, layers_per_range=2)}
 
 
-@pytest.mark.parametrize("shape,axis", [((3, 11, 4), 1), ((11, 6), 0), ((2, 9, 5), 1)])
-def test_helper_graphs_write_and_read_rows_like_numpy(shape, axis):
+def test_helper_graphs_write_and_read_rows_like_numpy():
     rng = np.random.default_rng(0)
     arrays = DeviceArrays(ort, "fp32", ["CPUExecutionProvider"], "cpu")
-    data = rng.standard_normal(shape).astype(np.float32)
+    shapes, axes = [(3, 11, 4), (2, 11, 5), (11, 6)], [1, 1, 0]
+    data = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     positions = np.array([7, 0, 3], dtype=np.int64)
-    rows_shape = list(shape)
-    rows_shape[axis] = len(positions)
-    rows = rng.standard_normal(rows_shape).astype(np.float32)
+    rows = []
+    for shape, axis in zip(shapes, axes):
+        rows.append(rng.standard_normal(shape[:axis] + (3,) + shape[axis + 1:]).astype(np.float32))
 
-    written = arrays.put_rows(ort.OrtValue.ortvalue_from_numpy(data.copy()), axis, positions, rows)
-    expected = data.copy()
-    expected[(slice(None),) * axis + (positions,)] = rows
-    assert np.array_equal(written.numpy(), expected)
+    written = arrays.put_rows([ort.OrtValue.ortvalue_from_numpy(d.copy()) for d in data], axes, positions, rows)
+    expected = [d.copy() for d in data]
+    for e, axis, r in zip(expected, axes, rows):
+        e[(slice(None),) * axis + (positions,)] = r
+    assert all(np.array_equal(w.numpy(), e) for w, e in zip(written, expected))
 
-    taken = arrays.take_rows(written, axis, positions[::-1].copy())
-    assert np.array_equal(taken.numpy(), np.take(expected, positions[::-1], axis=axis))
+    order = positions[::-1].copy()
+    taken = arrays.take_rows(written[:2], 1, order)
+    assert all(np.array_equal(t.numpy(), np.take(e, order, axis=1)) for t, e in zip(taken, expected[:2]))
 
 
 def test_device_caches_equal_host_caches_for_every_policy_and_order(backends, prompts):
@@ -73,13 +75,16 @@ def test_device_caches_decode_like_the_torch_reference(backends, prompts):
         assert tokens["device"] == tokens["torch"]
 
 
-def test_device_caches_stay_ortvalues_with_one_spare_per_shape(backends, prompts):
+def test_device_caches_stay_ortvalues_with_one_range_of_spares(backends, prompts):
     backend = backends["device"]
     schedule, policy = build(DecodeOptions(cache="elastic", window=8, gamma=0.97), GEN)
     Decoder(backend, policy, schedule).generate(prompts[0])
     assert all(isinstance(t, ort.OrtValue) for t in backend.k + backend.v + backend.q + backend.boundary)
-    spares = backend.arrays._spare
-    assert spares and all(len(buffers) == 1 for buffers in spares.values())
+    cfg, spares = backend.config, backend.arrays._spare
+    most_layers = max(b - a for a, b in backend.ranges)
+    assert len(backend.ranges) > 1 and most_layers < cfg.n_layers
+    assert [len(spares[(cfg.n_heads, n, cfg.head_dim)]) for n in [backend.n_positions]] == [3 * most_layers]
+    assert len(spares[(backend.n_positions, cfg.d_model)]) == 1
 
 
 def test_window_before_a_full_refresh_is_refused(backends):
@@ -113,3 +118,20 @@ def test_cuda_device_caches_decode_like_the_cpu(backends, tiny_engines, prompts)
                 schedule, policy = build(opts, GEN)
                 ids.append(Decoder(backend, policy, schedule).generate(prompt).canvas_ids)
             assert ids[0] == ids[1], opts
+
+
+def test_a_canvas_of_the_same_length_reuses_the_device_buffers(backends, prompts):
+    backend = backends["device"]
+
+    def buffers():
+        held = backend.k + backend.v + backend.q + backend.boundary + [backend.final]
+        return {t.data_ptr() for t in held + [t for spare in backend.arrays._spare.values() for t in spare]}
+
+    schedule, policy = build(DecodeOptions(cache="elastic", window=8, gamma=0.97), GEN)
+    Decoder(backend, policy, schedule).generate(prompts[0])
+    first = buffers()
+    Decoder(backend, policy, schedule).generate(prompts[0])
+    assert buffers() == first
+    longer = next(p for p in prompts if len(p) != len(prompts[0]))
+    Decoder(backend, policy, schedule).generate(longer)
+    assert all(backend.n_positions in shape for shape in backend.arrays._spare)

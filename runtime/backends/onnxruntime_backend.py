@@ -268,13 +268,15 @@ class OnnxRuntimeBackend(Backend):
         if n > self.max_len:
             raise ModelError(f"the canvas needs {n} positions but the engines were exported for at most "
                              f"{self.max_len} (re-export with a larger --max-len)")
-        c, zeros = self.config, self.arrays.zeros
+        c, buffer = self.config, self.arrays.buffer
         shape = (c.n_heads, n, c.head_dim)
-        self.k = [zeros(shape) for _ in range(c.n_layers)]
-        self.v = [zeros(shape) for _ in range(c.n_layers)]
-        self.q = [zeros(shape) for _ in range(c.n_layers)]
-        self.boundary = [zeros((n, c.d_model)) for _ in self.ranges]
-        self.final = zeros((n, c.d_model))
+        previous = [*self.k, *self.v, *self.q, *self.boundary, self.final] if hasattr(self, "k") else []
+        self.arrays.recycle(previous, {shape, (n, c.d_model)})
+        self.k = [buffer(shape) for _ in range(c.n_layers)]
+        self.v = [buffer(shape) for _ in range(c.n_layers)]
+        self.q = [buffer(shape) for _ in range(c.n_layers)]
+        self.boundary = [buffer((n, c.d_model)) for _ in self.ranges]
+        self.final = buffer((n, c.d_model))
         self.positions = np.arange(n, dtype=np.int64)
         self.filled = False   # device caches start uninitialised; the first full refresh of a generation fills them
 
@@ -282,11 +284,6 @@ class OnnxRuntimeBackend(Backend):
         if count > self.max_active:
             raise ModelError(f"{what} needs {count} rows but the engines were exported for at most "
                              f"{self.max_active} (re-export with a larger --max-active)")
-
-    def _store(self, r: int, positions, hidden) -> None:
-        self.current = hidden
-        if positions is not None and r < len(self.ranges):
-            self.boundary[r] = self.arrays.put_rows(self.boundary[r], 0, positions, hidden)
 
     def _embed(self, ids, positions):
         if positions is None:
@@ -296,33 +293,43 @@ class OnnxRuntimeBackend(Backend):
         else:
             self._check_active(len(ids), "a window pass")
             (hidden,) = self._run("embed", {"input_ids": ids}, {}, ["hidden_states"])
-            self._store(0, positions, hidden)
+            (self.boundary[0],) = self.arrays.put_rows([self.boundary[0]], [0], positions, [hidden])
+            self.current = hidden
 
     def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
         if not self.filled:
             raise ValueError("window mode needs caches filled by a full refresh (every policy starts with one)")
         a, b = self.ranges[r]
-        arrays = self.arrays
+        layers = range(a, b)
         inputs = {"hidden_states": self.current, "position_ids": positions, "track_rows": track_rows,
                   "window_rows": window_rows, "key_is_mask": key_is_mask}
+        tracked = self.arrays.take_rows([self.q[L] for L in layers], 1, track_positions)
         names = []
-        for L in range(a, b):
+        for L, track_queries in zip(layers, tracked):
             inputs[f"past_key_values.{L}.key"] = self.k[L]
             inputs[f"past_key_values.{L}.value"] = self.v[L]
-            inputs[f"track_queries.{L}"] = arrays.take_rows(self.q[L], 1, track_positions)
+            inputs[f"track_queries.{L}"] = track_queries
             names += [f"new_key_values.{L}.key", f"new_key_values.{L}.value", f"new_queries.{L}", f"drift.{L}",
                       f"attn_colsum.{L}"]
         out = self._run(f"{range_name(a, b)}.window", inputs, {}, ["hidden_states_out"] + names)
-        drift, colsum = [], []
-        for i, L in enumerate(range(a, b)):
-            k, v, q, d, c = out[1 + 5 * i: 6 + 5 * i]
-            self.k[L] = arrays.put_rows(self.k[L], 1, positions, k)
-            self.v[L] = arrays.put_rows(self.v[L], 1, positions, v)
-            self.q[L] = arrays.put_rows(self.q[L], 1, positions, q)
-            drift.append(d)
-            colsum.append(c)
-        self._store(r + 1, positions, out[0])
-        return self._stats(colsum, drift)
+        per_layer = [out[1 + 5 * i: 6 + 5 * i] for i in range(b - a)]
+        # the range's new K/V/Q rows and its output hidden states, written in one go (one helper run on a device)
+        caches, axes, rows = [], [], []
+        for L, (k, v, q, _, _) in zip(layers, per_layer):
+            caches += [self.k[L], self.v[L], self.q[L]]
+            axes += [1, 1, 1]
+            rows += [k, v, q]
+        if r + 1 < len(self.ranges):
+            caches.append(self.boundary[r + 1])
+            axes.append(0)
+            rows.append(out[0])
+        written = self.arrays.put_rows(caches, axes, positions, rows)
+        for i, L in enumerate(layers):
+            self.k[L], self.v[L], self.q[L] = written[3 * i: 3 * i + 3]
+        if r + 1 < len(self.ranges):
+            self.boundary[r + 1] = written[-1]
+        self.current = out[0]
+        return self._stats([p[4] for p in per_layer], [p[3] for p in per_layer])
 
     def _refresh(self, r, window_positions, key_is_mask):
         a, b = self.ranges[r]

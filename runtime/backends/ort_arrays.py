@@ -2,10 +2,10 @@
 
 - HostArrays: numpy arrays, rows written in place (CPU; graphs read and write the arrays through IOBinding).
 - DeviceArrays: OrtValues on the execution provider's device (CUDA). No cache crosses to the host: the rows a window
-  pass produced are written into a cache, and the tracked rows read out of one, by two tiny helper graphs
-  (ScatterElements / Gather) run with IOBinding on the same device. ONNX Runtime cannot write a graph's output
-  into one of its inputs, so a write goes to a spare buffer of the same shape and the old buffer becomes the spare:
-  one spare per cache shape, not a second set of caches.
+  pass produced are written into its range's caches, and the tracked queries read out of them, by two small
+  helper graphs per range (ScatterElements / Gather, one run each) run with IOBinding on the same device. ONNX
+  Runtime cannot write a graph's output into one of its inputs, so a write goes to spare buffers of the same shapes
+  and the old buffers become the spares: one range's worth of spares, not a second set of caches.
 
 Both offer the same operations, so the backend's step code is written once. DeviceArrays also runs on the CPU
 provider (device "cpu"): that is how it is tested where no GPU is.
@@ -29,16 +29,20 @@ class HostArrays:
                                f"(ONNX Runtime with the CUDA execution provider)")
         self.dtype = np.float32 if dtype == "fp32" else np.float16
 
-    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+    def buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, self.dtype)
 
-    def put_rows(self, array: np.ndarray, axis: int, positions: np.ndarray, rows) -> np.ndarray:
-        """array with rows written at positions along axis (here: in place; the array is returned)."""
-        array[(slice(None),) * axis + (positions,)] = rows
-        return array
+    def recycle(self, buffers: list, shapes: set) -> None:
+        """A new generation begins (numpy caches are simply allocated anew)."""
 
-    def take_rows(self, array: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.take(array, positions, axis=axis))
+    def put_rows(self, arrays: list, axes: list[int], positions: np.ndarray, rows: list) -> list:
+        """Each array with its rows written at positions along its axis (here: in place; the arrays are returned)."""
+        for array, axis, new in zip(arrays, axes, rows):
+            array[(slice(None),) * axis + (positions,)] = new
+        return arrays
+
+    def take_rows(self, arrays: list, axis: int, positions: np.ndarray) -> list:
+        return [np.ascontiguousarray(np.take(a, positions, axis=axis)) for a in arrays]
 
     def kept(self, value):
         """An output bound to self.device, as the backend keeps it."""
@@ -57,21 +61,37 @@ class DeviceArrays:
         self._spare: dict[tuple[int, ...], list] = {}
         self._sessions: dict[tuple, object] = {}
 
-    def zeros(self, shape: tuple[int, ...]):
-        """A buffer of `shape` on the device. Its contents are left as allocated: every generation starts with a
-        full refresh, which writes every row of every cache (Backend.window refuses to run before one)."""
+    def buffer(self, shape: tuple[int, ...]):
+        """A buffer of `shape` on the device: a spare of that shape, or a new one. Its contents are whatever they
+        were: every generation starts with a full refresh, which writes every row of every cache (the backend
+        refuses a window pass before one)."""
+        spare = self._spare.get(tuple(shape))
+        if spare:
+            return spare.pop()
         return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.element, self.device, self.device_id)
 
-    def put_rows(self, array, axis: int, positions: np.ndarray, rows):
-        shape = tuple(array.shape())
-        spare = self._spare.get(shape)
-        out = spare.pop() if spare else self.zeros(shape)
-        self._run(("put", len(shape), axis), {"data": array, "positions": positions, "rows": rows}, out)
-        self._spare.setdefault(shape, []).append(array)
-        return out
+    def recycle(self, buffers: list, shapes: set) -> None:
+        """A new generation begins: the previous caches become spares, so a canvas of the same length allocates
+        nothing; buffers of the shapes no longer used are freed."""
+        for b in buffers:
+            self._spare.setdefault(tuple(b.shape()), []).append(b)
+        self._spare = {s: spare for s, spare in self._spare.items() if s in shapes}
 
-    def take_rows(self, array, axis: int, positions: np.ndarray):
-        return self._run(("take", len(array.shape()), axis), {"data": array, "positions": positions}, None)
+    def put_rows(self, arrays: list, axes: list[int], positions: np.ndarray, rows: list) -> list:
+        """One helper run writes every array of a layer range; each goes to a spare of its shape."""
+        shapes = [tuple(a.shape()) for a in arrays]
+        outs = [self.buffer(s) for s in shapes]
+        key = ("put", tuple((len(s), axis) for s, axis in zip(shapes, axes)))
+        feeds = {"positions": positions} | {f"data{i}": a for i, a in enumerate(arrays)} | {
+            f"rows{i}": r for i, r in enumerate(rows)}
+        self._run(key, feeds, outs)
+        for shape, old in zip(shapes, arrays):
+            self._spare.setdefault(shape, []).append(old)
+        return outs
+
+    def take_rows(self, arrays: list, axis: int, positions: np.ndarray) -> list:
+        key = ("take", tuple((len(a.shape()), axis) for a in arrays))
+        return self._run(key, {"positions": positions} | {f"data{i}": a for i, a in enumerate(arrays)}, None)
 
     def kept(self, value):
         return value
@@ -79,51 +99,59 @@ class DeviceArrays:
     def host(self, value) -> np.ndarray:
         return value.numpy()
 
-    def _run(self, key: tuple, inputs: dict, out):
+    def _run(self, key: tuple, inputs: dict, outs: list | None) -> list:
         session = self._sessions.get(key)
         if session is None:
+            opts = self.ort.SessionOptions()
+            # copies, not arithmetic: one thread, and none left spinning to slow the next piece down
+            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = self._sessions[key] = self.ort.InferenceSession(
-                helper_graph(*key, self.element), providers=self.providers)
+                helper_graph(*key, self.element), opts, providers=self.providers)
         binding = session.io_binding()
         for name, value in inputs.items():
             if isinstance(value, np.ndarray):
                 value = self.ort.OrtValue.ortvalue_from_numpy(value)
             binding.bind_ortvalue_input(name, value)
-        if out is None:
-            binding.bind_output("out", self.device, self.device_id)
-        else:
-            binding.bind_ortvalue_output("out", out)
+        for i in range(len(key[1])):
+            if outs is None:
+                binding.bind_output(f"out{i}", self.device, self.device_id)
+            else:
+                binding.bind_ortvalue_output(f"out{i}", outs[i])
         session.run_with_iobinding(binding)
-        return binding.get_outputs()[0] if out is None else out
+        return binding.get_outputs() if outs is None else outs
 
 
-def helper_graph(kind: str, rank: int, axis: int, element: int) -> bytes:
-    """The serialized graph `out = data with rows at positions along axis` (put) or `out = data's rows at
-    positions along axis` (take). onnx is imported here only: the host path never builds one."""
+def helper_graph(kind: str, tensors: tuple[tuple[int, int], ...], element: int) -> bytes:
+    """The serialized graph that, for each (rank, axis) in tensors, gives `out{i}` = `data{i}` with `rows{i}`
+    written at `positions` along axis (put), or the rows of `data{i}` at `positions` along axis (take).
+    onnx is imported here only: the host path never builds one."""
     try:
         from onnx import TensorProto, helper
     except ImportError:
-        raise BackendError("caches on the device need the onnx package to build two helper graphs: "
+        raise BackendError("caches on the device need the onnx package to build their helper graphs: "
                            "pip install onnx") from None
-    dims = [f"d{i}" for i in range(rank)]
-    inputs = [helper.make_tensor_value_info("data", element, dims),
-              helper.make_tensor_value_info("positions", TensorProto.INT64, ["p"])]
-    if kind == "take":
-        nodes = [helper.make_node("Gather", ["data", "positions"], ["out"], axis=axis)]
-    else:
-        # ScatterElements wants one index per updated element: positions shaped [1, .., p, .., 1], broadcast
+    inputs = [helper.make_tensor_value_info("positions", TensorProto.INT64, ["p"])]
+    outputs, nodes = [], []
+    for i, (rank, axis) in enumerate(tensors):
+        inputs.append(helper.make_tensor_value_info(f"data{i}", element, [f"d{i}_{j}" for j in range(rank)]))
+        outputs.append(helper.make_tensor_value_info(f"out{i}", element, [None] * rank))
+        if kind == "take":
+            nodes.append(helper.make_node("Gather", [f"data{i}", "positions"], [f"out{i}"], axis=axis))
+            continue
+        # ScatterElements wants one index per written element: positions shaped [1, .., p, .., 1], broadcast
         # to the shape of the rows
-        inputs.append(helper.make_tensor_value_info("rows", element, [None] * rank))
+        inputs.append(helper.make_tensor_value_info(f"rows{i}", element, [None] * rank))
         shape = [1] * rank
         shape[axis] = -1
-        nodes = [helper.make_node("Constant", [], ["index_shape"],
-                                  value=helper.make_tensor("index_shape", TensorProto.INT64, [rank], shape)),
-                 helper.make_node("Reshape", ["positions", "index_shape"], ["index_column"]),
-                 helper.make_node("Shape", ["rows"], ["rows_shape"]),
-                 helper.make_node("Expand", ["index_column", "rows_shape"], ["index"]),
-                 helper.make_node("ScatterElements", ["data", "index", "rows"], ["out"], axis=axis)]
-    graph = helper.make_graph(nodes, f"{kind}_rows", inputs,
-                              [helper.make_tensor_value_info("out", element, [None] * rank)])
+        nodes += [helper.make_node("Constant", [], [f"index_shape{i}"],
+                                   value=helper.make_tensor(f"index_shape{i}", TensorProto.INT64, [rank], shape)),
+                  helper.make_node("Reshape", ["positions", f"index_shape{i}"], [f"index_column{i}"]),
+                  helper.make_node("Shape", [f"rows{i}"], [f"rows_shape{i}"]),
+                  helper.make_node("Expand", [f"index_column{i}", f"rows_shape{i}"], [f"index{i}"]),
+                  helper.make_node("ScatterElements", [f"data{i}", f"index{i}", f"rows{i}"], [f"out{i}"],
+                                   axis=axis)]
+    graph = helper.make_graph(nodes, f"{kind}_rows", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)],
                               producer_name="dllm-trt")
     model.ir_version = 8   # the oldest ONNX Runtime the gpu extra allows (1.18) reads IR 8..10
