@@ -12,6 +12,7 @@ from dllm_trt.runtime.decoder import Decoder
 from dllm_trt.runtime.options import DecodeOptions, build
 
 GEN = 32
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 CASES = [DecodeOptions(cache="none", window=8), DecodeOptions(cache="dual"), DecodeOptions(cache="prefix"),
          DecodeOptions(cache="elastic", window=8, gamma=0.97),
          DecodeOptions(cache="elastic", window=8, gamma=0.995, refresh_alignment="next", drift_metric="keys")]
@@ -28,15 +29,17 @@ def backends(tiny_dir, tiny_engines):
             "torch": TorchBackend(tiny_dir, layers_per_range=2)}
 
 
-def test_helper_graphs_write_and_read_rows_like_numpy():
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_helper_graphs_write_and_read_rows_like_numpy(dtype):
     rng = np.random.default_rng(0)
-    arrays = DeviceArrays(ort, "fp32", ["CPUExecutionProvider"], "cpu")
+    arrays = DeviceArrays(ort, dtype, ["CPUExecutionProvider"], "cpu")
+    np_type = np.float32 if dtype == "fp32" else np.float16
     shapes, axes = [(3, 11, 4), (2, 11, 5), (11, 6)], [1, 1, 0]
-    data = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    data = [rng.standard_normal(s).astype(np_type) for s in shapes]
     positions = np.array([7, 0, 3], dtype=np.int64)
     rows = []
     for shape, axis in zip(shapes, axes):
-        rows.append(rng.standard_normal(shape[:axis] + (3,) + shape[axis + 1:]).astype(np.float32))
+        rows.append(rng.standard_normal(shape[:axis] + (3,) + shape[axis + 1:]).astype(np_type))
 
     written = arrays.put_rows([ort.OrtValue.ortvalue_from_numpy(d.copy()) for d in data], axes, positions, rows)
     expected = [d.copy() for d in data]
@@ -96,13 +99,21 @@ def test_window_before_a_full_refresh_is_refused(backends):
         backend.window(0, rows, rows, rows, np.zeros(16, dtype=bool))
 
 
+@pytest.mark.skipif(CUDA, reason="needs a machine where CUDA cannot start")
+@pytest.mark.filterwarnings("ignore:Specified provider")   # ONNX Runtime's own warning about the same
+def test_a_provider_that_cannot_start_falls_back_to_the_cpu_with_a_warning(tiny_engines, prompts, capsys):
+    backend = OnnxRuntimeBackend(tiny_engines, threads=1, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert "could not start CUDAExecutionProvider; running on CPUExecutionProvider" in capsys.readouterr().err
+    assert backend.on_cpu and not backend.device_caches and backend.describe().startswith("onnxruntime (cpu")
+    schedule, policy = build(DecodeOptions(cache="elastic", window=8), GEN)
+    assert Decoder(backend, policy, schedule).generate(prompts[0]).steps > 0
+
+
 def test_unknown_cache_place_is_one_line(tiny_engines, monkeypatch):
     monkeypatch.setenv("DLLM_TRT_ORT_CACHES", "gpu-ish")
     with pytest.raises(BackendError, match="'host' or 'device'"):
         OnnxRuntimeBackend(tiny_engines, threads=1)
 
-
-CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
@@ -110,7 +121,8 @@ def test_cuda_device_caches_decode_like_the_cpu(backends, tiny_engines, prompts)
     # fp32 without TF32, so that CUDA and CPU pick the same tokens
     cuda = OnnxRuntimeBackend(tiny_engines, providers=[("CUDAExecutionProvider", {"use_tf32": 0}),
                                                        "CPUExecutionProvider"])
-    assert cuda.device_caches and cuda.one_sync_per_step
+    assert cuda.device_caches and cuda.provider == "CUDAExecutionProvider"
+    cuda.warmup(64)
     for opts in CASES:
         for prompt in prompts[:3]:
             ids = []

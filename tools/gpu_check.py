@@ -302,7 +302,8 @@ def onnxruntime_cuda_tests(ck: Check) -> None:
                           "tests/test_ort_device_caches.py::test_cuda_device_caches_decode_like_the_cpu"], cwd=REPO,
                          capture_output=True, text=True, timeout=max(ck.left(), 1))
     tail = "\n".join(run.stdout.strip().splitlines()[-15:])
-    ck.lines.append(f"pytest exit {run.returncode}\n\n```\n{tail}\n```")
+    verdict = "passed" if run.returncode == 0 else "failed"
+    ck.lines.append(f"pytest exit {run.returncode} ({verdict})\n\n```\n{tail}\n```")
 
 
 SECTIONS = (parity, timings, arith_eval, projection, tensorrt_tests, onnxruntime_cuda_tests)

@@ -8,8 +8,8 @@ are imported on the CPU path.
 Weights (CPU): every external tensor is one OrtValue on a read-only memory map of its data file (runtime/memory.py),
 given to each session that uses it, so a range's window and refresh sessions, the embedding and the head hold no
 copies and processes serving the same folder share the pages. Pre-packing is off in that mode: it would make a
-private packed copy per session again (it costs the 25-row window pass about 16% more CPU time on a 0.42 B model; the refresh pass
-about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
+private packed copy per session again (it costs the 25-row window pass about 16% more CPU time on a 0.42 B model;
+the refresh pass about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
 Quantized engines (MatMulNBits) pre-pack by default even so: without its packed layout MatMulNBits falls back to
 dequantizing every weight on every call, 6-8x slower than fp32 (tools/bench_quant.py); the packed int4/int8 copies
 are private to each session, the mapped file pages stay shared.
@@ -19,6 +19,7 @@ Threads: every session gets the physical cores this process may use (default_thr
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,27 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise ModelError(f"{engine_dir}: ONNX Runtime cannot load the pieces ({str(e).splitlines()[0]})") from None
         self.shared = shared
+        self._check_started(engine_dir)
         self.arrays = self._arrays(caches)
         self.device_caches = isinstance(self.arrays, DeviceArrays)
-        # on a GPU every window pass is enqueued before the statistics are read (decoder.py, "batched")
-        self.one_sync_per_step = not self.on_cpu
+        # one_sync_per_step stays False even on a GPU: ONNX Runtime waits for the device at the end of every run,
+        # so running every window pass before reading the statistics would save no wait, only cost the window
+        # passes a drift makes useless
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.dims["active_len"]["max"]
+
+    def _check_started(self, engine_dir) -> None:
+        """The provider the sessions really run on: onnxruntime-gpu lists CUDA even where its libraries cannot load,
+        and then falls back to the CPU with a log line. Say so, and go on as a CPU backend."""
+        started = next(iter(self.sessions.values())).get_providers()[0]
+        if started == self.provider:
+            return
+        if started == "CPUExecutionProvider" and self.manifest.dtype != "fp32":
+            raise BackendError(f"{engine_dir}: ONNX Runtime could not start {self.provider} and fell back to the "
+                               f"CPU, which has no {self.manifest.dtype} kernels (see `dllm-trt doctor`)")
+        print(f"warning: ONNX Runtime could not start {self.provider}; running on {started}", file=sys.stderr)
+        self.provider, self.providers = started, [started]
+        self.on_cpu = started == "CPUExecutionProvider"
 
     def _arrays(self, caches: str | None):
         caches = caches or os.environ.get(CACHES_ENV) or ("host" if self.on_cpu else "device")
@@ -255,7 +271,7 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_ortvalue_output(name, ov.ortvalue_from_numpy(value) if isinstance(value, np.ndarray)
                                          else value)
         for name in kept_outputs:
-            binding.bind_output(name, self.arrays.device)
+            binding.bind_output(name, self.arrays.device, self.arrays.device_id)
         for name in host_outputs:
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
@@ -309,13 +325,14 @@ class OnnxRuntimeBackend(Backend):
             inputs[f"past_key_values.{L}.key"] = self.k[L]
             inputs[f"past_key_values.{L}.value"] = self.v[L]
             inputs[f"track_queries.{L}"] = track_queries
-            names += [f"new_key_values.{L}.key", f"new_key_values.{L}.value", f"new_queries.{L}", f"drift.{L}",
-                      f"attn_colsum.{L}"]
-        out = self._run(f"{range_name(a, b)}.window", inputs, {}, ["hidden_states_out"] + names)
-        per_layer = [out[1 + 5 * i: 6 + 5 * i] for i in range(b - a)]
+            names += [f"new_key_values.{L}.key", f"new_key_values.{L}.value", f"new_queries.{L}"]
+        stats = [n for L in layers for n in (f"drift.{L}", f"attn_colsum.{L}")]
+        out = self._run(f"{range_name(a, b)}.window", inputs, {}, ["hidden_states_out"] + names, stats)
+        per_layer = [out[1 + 3 * i: 4 + 3 * i] for i in range(b - a)]
+        drift, colsum = out[1 + 3 * (b - a)::2], out[2 + 3 * (b - a)::2]
         # the range's new K/V/Q rows and its output hidden states, written in one go (one helper run on a device)
         caches, axes, rows = [], [], []
-        for L, (k, v, q, _, _) in zip(layers, per_layer):
+        for L, (k, v, q) in zip(layers, per_layer):
             caches += [self.k[L], self.v[L], self.q[L]]
             axes += [1, 1, 1]
             rows += [k, v, q]
@@ -329,7 +346,7 @@ class OnnxRuntimeBackend(Backend):
         if r + 1 < len(self.ranges):
             self.boundary[r + 1] = written[-1]
         self.current = out[0]
-        return self._stats([p[4] for p in per_layer], [p[3] for p in per_layer])
+        return self._stats(colsum, drift)
 
     def _refresh(self, r, window_positions, key_is_mask):
         a, b = self.ranges[r]
@@ -342,7 +359,7 @@ class OnnxRuntimeBackend(Backend):
             names.append(f"attn_colsum.{L}")
         colsum = self._run(f"{range_name(a, b)}.refresh",
                            {"hidden_states": self.boundary[r], "position_ids": self.positions,
-                            "window_positions": window_positions, "key_is_mask": key_is_mask}, bound, names)
+                            "window_positions": window_positions, "key_is_mask": key_is_mask}, bound, [], names)
         self.current = target
         return self._stats(colsum)
 
@@ -351,16 +368,6 @@ class OnnxRuntimeBackend(Backend):
                                   ["tokens", "probs"])
         return tokens, probs
 
-    # ---- statistics: stacked on the host at once (CPU), or left on the device until fetch ----------------------
-    def _stats(self, colsum: list, drift: list | None = None) -> RangeStats:
-        if self.device_caches:
-            return RangeStats(colsum=colsum, drift=drift)
+    @staticmethod
+    def _stats(colsum: list, drift: list | None = None) -> RangeStats:
         return RangeStats(colsum=np.stack(colsum), drift=None if drift is None else np.stack(drift))
-
-    def fetch(self, stats: list[RangeStats]) -> list[RangeStats]:
-        if not self.device_caches:
-            return stats
-        host = self.arrays.host
-        return [RangeStats(colsum=np.stack([host(c) for c in st.colsum]),
-                           drift=None if st.drift is None else np.stack([host(d) for d in st.drift]))
-                for st in stats]

@@ -17,11 +17,14 @@ import numpy as np
 from .base import BackendError
 
 ONNX_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}   # onnx.TensorProto element types
+# what OrtValue allocation takes: numpy types where numpy has one (every ONNX Runtime release takes those; the
+# integer form, needed for bf16, is newer)
+ORT_ELEMENT_TYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": 16}
 HELPER_OPSET = 17
 
 
 class HostArrays:
-    device = "cpu"
+    device, device_id = "cpu", 0
 
     def __init__(self, dtype: str):
         if dtype not in ("fp32", "fp16"):
@@ -48,16 +51,13 @@ class HostArrays:
         """An output bound to self.device, as the backend keeps it."""
         return value.numpy()
 
-    def host(self, value) -> np.ndarray:
-        return value
-
 
 class DeviceArrays:
     def __init__(self, ort, dtype: str, providers: list, device: str = "cuda", device_id: int = 0):
         if dtype not in ONNX_TYPES:
             raise BackendError(f"unknown activation dtype {dtype!r}")
         self.ort, self.providers, self.device, self.device_id = ort, providers, device, device_id
-        self.element = ONNX_TYPES[dtype]
+        self.element, self.allocation_type = ONNX_TYPES[dtype], ORT_ELEMENT_TYPES[dtype]
         self._spare: dict[tuple[int, ...], list] = {}
         self._sessions: dict[tuple, object] = {}
 
@@ -68,7 +68,8 @@ class DeviceArrays:
         spare = self._spare.get(tuple(shape))
         if spare:
             return spare.pop()
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.element, self.device, self.device_id)
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.allocation_type, self.device,
+                                                              self.device_id)
 
     def recycle(self, buffers: list, shapes: set) -> None:
         """A new generation begins: the previous caches become spares, so a canvas of the same length allocates
@@ -95,9 +96,6 @@ class DeviceArrays:
 
     def kept(self, value):
         return value
-
-    def host(self, value) -> np.ndarray:
-        return value.numpy()
 
     def _run(self, key: tuple, inputs: dict, outs: list | None) -> list:
         session = self._sessions.get(key)
