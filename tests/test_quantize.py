@@ -22,11 +22,13 @@ from dllm_trt.runtime.schedule import WindowSchedule
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_dir, tmp_path_factory):
+def quantized(tiny_dir, tiny_engines, tmp_path_factory):
+    """int8 and int4 exports of the tiny model, next to its session-wide fp32 export (same layer ranges)."""
     root = tmp_path_factory.mktemp("quant")
-    return {s: export_model(tiny_dir, root / s, layers_per_range=2, max_len=64, max_active=32, quiet=True,
-                            quantize=None if s == "fp32" else s, quant_block=32) and root / s
-            for s in ("fp32", "int8", "int4")}
+    return {"fp32": tiny_engines} | {
+        s: export_model(tiny_dir, root / s, layers_per_range=2, max_len=64, max_active=32, quiet=True, quantize=s,
+                        quant_block=32) and root / s
+        for s in ("int8", "int4")}
 
 
 def _gemm_and_transpose_model():
