@@ -30,6 +30,17 @@ def tiny_engines(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bf16_engines(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint exported once per session in bf16 (one range of four layers). Tests only read its pieces;
+    TensorRT plan builds add a trt/ folder next to them."""
+    from dllm_trt.export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("engines-bf16") / "tiny"
+    export_model(tiny_dir, out, layers_per_range=4, dtype="bf16", max_len=64, max_active=32, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def prompts():
     """20 distinct prompts of varied length over ordinary byte tokens."""
     rng = np.random.default_rng(123)

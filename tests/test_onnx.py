@@ -146,7 +146,7 @@ def test_backend_not_installed(engines):
     assert "needs ONNX Runtime: pip install onnxruntime" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tmp_path):
+def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tiny_bf16_engines):
     """bf16 graphs are for TensorRT; on CPU they are checked with onnx's reference evaluator against torch bf16."""
     import ml_dtypes
     import torch
@@ -155,13 +155,12 @@ def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tmp_path):
     from dllm_trt.export.check import random_inputs
     from dllm_trt.export.onnx_export import _module_and_weights
 
-    m = export_model(tiny_dir, tmp_path / "bf16", layers_per_range=4, dtype="bf16", max_len=64, max_active=32,
-                     quiet=True)
+    m = load_manifest(tiny_bf16_engines)
     spec = m.piece("layers_00_04.window")
     sizes = {"seq_len": 12, "active_len": 5, "track_len": 2, "window_len": 3}
     inputs = random_inputs(spec, m.config, sizes, np.random.default_rng(0))
     feeds = {k: (v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v) for k, v in inputs.items()}
-    got = ReferenceEvaluator(str(tmp_path / "bf16" / spec.file)).run(None, feeds)
+    got = ReferenceEvaluator(str(tiny_bf16_engines / spec.file)).run(None, feeds)
     from dllm_trt.runtime.checkpoint import Checkpoint
 
     module, weights = _module_and_weights(spec, Checkpoint(tiny_dir), torch.bfloat16)
@@ -177,7 +176,7 @@ def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tmp_path):
         # bf16 keeps 8 significant bits: compare relative to the output's scale
         err = np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))
         assert err < (2e-2 if t.dtype == "float32" else 5e-2), (t.name, err)
-    graph = onnx.load(str(tmp_path / "bf16" / spec.file), load_external_data=False).graph
+    graph = onnx.load(str(tiny_bf16_engines / spec.file), load_external_data=False).graph
     softmax_inputs = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
     value_types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
     assert softmax_inputs and all(value_types.get(x, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT

@@ -1,21 +1,17 @@
 """One shared, memory-mapped copy of the weights on the ONNX Runtime backend; warmup; memory figures."""
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from dllm_trt.runtime.decoder import Decoder
 from dllm_trt.runtime.manifest import load_manifest
 from dllm_trt.runtime.memory import SharedWeights, external_initializers, peak_rss_bytes, smaps_rollup
 from dllm_trt.runtime.policies import make_policy
 from dllm_trt.runtime.schedule import WindowSchedule
-
-TINY = Path(__file__).resolve().parent.parent / "models" / "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +98,11 @@ def test_initializer_table_matches_onnx(engines):
         assert got == want and got, path.name
 
 
-def test_bf16_tensors_become_bf16_values(tmp_path):
+def test_bf16_tensors_become_bf16_values(tiny_bf16_engines):
     """bf16 graphs run on GPUs only, but their tensors must map to OrtValues of the right type and bytes."""
     import onnxruntime as ort
 
-    out = tmp_path / "bf16"
-    export_model(TINY, out, layers_per_range=4, dtype="bf16", max_len=32, max_active=16, quiet=True)
+    out = tiny_bf16_engines
     weights = SharedWeights(ort.OrtValue)
     names, values = weights.initializers(out / "layers_00_04.refresh.onnx")
     assert names and all(v.data_type() == "tensor(bfloat16)" for v in values)
