@@ -28,7 +28,7 @@ from ..config import ModelError
 from ..manifest import load_manifest, range_name
 from ..memory import SharedWeights
 from .base import Backend, BackendError, RangeStats
-from .ort_arrays import DeviceArrays, HostArrays
+from .ort_arrays import DeviceArrays, HostArrays, as_ortvalue
 
 
 THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
@@ -141,12 +141,15 @@ class OnnxRuntimeBackend(Backend):
         self.shared = shared
         self._check_started(engine_dir)
         self.arrays = self._arrays(caches)
-        self.device_caches = isinstance(self.arrays, DeviceArrays)
         # one_sync_per_step stays False even on a GPU: ONNX Runtime waits for the device at the end of every run,
         # so running every window pass before reading the statistics would save no wait, only cost the window
         # passes a drift makes useless
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.dims["active_len"]["max"]
+
+    @property
+    def device_caches(self) -> bool:
+        return isinstance(self.arrays, DeviceArrays)
 
     def _check_started(self, engine_dir) -> None:
         """The provider the sessions really run on: onnxruntime-gpu lists CUDA even where its libraries cannot load,
@@ -261,15 +264,12 @@ class OnnxRuntimeBackend(Backend):
              host_outputs: list[str] = ()) -> list:
         """Run a piece. inputs and bound_outputs are numpy arrays or OrtValues (bound outputs are written in place);
         kept_outputs come back where the caches live (self.arrays), host_outputs as numpy arrays."""
-        ov = self.ort.OrtValue
         session = self.sessions[piece]
         binding = session.io_binding()
         for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, ov.ortvalue_from_numpy(value) if isinstance(value, np.ndarray)
-                                        else value)
+            binding.bind_ortvalue_input(name, as_ortvalue(self.ort, value))
         for name, value in bound_outputs.items():
-            binding.bind_ortvalue_output(name, ov.ortvalue_from_numpy(value) if isinstance(value, np.ndarray)
-                                         else value)
+            binding.bind_ortvalue_output(name, as_ortvalue(self.ort, value))
         for name in kept_outputs:
             binding.bind_output(name, self.arrays.device, self.arrays.device_id)
         for name in host_outputs:
@@ -346,7 +346,7 @@ class OnnxRuntimeBackend(Backend):
         if r + 1 < len(self.ranges):
             self.boundary[r + 1] = written[-1]
         self.current = out[0]
-        return self._stats(colsum, drift)
+        return RangeStats(colsum=np.stack(colsum), drift=np.stack(drift))
 
     def _refresh(self, r, window_positions, key_is_mask):
         a, b = self.ranges[r]
@@ -361,13 +361,9 @@ class OnnxRuntimeBackend(Backend):
                            {"hidden_states": self.boundary[r], "position_ids": self.positions,
                             "window_positions": window_positions, "key_is_mask": key_is_mask}, bound, [], names)
         self.current = target
-        return self._stats(colsum)
+        return RangeStats(colsum=np.stack(colsum))
 
     def _head(self, rows):
         tokens, probs = self._run("head", {"hidden_states": self.current, "rows": rows}, {}, [],
                                   ["tokens", "probs"])
         return tokens, probs
-
-    @staticmethod
-    def _stats(colsum: list, drift: list | None = None) -> RangeStats:
-        return RangeStats(colsum=np.stack(colsum), drift=None if drift is None else np.stack(drift))

@@ -23,6 +23,11 @@ ORT_ELEMENT_TYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": 16}
 HELPER_OPSET = 17
 
 
+def as_ortvalue(ort, value):
+    """An OrtValue as is; a numpy array wrapped without a copy (an OrtValue on its memory)."""
+    return ort.OrtValue.ortvalue_from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
 class HostArrays:
     device, device_id = "cpu", 0
 
@@ -108,9 +113,7 @@ class DeviceArrays:
                 helper_graph(*key, self.element), opts, providers=self.providers)
         binding = session.io_binding()
         for name, value in inputs.items():
-            if isinstance(value, np.ndarray):
-                value = self.ort.OrtValue.ortvalue_from_numpy(value)
-            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input(name, as_ortvalue(self.ort, value))
         for i in range(len(key[1])):
             if outs is None:
                 binding.bind_output(f"out{i}", self.device, self.device_id)
