@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dllm_trt.runtime.checkpoint import Checkpoint
+from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import Manifest, PieceSpec, load_manifest
 
 from .onnx_export import TORCH_DTYPES, _module_and_weights, quantized_kinds
@@ -25,6 +26,8 @@ TOLERANCE = {"fp32": {"act": 2e-4, "stat": 2e-5}, "bf16": {"act": 6e-2, "stat": 
 QUANT_TOLERANCE = {"int8": {"act": 3e-2, "colsum": 3e-2, "stat": 1e-2, "tokens": 0.25},
                    "int4": {"act": 3e-1, "colsum": 3e-1, "stat": 5e-2, "tokens": 0.5}}
 STATS = ("drift.", "probs")
+# the sizes that shape every piece: the checkpoint must agree with the engine on all of them
+SHAPE_KEYS = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "embedding_size")
 
 
 @dataclass
@@ -80,8 +83,17 @@ def check_engines(engine_dir: str | Path, model_dir: str | Path | None = None, s
     import onnxruntime as ort
 
     m: Manifest = load_manifest(engine_dir, verify_data=True)
-    model_dir = model_dir or m.export.get("source")
+    if not model_dir:
+        model_dir = m.export.get("source")
+        if not isinstance(model_dir, str) or not model_dir:
+            raise ModelError(f"{Path(engine_dir) / 'manifest.json'}: export.source is {repr(model_dir)[:60]}, not the "
+                             f"path of the checkpoint it was exported from; pass --model DIR")
     ckpt = Checkpoint(model_dir)
+    differ = [k for k in SHAPE_KEYS if getattr(ckpt.config, k) != getattr(m.config, k)]
+    if differ:
+        k = differ[0]
+        raise ModelError(f"{model_dir}: not the checkpoint {engine_dir} was exported from "
+                         f"({k}={getattr(ckpt.config, k)}, the engine has {k}={getattr(m.config, k)})")
     dtype = TORCH_DTYPES[m.dtype]
     sizes = sizes or check_sizes(m.dims)
     scheme = m.quantization.get("scheme")

@@ -32,6 +32,12 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the checkpoint config.json describes, from its sizes alone (no loop over the layers)."""
+    d, f = cfg.d_model, cfg.mlp_hidden_size
+    return 2 * cfg.embedding_size * d + d + cfg.n_layers * (4 * d * d + 3 * d * f + 2 * d)
+
+
 def layer_keys(a: int, b: int) -> list[str]:
     return [f"{PREFIX}blocks.{i}.{p}.weight" for i in range(a, b) for p in LAYER_PARAMS]
 
@@ -43,6 +49,7 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.config = load_config(self.dir)
         self.shard_of = self._index()
+        self._check_size()
         self._check_shapes()
 
     def _index(self) -> dict[str, Path]:
@@ -66,6 +73,26 @@ class Checkpoint:
                 raise ModelError(f"{shard}: missing shard (listed in the index for '{key}')")
         return shard_of
 
+    def _check_size(self) -> None:
+        """Every parameter takes a byte at least (float8): a config.json that declares more than the weight files
+        can hold is refused before anything is sized from it."""
+        have = sum(s.stat().st_size for s in set(self.shard_of.values()))
+        declared = parameter_count(self.config)
+        if declared > have:
+            raise ModelError(f"{self.dir / 'config.json'}: its sizes make {declared} parameters, more than the "
+                             f"{have} bytes of weight files can hold (config.json does not describe these weights)")
+
+    def require_memory(self, bytes_per_parameter: int, extra: int = 0) -> None:
+        """One ModelError when holding every weight at bytes_per_parameter (plus `extra` bytes, e.g. caches) needs
+        more memory than this machine has: for a backend that loads the checkpoint whole (export reads it piece by
+        piece and needs no such check)."""
+        from .memory import require_memory
+
+        n = parameter_count(self.config)
+        require_memory(n * bytes_per_parameter + extra,
+                       f"{self.dir}: loading its {n} parameters at {bytes_per_parameter} bytes each",
+                       "use a smaller dtype, or export it and run the engines")
+
     def _check_shapes(self) -> None:
         headers = {s: _safetensors_header(s) for s in set(self.shard_of.values())}
         for key, shape in expected_shapes(self.config).items():
@@ -77,6 +104,9 @@ class Checkpoint:
             got = tuple(headers[shard][key]["shape"])
             if got != shape:
                 raise ModelError(f"{shard}: weight '{key}' has shape {list(got)}, config.json implies {list(shape)}")
+            if headers[shard][key]["dtype"] not in FLOAT_DTYPES:
+                raise ModelError(f"{shard}: weight '{key}' is stored as {headers[shard][key]['dtype']}; LLaDA weights "
+                                 f"are floating point ({', '.join(FLOAT_DTYPES)})")
         known = set(expected_shapes(self.config))
         unknown = sorted(set(self.shard_of) - known)
         if unknown:
@@ -99,8 +129,12 @@ class Checkpoint:
         return out
 
     def fingerprint(self) -> str:
-        """sha256 over config.json and the shard headers + sizes: cheap, and changes when the weights change."""
+        """sha256 over config.json, generation_config.json (end ids, default length: both recorded in an export's
+        manifest) and the shard headers + sizes: cheap, and changes when the weights change."""
         h = hashlib.sha256((self.dir / "config.json").read_bytes())
+        gen = self.dir / "generation_config.json"
+        if gen.is_file():
+            h.update(b"generation_config.json:" + gen.read_bytes())
         for shard in sorted(set(self.shard_of.values())):
             st = shard.stat()
             h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -112,6 +146,7 @@ class Checkpoint:
 # bytes per element of each safetensors dtype
 _DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2")
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 
@@ -135,7 +170,18 @@ def _safetensors_header(path: Path) -> dict:
     data_size = size - 8 - n
     for name, entry in header.items():
         _check_entry(path, name, entry, data_size)
+    _check_overlaps(path, header)
     return header
+
+
+def _check_overlaps(path: Path, header: dict) -> None:
+    """Each tensor has bytes of its own: sorted by offset, none begins before the previous one ends."""
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items()
+                   if e["data_offsets"][0] < e["data_offsets"][1])
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ModelError(f"{path}: tensors '{a}' and '{b}' overlap in the file (data_offsets "
+                             f"{header[a]['data_offsets']} and {header[b]['data_offsets']}; corrupt)")
 
 
 def _check_entry(path: Path, name: str, entry, data_size: int) -> None:

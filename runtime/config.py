@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # Every id that ends an answer (EOS, end-of-turn, ...); eos_token_id is the first of them.
     end_token_ids: tuple[int, ...] = ()
+    # The generation length the checkpoint declares (generation_config.json's max_new_tokens); None: the runtime's.
+    default_gen_length: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +75,33 @@ _POSITIVE = ("d_model", "n_heads", "n_layers", "vocab_size", "max_sequence_lengt
 _EMBEDDING_DEFAULT = 50304
 _MLP_RATIO_DEFAULT = 4
 EOT_TOKEN = "<|eot_id|>"
+# Sanity bounds, checked before anything is sized from a config: TensorRT's dimensions are int32, and the largest
+# models have a few hundred layers (code loops over the layers, so a corrupt 10**9 must not get that far).
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 4096
+# What config.json may say the model is (a key left out is not checked).
+LLADA_MODEL_TYPES = ("llada",)
+LLADA_ARCHITECTURES = ("LLaDAModelLM",)
+
+
+def check_bounds(values: dict[str, int], path: Path) -> None:
+    """Refuse sizes no LLaDA model has (a corrupt or hostile file), before any allocation or loop uses them."""
+    for key, v in values.items():
+        limit = MAX_LAYERS if key == "n_layers" else MAX_SIZE
+        if v > limit:
+            shown = str(v) if v < 10**40 else f"a {len(str(v))}-digit number"
+            raise ModelError(f"{path}: {key}={shown} is beyond any LLaDA model (at most {limit}); the file is corrupt")
+
+
+def _check_model_type(raw: dict, path: Path) -> None:
+    """config.json's model_type and architectures, where present, must name LLaDA (not, say, LLaDA-MoE or Llama)."""
+    mt, arch = raw.get("model_type"), raw.get("architectures")
+    if mt is not None and (not isinstance(mt, str) or mt.lower() not in LLADA_MODEL_TYPES):
+        raise ModelError(f"{path}: model_type {mt!r} is not LLaDA (dllm-trt runs checkpoints with model_type "
+                         f"{' or '.join(map(repr, LLADA_MODEL_TYPES))})")
+    if arch is not None and (not isinstance(arch, list) or not all(a in LLADA_ARCHITECTURES for a in arch)):
+        raise ModelError(f"{path}: architectures {arch!r} is not LLaDA (dllm-trt runs "
+                         f"{' or '.join(LLADA_ARCHITECTURES)} checkpoints)")
 
 
 def read_json(path: Path, missing_hint: str, want=dict):
@@ -84,6 +114,9 @@ def read_json(path: Path, missing_hint: str, want=dict):
         raise ModelError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (json.JSONDecodeError, RecursionError) as e:
         raise ModelError(f"{path}: not valid JSON ({e})") from None
+    except ValueError:  # Python's int() limit (4300 digits by default), raised from inside the parser
+        raise ModelError(f"{path}: holds an integer of more than {sys.get_int_max_str_digits()} digits, which "
+                         f"no setting of a model needs (the file is corrupt)") from None
     except OSError as e:
         raise ModelError(f"{path}: cannot be read ({e.strerror})") from None
     if want is not None and not isinstance(value, want):
@@ -177,13 +210,24 @@ def end_token_ids(d: Path, config_eos) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def default_gen_length(d: Path) -> int | None:
+    """generation_config.json's max_new_tokens: how long the checkpoint's answers are meant to be."""
+    gen = d / "generation_config.json"
+    if not gen.is_file():
+        return None
+    raw = read_json(gen, "")
+    return None if raw.get("max_new_tokens") is None else int_key(raw, "max_new_tokens", gen, 1)
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     d = Path(model_dir)
     path = d / "config.json"
     if not d.is_dir():
         raise ModelError(f"{model_dir}: not a directory")
     raw = read_json(path, "a LLaDA checkpoint directory needs config.json")
+    _check_model_type(raw, path)
     sizes = {key: int_key(raw, key, path, 1) for key in _POSITIVE}
+    check_bounds(sizes, path)
     mask = int_key(raw, "mask_token_id", path, 0)
     if "eos_token_id" not in raw:
         raise ModelError(f"{path}: missing key 'eos_token_id'")
@@ -203,6 +247,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         emb = sizes["vocab_size"]
     else:
         emb = int_key({"embedding_size": _EMBEDDING_DEFAULT, **raw}, "embedding_size", path, 1)
+    check_bounds({"mlp_hidden_size": mlp, "embedding_size": emb}, path)
     ends = end_token_ids(d, raw["eos_token_id"])
     for key, i in (("mask_token_id", mask), ("eos_token_id", ends[0])):
         if i >= emb:
@@ -217,6 +262,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         max_sequence_length=sizes["max_sequence_length"],
         rms_norm_eps=number_key(raw, "rms_norm_eps", 1e-5, path),
         rope_theta=number_key(raw, "rope_theta", 10000.0, path), end_token_ids=ends,
+        default_gen_length=default_gen_length(d),
     )
 
 
@@ -226,14 +272,17 @@ def config_from_manifest(raw: dict, path: Path) -> ModelConfig:
         raise ModelError(f"{path}: 'model' must be an object")
     v = {k: int_key(raw, k, path, 1) for k in _POSITIVE + ("mlp_hidden_size", "embedding_size")}
     v.update({k: int_key(raw, k, path, 0) for k in ("mask_token_id", "eos_token_id")})
+    check_bounds(v, path)
     ends = tuple(_token_ids(raw.get("end_token_ids") or [v["eos_token_id"]], f"{path}: key 'end_token_ids'"))
     if v["d_model"] % v["n_heads"] or (v["d_model"] // v["n_heads"]) % 2:
         raise ModelError(f"{path}: d_model={v['d_model']} must split into n_heads={v['n_heads']} heads of even size")
     if ends[0] != v["eos_token_id"] or max(ends + (v["mask_token_id"],)) >= v["embedding_size"]:
         raise ModelError(f"{path}: end_token_ids {list(ends)} must start with eos_token_id and lie, like "
                          f"mask_token_id, inside the embedding (size {v['embedding_size']})")
+    gen = None if raw.get("default_gen_length") is None else int_key(raw, "default_gen_length", path, 1)
     return ModelConfig(**v, rms_norm_eps=number_key(raw, "rms_norm_eps", 1e-5, path),
-                       rope_theta=number_key(raw, "rope_theta", 10000.0, path), end_token_ids=ends)
+                       rope_theta=number_key(raw, "rope_theta", 10000.0, path), end_token_ids=ends,
+                       default_gen_length=gen)
 
 
 def layer_ranges(n_layers: int, layers_per_range: int) -> list[tuple[int, int]]:

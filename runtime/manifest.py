@@ -12,8 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import protobuf
-from .config import ModelConfig, ModelError, config_from_manifest, is_int, read_json
+from . import memory, protobuf
+from .config import MAX_SIZE, ModelConfig, ModelError, config_from_manifest, is_int, read_json
 from .paths import inside
 
 FORMAT = "dllm-trt-manifest"
@@ -175,6 +175,7 @@ def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
         raise ModelError(f"{path}: manifest format version {raw.get('format_version')!r} is not supported by this "
                          f"runtime (it reads version {FORMAT_VERSION}); re-export with this version of dllm-trt")
     m = _parse(raw, path, d)
+    check_memory(m, path)
     for p in m.pieces:
         inside(d, p.file, f"graph file of piece {p.name}")
         if p.data_file:
@@ -194,6 +195,7 @@ def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
         if hashlib.sha256(graph).hexdigest() != p.sha256:
             raise ModelError(f"{f}: sha256 does not match manifest.json (the file was edited or replaced); "
                              f"re-export")
+        check_graph_io(graph, f, p)
         for location in onnx_external_locations(graph, f):
             inside(d, location, f"external data of {p.file}")
             if os.path.normpath(location) not in data_files:
@@ -228,8 +230,10 @@ def _parse(raw: dict, path: Path, d: Path) -> Manifest:
     if not isinstance(dims, dict) or set(dims) != set(want_dims):
         raise bad(f"dims must name exactly {', '.join(want_dims)}")
     for name, r in dims.items():
-        if not (isinstance(r, dict) and is_int(r.get("min")) and is_int(r.get("max")) and 1 <= r["min"] <= r["max"]):
-            raise bad(f"dims.{name} must be {{\"min\": m, \"max\": n}} with 1 <= m <= n, got {r!r}")
+        if not (isinstance(r, dict) and is_int(r.get("min")) and is_int(r.get("max"))
+                and 1 <= r["min"] <= r["max"] <= MAX_SIZE):
+            raise bad(f"dims.{name} must be {{\"min\": m, \"max\": n}} with 1 <= m <= n <= {MAX_SIZE}, "
+                      f"got {repr(r)[:80]}")
     pieces = raw.get("pieces")
     if not isinstance(pieces, list) or not pieces:
         raise bad("pieces must be a non-empty list")
@@ -297,6 +301,23 @@ def _signature(p: PieceSpec):
             [(t.name, t.dtype, t.shape) for t in p.outputs])
 
 
+def max_positions(m: Manifest) -> int:
+    """The longest canvas the engine runs (and the server warms up at)."""
+    return min(m.config.max_sequence_length, m.dims["seq_len"]["max"])
+
+
+def check_memory(m: Manifest, path: Path) -> None:
+    """Refuse an fp32 engine whose longest canvas needs more memory than this machine has (its caches and one
+    layer's attention, memory.canvas_bytes; the weights are mapped from their files and not counted). fp16 / bf16
+    engines run on GPUs only, whose memory is the GPU backends' to check."""
+    if m.dtype != "fp32":
+        return
+    n = max_positions(m)
+    memory.require_memory(memory.canvas_bytes(m.config, m.dtype, len(m.layer_ranges), n),
+                          f"{path}: a canvas of {n} positions (dims.seq_len.max and model.max_sequence_length)",
+                          "re-export with a smaller --max-len")
+
+
 # ---- data file integrity -------------------------------------------------------------------------------------
 def verified_cache_path() -> Path:
     """Where verified data files are remembered: $DLLM_TRT_CACHE_DIR, else $XDG_CACHE_HOME/dllm-trt, else
@@ -309,25 +330,69 @@ def verified_cache_path() -> Path:
 
 _IN_MEMORY: dict[str, list] = {}  # used as well when the cache file cannot be written
 _CACHE_LIMIT = 4096
+_UNTRUSTED_SAID: set[str] = set()  # cache folders already reported as not trusted (once per process)
+
+
+def _trusted_cache_dir(d: Path) -> bool:
+    """Whether records in folder `d` may be trusted and written: it is this user's and no one else can write there
+    (else anyone could forge a record that skips hashing, or plant symlinks where the cache is written). False
+    when it does not exist. Without POSIX owners (Windows), any existing folder."""
+    try:
+        st = os.stat(d)
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):
+        return True
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _say_untrusted(d: Path) -> None:
+    import sys
+
+    if str(d) not in _UNTRUSTED_SAID:
+        _UNTRUSTED_SAID.add(str(d))
+        print(f"warning: {d} is writable by other users or not yours: its records of verified data files are "
+              f"neither used nor written (hashing data files on every load instead; chmod go-w it, or set "
+              f"$DLLM_TRT_CACHE_DIR)", file=sys.stderr)
+
+
+def _read_cache(path: Path) -> dict:
+    """verified.json's records: {} unless it is a regular file of this user's that no one else can write, opened
+    without following a symlink."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or (hasattr(os, "getuid") and
+                                             (st.st_uid != os.getuid() or st.st_mode & 0o022)):
+            return {}
+        try:
+            stored = json.loads(f.read())
+        except (OSError, ValueError, RecursionError):
+            return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 class VerifiedFiles:
     """Checks a data file's size and sha256, skipping the hash when this exact file version was hashed before.
 
     A version is (size, mtime_ns, ctime_ns, inode, device): rewriting a file changes its mtime and ctime, and
-    setting the mtime back (utime) changes the ctime, which no unprivileged call can set."""
+    setting the mtime back (utime) changes the ctime, which no unprivileged call can set. Records on disk are
+    trusted only in a folder of this user's that no one else can write (_trusted_cache_dir)."""
 
     def __init__(self, always: bool = False):
         self.always, self.path, self.changed = always, verified_cache_path(), False
         self.known = dict(_IN_MEMORY)
 
     def __enter__(self):
-        try:
-            stored = json.loads(self.path.read_bytes())
-            if isinstance(stored, dict):
-                self.known.update(stored)
-        except (OSError, ValueError):
-            pass
+        if _trusted_cache_dir(self.path.parent):
+            self.known.update(_read_cache(self.path))
+        elif self.path.parent.exists():
+            _say_untrusted(self.path.parent)
         return self
 
     def check(self, path: Path, size: int, sha256: str) -> None:
@@ -349,15 +414,28 @@ class VerifiedFiles:
     def __exit__(self, *exc):
         if not self.changed or exc[0] is not None:
             return
-        keep = dict(list(self.known.items())[-_CACHE_LIMIT:])
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        import tempfile
+
+        d = self.path.parent
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(keep))
-            os.replace(tmp, self.path)  # atomic: concurrent loads never read half a file
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:  # not writable: this process still remembers (_IN_MEMORY)
+            return
+        if not _trusted_cache_dir(d):
+            _say_untrusted(d)
+            return
+        keep = dict(list(self.known.items())[-_CACHE_LIMIT:])
+        try:  # a new file of a fresh name, created exclusively: never one planted there, nor a symlink's target
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{self.path.name}.", suffix=".tmp")
+        except OSError:
+            return
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(keep))
+            os.replace(tmp, self.path)  # atomic, and replaces a symlink rather than writing through it
+        except OSError:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
 
 
 # ---- external data named inside ONNX graphs ------------------------------------------------------------------
@@ -404,3 +482,100 @@ def _walk(buf: memoryview, kind: str, out: list[str], depth: int) -> None:
             _walk(value, _ONNX_FIELDS[kind][number], out, depth + 1)
     if kind == "entry" and entry.get(1) == "location":
         out.append(entry.get(2, ""))
+
+
+# ---- the graph's inputs and outputs against the manifest -----------------------------------------------------
+# Read from the serialised model without onnx (ModelProto.graph = 7; GraphProto initializer = 5, input = 11,
+# output = 12; ValueInfoProto name = 1, type = 2; TypeProto tensor_type = 1; Tensor elem_type = 1, shape = 2;
+# TensorShapeProto dim = 1; Dimension dim_value = 1, dim_param = 2; TensorProto name = 8).
+ONNX_ELEMENT_TYPES = {"float32": 1, "int64": 7, "bool": 9, "float16": 10, "bfloat16": 16}
+_ELEMENT_NAMES = {v: k for k, v in ONNX_ELEMENT_TYPES.items()}
+
+
+def _message(buf: memoryview, number: int) -> memoryview | None:
+    found = None
+    for n, wire, value in protobuf.fields(buf):
+        if n == number and wire == 2:
+            found = value   # protobuf: the last occurrence wins
+    return found
+
+
+def _value_info(buf: memoryview) -> tuple[str, int, list | None]:
+    """(name, element type, dims) of a graph input or output; dims None when the graph gives no shape, each dim an
+    int (fixed), a str (named) or None (unknown)."""
+    name, elem, dims = "", 0, None
+    for n, wire, value in protobuf.fields(buf):
+        if n == 1 and wire == 2:
+            name = bytes(value).decode("utf-8")
+        elif n == 2 and wire == 2 and (tensor := _message(value, 1)) is not None:
+            for m, w, v in protobuf.fields(tensor):
+                if m == 1 and w == 0:
+                    elem = v
+                elif m == 2 and w == 2:
+                    dims = []
+                    for k, w2, dim in protobuf.fields(v):
+                        if k != 1 or w2 != 2:
+                            continue
+                        d = None
+                        for j, w3, x in protobuf.fields(dim):
+                            if j == 1 and w3 == 0:
+                                d = x
+                            elif j == 2 and w3 == 2:
+                                d = bytes(x).decode("utf-8")
+                        dims.append(d)
+    return name, elem, dims
+
+
+def graph_io(data: bytes, path: Path) -> tuple[list, list]:
+    """The main graph's inputs (initializers left out) and outputs, as _value_info gives them; weights are not read."""
+    try:
+        graph = _message(memoryview(data), 7)
+        if graph is None:
+            raise ValueError("it has no graph")
+        inputs, outputs, initializers = [], [], set()
+        for n, wire, value in protobuf.fields(graph):
+            if wire != 2:
+                continue
+            if n == 11:
+                inputs.append(_value_info(value))
+            elif n == 12:
+                outputs.append(_value_info(value))
+            elif n == 5:
+                initializers.update(bytes(v).decode("utf-8") for f, w, v in protobuf.fields(value) if f == 8 and w == 2)
+    except (ValueError, IndexError, RecursionError) as e:   # UnicodeDecodeError is a ValueError
+        raise ModelError(f"{path}: not a valid ONNX file ({e})") from None
+    return [i for i in inputs if i[0] not in initializers], outputs
+
+
+def _dims_agree(dims: list | None, shape: list) -> bool:
+    if dims is None:
+        return True   # no shape recorded: nothing to compare
+    if len(dims) != len(shape):
+        return False
+    # a size the manifest fixes must not be another size in the graph; one it names must not be fixed there
+    return all(not isinstance(d, int) or d == s if isinstance(s, int) else not isinstance(d, int)
+               for d, s in zip(dims, shape))
+
+
+def _shown(elem: int, dims: list | None) -> str:
+    return f"{_ELEMENT_NAMES.get(elem, f'element type {elem}')} {dims if dims is not None else '(no shape)'}"
+
+
+def check_graph_io(data: bytes, path: Path, spec: PieceSpec) -> None:
+    """The graph's inputs and outputs must be the piece's: names, element types and fixed sizes (so graph files
+    swapped between pieces, or a manifest whose n_heads / d_model are not the graphs', are refused at load)."""
+    inputs, outputs = graph_io(data, path)
+    hint = "the graph files were swapped or the manifest edited; re-export"
+    for side, got, want in (("input", inputs, spec.inputs), ("output", outputs, spec.outputs)):
+        names = {g[0] for g in got}
+        missing = [t.name for t in want if t.name not in names]
+        extra = sorted(names - {t.name for t in want})
+        if missing or extra:
+            what = (f"lacks {side} '{missing[0]}', which" if missing else f"has {side} '{extra[0]}', which no")
+            raise ModelError(f"{path}: the graph {what} manifest.json lists for piece {spec.name}; {hint}")
+        by_name = {g[0]: g for g in got}
+        for t in want:
+            _, elem, dims = by_name[t.name]
+            if elem != ONNX_ELEMENT_TYPES.get(t.dtype) or not _dims_agree(dims, t.shape):
+                raise ModelError(f"{path}: {side} '{t.name}' is {_shown(elem, dims)} in the graph, but manifest.json "
+                                 f"says {t.dtype} {t.shape} (piece {spec.name}); {hint}")

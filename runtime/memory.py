@@ -9,6 +9,7 @@ uses it. Only numpy (and onnxruntime's OrtValue, passed in) are used: no onnx pa
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import protobuf
+from .config import ModelConfig, ModelError
 
 # ONNX TensorProto.DataType -> numpy dtype of the same item size (bf16 and the float8 types have no numpy dtype:
 # their bytes are viewed as unsigned integers and the OrtValue is tagged with the ONNX type instead).
@@ -51,6 +53,69 @@ def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
         if len(parts) == 2 and parts[1] == "kB":
             out[key] = int(parts[0]) * 1024
     return out
+
+
+# ---- what the machine has, and what a canvas needs -----------------------------------------------------------
+GiB = 1 << 30
+ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _limit_file(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None   # "max" (cgroup v2): no limit
+
+
+def machine_memory_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory this process may use at most: physical memory, capped by a cgroup limit (v2 memory.max, v1
+    memory.limit_in_bytes) and by the address-space and data rlimits; None where none of them can be read."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for f in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
+        limit = _limit_file(f)
+        if limit:   # cgroup v1 says "no limit" with a huge number: the minimum below ignores it
+            limits.append(limit)
+    for which in (resource.RLIMIT_AS, getattr(resource, "RLIMIT_DATA", None)):
+        if which is not None:
+            soft = resource.getrlimit(which)[0]
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                limits.append(soft)
+    return min(limits) if limits else None
+
+
+def cache_bytes(cfg: ModelConfig, dtype: str, n_ranges: int, n: int) -> int:
+    """What every backend keeps for a canvas of n positions: key, value and query of each layer
+    ([n_heads, n, head_dim] = n x d_model each) and the hidden states at each range boundary plus the final ones."""
+    return (3 * cfg.n_layers + n_ranges + 1) * n * cfg.d_model * ACTIVATION_BYTES[dtype]
+
+
+def attention_bytes(cfg: ModelConfig, n: int) -> int:
+    """The float32 attention probabilities [n_heads, n, n] of one layer that a refresh pass of the exported graphs
+    computes (every canvas slot attends to every other)."""
+    return cfg.n_heads * n * n * 4
+
+
+def canvas_bytes(cfg: ModelConfig, dtype: str, n_ranges: int, n: int) -> int:
+    """A lower bound on the memory a generation (or the warm-up) at canvas length n needs besides the weights."""
+    return cache_bytes(cfg, dtype, n_ranges, n) + attention_bytes(cfg, n)
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.3g} GiB"
+
+
+def require_memory(needed: int, what: str, hint: str = "", available: int | None = None) -> None:
+    """One ModelError naming the numbers when `what` needs more memory than this machine has (machine_memory_bytes;
+    nothing is refused where that is unknown)."""
+    available = machine_memory_bytes() if available is None else available
+    if available is not None and needed > available:
+        raise ModelError(f"{what} needs at least {gib(needed)} of memory ({needed} bytes), more than the "
+                         f"{gib(available)} this machine has{'; ' + hint if hint else ''}")
 
 
 # ---- reading the external-initializer table of an .onnx file (protobuf wire format) ---------------------------

@@ -3,20 +3,32 @@ GPUs each supports, optimization profiles from the manifest, the plan fingerprin
 used, must be rebuilt, or must be refused.
 
 Plans live in <engines>/trt/<fingerprint>/: one <piece>.plan per ONNX piece, plus build.json recording the
-fingerprint's inputs and the sha256 of each source ONNX file. "Built once per target": the same flavour, version,
-GPU (TensorRT) or compute-capability targets (TensorRT for RTX), precision and profiles give the same folder, and a
-complete folder whose sources still match is reused as is. Plans of one flavour are never loaded by the other.
+fingerprint's inputs, the sha256 of each source ONNX file and each plan's size and sha256. "Built once per
+target": the same flavour, version, GPU (TensorRT) or compute-capability targets (TensorRT for RTX), precision and
+profiles give the same folder, and a complete folder whose sources and plans still match is reused as is. Plans of
+one flavour are never loaded by the other.
+
+Plans are code the GPU runs, so trt/ and everything under it must be real folders and files inside the engine
+folder: a symlink anywhere there is refused (check_plan_tree), by `build` and by the runtime alike. Whether a plan
+folder is valid is decided by one function, stale_pieces, for both; its per-plan check, read_plan, is also what the
+runtime runs on the bytes it deserializes.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import os
+import stat
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .manifest import Manifest, PieceSpec
 
 BUILD_RECORD = "build.json"
+RECORD_LIMIT = 1 << 22  # a build.json is a few KiB; anything near this is not one
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 # flavour -> Python module. TensorRT proper needs the GPU it builds for; TensorRT for RTX compiles ahead of time
@@ -187,66 +199,211 @@ def plan_dir(engine_dir: str | Path, target: Target) -> Path:
     return Path(engine_dir) / "trt" / target.fingerprint()
 
 
-def stale_pieces(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[list[str], str]:
+class PlanError(ValueError):
+    """A plan folder that cannot be used or written as it is and that building cannot repair (a symlink, a folder
+    where a plan belongs, a file where a folder belongs): the user must remove it. One line."""
+
+
+class StalePlan(PlanError):
+    """A plan or record that is missing, damaged or not what was built: rebuilding replaces it."""
+
+
+def check_plan_tree(engine_dir: str | Path) -> None:
+    """Refuse (PlanError) a trt/ that is not a real folder of the engine folder, or that holds a symlink anywhere:
+    plans (executable code) and their records would be written and loaded outside the engine folder."""
+    root = Path(engine_dir) / "trt"
+    if root.is_symlink():
+        raise PlanError(f"{root} is a symlink (to {os.readlink(root)}); plans are code the GPU runs and must stay "
+                        f"inside the engine folder: replace it with a real folder")
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise PlanError(f"{root} is not a folder: remove it (dllm-trt build writes plans there)")
+    for top, dirs, files in os.walk(root):  # does not descend into symlinked folders; they are refused here
+        for name in sorted(dirs + files):
+            path = Path(top) / name
+            if path.is_symlink():
+                raise PlanError(f"{path} is a symlink (to {os.readlink(path)}); plans and their records must be "
+                                f"real files inside the engine folder: remove it")
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file at `path`, opened without following a symlink (or blocking on a FIFO).
+    StalePlan when it is missing or larger than `limit`; PlanError when it is anything but a regular file."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise StalePlan(f"{path} is missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PlanError(f"{path} is a symlink; plans and their records must be real files inside the engine "
+                            f"folder: remove it") from None
+        raise PlanError(f"{path} cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise PlanError(f"{path} is not a file: remove it (dllm-trt build writes a file there)")
+        if limit is not None and st.st_size > limit:
+            raise StalePlan(f"{path} is too large ({st.st_size} bytes) to be a build record")
+        return f.read()
+
+
+def read_plan(path: Path, size: int | None, sha256: str | None) -> bytes:
+    """The bytes of one plan if they are what build.json records (its size, and its sha256 when recorded), else
+    StalePlan saying why (PlanError when something other than a file is there). The hash catches a plan swapped
+    for another piece's of the same size (same-shaped layer ranges give equal sizes), which sizes alone cannot.
+    `build` and the runtime both decide with this function."""
+    blob = read_regular(path)
+    if size is not None and len(blob) != size:
+        raise StalePlan(f"{path} is missing or incomplete")
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise StalePlan(f"{path} is not the plan that was built there")
+    return blob
+
+
+def plan_size(path: Path) -> int | None:
+    """The size of the plan file at `path`, None when there is none; PlanError when something other than a
+    regular file is there (a build could not replace it)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise PlanError(f"{path} is a symlink; plans and their records must be real files inside the engine "
+                        f"folder: remove it")
+    if not stat.S_ISREG(st.st_mode):
+        raise PlanError(f"{path} is not a file: remove it (dllm-trt build writes a file there)")
+    return st.st_size
+
+
+_TARGET_FIELDS = {f.name: (f.type, f.default is MISSING) for f in fields(Target)}
+_RECORD_MAPS = {"onnx_sha256": (str,), "plan_size": (int,), "plan_sha256": (str,), "build_seconds": (int, float)}
+
+
+def parse_record(path: Path) -> dict:
+    """build.json as a checked dict (its target's fields of the right types, its maps name -> str / int), or
+    StalePlan saying what is wrong with it: a damaged record is never trusted, and a build replaces it."""
+    raw = read_regular(path, RECORD_LIMIT)
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise StalePlan(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise StalePlan(f"{path} is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and integers too long to convert
+        raise StalePlan(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(record, dict):
+        raise StalePlan(f"{path} is not a JSON object")
+    target = record.get("target")
+    if not (isinstance(target, dict) and set(target) <= set(_TARGET_FIELDS)
+            and all(k in target for k, (_, required) in _TARGET_FIELDS.items() if required)
+            and all(isinstance(v, int if _TARGET_FIELDS[k][0] in (int, "int") else str) and not isinstance(v, bool)
+                    for k, v in target.items())):
+        raise StalePlan(f"{path} does not describe a target")
+    for key, types in _RECORD_MAPS.items():
+        value = record.get(key, {})
+        if not (isinstance(value, dict) and all(isinstance(v, types) and not isinstance(v, bool)
+                                                for v in value.values())):
+            raise StalePlan(f"{path}: '{key}' is not a map of piece names to {types[0].__name__}s")
+    return record
+
+
+def stale_pieces(engine_dir: str | Path, manifest: Manifest, target: Target,
+                 hash_plans: bool = True) -> tuple[list[str], str]:
     """(names of the pieces whose plans must be (re)built, why the first one must); ([], '') when all are up to
     date. Every piece when there is no trustworthy record for this target; a foreign or damaged record is never
-    trusted. Otherwise only the pieces whose ONNX changed or whose plan is missing or incomplete."""
+    trusted. Otherwise only the pieces whose ONNX changed or whose plan is missing, incomplete, or (hash_plans) not
+    the plan that was built there. PlanError for what building cannot repair (symlinks, a folder where a file
+    belongs, a file where a folder belongs).
+
+    The one decision of whether a plan folder is valid: `build` calls it with hash_plans, the runtime without (it
+    runs read_plan, hash included, on the bytes it then deserializes, instead of reading every plan twice)."""
     everything = [p.name for p in manifest.pieces]
+    check_plan_tree(engine_dir)
     d = plan_dir(engine_dir, target)
+    if d.exists() and not d.is_dir():
+        raise PlanError(f"{d} is not a folder: remove it (dllm-trt build writes plans there)")
     record_path = d / BUILD_RECORD
-    if not record_path.is_file():
-        return everything, "no plans for this flavour / GPU / precision yet"
     try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError:
-        return everything, f"{record_path} is unreadable"
-    if record.get("target") != asdict(target):
+        record = parse_record(record_path)
+    except StalePlan as e:
+        return everything, ("no plans for this flavour / GPU / precision yet" if not record_path.exists() else str(e))
+    if record["target"] != asdict(target):
         return everything, f"{record_path} was written for another target"
+    sizes, hashes = record.get("plan_size", {}), record.get("plan_sha256", {})
     stale, why = [], ""
     for p in manifest.pieces:
         plan = d / f"{p.name}.plan"
+        size, reason = plan_size(plan), ""
         if record.get("onnx_sha256", {}).get(p.name) != p.sha256:
             reason = f"{p.file} changed since its plan was built"
-        elif not plan.is_file() or plan.stat().st_size != record.get("plan_size", {}).get(p.name):
+        elif size is None or size != sizes.get(p.name):
             reason = f"{plan} is missing or incomplete"
-        else:
-            continue
-        stale.append(p.name)
-        why = why or reason
+        elif hash_plans:
+            try:
+                read_plan(plan, sizes.get(p.name), hashes.get(p.name))
+            except StalePlan as e:
+                reason = str(e)
+        if reason:
+            stale.append(p.name)
+            why = why or reason
     return stale, why
 
 
-def plan_status(engine_dir: str | Path, manifest: Manifest, target: Target) -> tuple[str, str]:
+def plan_status(engine_dir: str | Path, manifest: Manifest, target: Target,
+                hash_plans: bool = True) -> tuple[str, str]:
     """('ok', '') when every plan exists and was built from the current ONNX files for this target;
     ('build', why) when some plans must be (re)built."""
-    stale, why = stale_pieces(engine_dir, manifest, target)
+    stale, why = stale_pieces(engine_dir, manifest, target, hash_plans)
     return ("build", why) if stale else ("ok", "")
 
 
 def find_built(engine_dir: str | Path, manifest: Manifest, gpu_name: str, compute_capability: str,
                trt_version: str, precision: str, flavor: str = "tensorrt") -> Target | None:
     """The target of complete, up-to-date plans this flavour / version / GPU / precision can load (whatever
-    --max-len, --max-active and --opt-level they were built with), or None."""
+    --max-len, --max-active and --opt-level they were built with), or None. Plans are not hashed here: the runtime
+    hashes each as it loads it (read_plan). PlanError when trt/ holds a symlink or a plan folder for this machine
+    holds something other than files where plans belong."""
+    check_plan_tree(engine_dir)
     for record_path in sorted((Path(engine_dir) / "trt").glob(f"*/{BUILD_RECORD}")):
         try:
-            target = Target(**json.loads(record_path.read_text())["target"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            target = Target(**parse_record(record_path)["target"])
+        except StalePlan:
             continue
         if target.flavor not in FLAVORS or target.precision != precision:
             continue
         if not target.runs_on(flavor, trt_version, gpu_name, compute_capability):
             continue
-        if plan_status(engine_dir, manifest, target)[0] == "ok":
+        if plan_status(engine_dir, manifest, target, hash_plans=False)[0] == "ok":
             return target
     return None
 
 
 def read_record(engine_dir: str | Path, target: Target) -> dict:
+    """The target's build.json, checked (parse_record), or {} when there is none or it is damaged."""
     try:
-        record = json.loads((plan_dir(engine_dir, target) / BUILD_RECORD).read_text())
-    except (OSError, json.JSONDecodeError):
+        return parse_record(plan_dir(engine_dir, target) / BUILD_RECORD)
+    except StalePlan:
         return {}
-    return record if isinstance(record, dict) else {}
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` atomically: into a new file created exclusively next to it (so never through a symlink
+    planted at a predictable temporary name), then renamed over it (which replaces a symlink at `path` instead of
+    writing through it). An interrupted write leaves no torn file, and its temporary file is removed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
@@ -266,7 +423,7 @@ def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
         "plan_sha256": {p.name: plan_sha256[p.name] for p in manifest.pieces if p.name in plan_sha256},
         "build_seconds": build_seconds,
     }
-    (d / BUILD_RECORD).write_text(json.dumps(record, indent=2))
+    replace_file(d / BUILD_RECORD, json.dumps(record, indent=2).encode())
 
 
 def cache_bytes(manifest: Manifest, seq_len: int, dtype_bytes: int) -> dict[str, int]:

@@ -15,7 +15,6 @@ import atexit
 import hashlib
 import importlib
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,9 @@ import numpy as np
 
 from ..config import ModelError
 from ..manifest import load_manifest, range_name
-from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, Target, check_buildable, check_precision, choose_flavor,
-                         dim_ranges, find_built, gpu_support, plan_dir, profile_for,
-                         read_record, rtx_targets, stale_pieces, write_record)
+from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, PlanError, StalePlan, Target, check_buildable,
+                         check_precision, choose_flavor, dim_ranges, find_built, gpu_support, plan_dir, profile_for,
+                         read_plan, read_record, replace_file, rtx_targets, stale_pieces, write_record)
 from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
@@ -157,7 +156,10 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     except ValueError as e:
         raise ModelError(str(e)) from None
     out = plan_dir(engine_dir, target)
-    stale, why = stale_pieces(engine_dir, manifest, target)
+    try:  # the runtime's own decision (plans hashed too), so "up to date" means the runtime will load them
+        stale, why = stale_pieces(engine_dir, manifest, target)
+    except PlanError as e:
+        raise ModelError(str(e)) from None
     if not stale:
         print(f"plans in {out} are up to date", file=sys.stderr)
         return out
@@ -178,11 +180,9 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
         plan, timing_cache = build_piece(trt, builder, logger, Path(engine_dir) / piece.file,
                                          profile_for(piece, ranges),
                                          lambda config: configure(trt, flavor, config, target, cache_path))
-        tmp = out / f"{piece.name}.plan.partial"  # renamed when complete: an interrupted build leaves no torn plan
-        tmp.write_bytes(plan)
-        os.replace(tmp, out / f"{piece.name}.plan")
+        replace_file(out / f"{piece.name}.plan", plan)  # an interrupted build leaves no torn plan
         if timing_cache is not None:
-            cache_path.write_bytes(bytes(timing_cache.serialize()))
+            replace_file(cache_path, bytes(timing_cache.serialize()))
         seconds[piece.name] = round(time.perf_counter() - t0, 3)
         hashes[piece.name] = hashlib.sha256(plan).hexdigest()
     write_record(engine_dir, manifest, target, seconds, hashes)
@@ -194,12 +194,16 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     return out
 
 
-def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None):
-    """Deserialize one plan, or a one-line BackendError saying why not. The hash catches a plan swapped for
-    another piece's of the same size (same-shaped layer ranges give equal sizes), which sizes alone cannot."""
-    blob = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
-        raise BackendError(f"{path} is not the plan that was built there; rebuild it with dllm-trt build")
+def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None, size: int | None = None):
+    """Deserialize one plan, or a one-line BackendError saying why not. The bytes are checked by read_plan, as
+    `build` checks them: the hash catches a plan swapped for another piece's of the same size (same-shaped layer
+    ranges give equal sizes), which sizes alone cannot."""
+    try:
+        blob = read_plan(path, size, sha256)
+    except StalePlan as e:
+        raise BackendError(f"{e}; rebuild it with dllm-trt build") from None
+    except PlanError as e:
+        raise BackendError(str(e)) from None
     if flavor == "rtx":  # flavour: RTX says why a plan cannot run here from its header alone
         validity, diagnostics = runtime.get_engine_validity(blob)
         if validity == trt.EngineValidity.INVALID:
@@ -209,6 +213,14 @@ def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None):
     if engine is None:
         raise BackendError(f"{path}: {FLAVOR_NAMES[flavor]} refused to load the plan; rebuild it with dllm-trt build")
     return engine
+
+
+def save_runtime_cache(cache, path: Path) -> None:
+    """Replace (never write through) the RTX runtime cache next to the plans; at exit, so failing is not fatal."""
+    try:
+        replace_file(path, bytes(cache.serialize()))
+    except OSError as e:
+        print(f"warning: {path} not saved ({e.strerror})", file=sys.stderr)
 
 
 class TensorRTBackend(Backend):
@@ -234,7 +246,10 @@ class TensorRTBackend(Backend):
         self.manifest, self.config = manifest, manifest.config
         self.ranges = [tuple(r) for r in manifest.layer_ranges]
         precision = precision or manifest.dtype
-        target = find_built(engine_dir, manifest, gpu_name, device_cc, trt.__version__, precision, flavor)
+        try:  # refuses symlinks under trt/ before anything there is read
+            target = find_built(engine_dir, manifest, gpu_name, device_cc, trt.__version__, precision, flavor)
+        except PlanError as e:
+            raise BackendError(str(e)) from None
         if target is None:
             raise BackendError(f"no up-to-date {FLAVOR_NAMES[flavor]} {trt.__version__} plans for this GPU "
                                f"(sm{device_cc.replace('.', '')}) and {precision}: run dllm-trt build {engine_dir}")
@@ -244,9 +259,10 @@ class TensorRTBackend(Backend):
         self.engines, self.contexts = {}, {}
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.runtime_cache, self.runtime_configs = None, []
-        hashes = read_record(engine_dir, target).get("plan_sha256", {})
+        record = read_record(engine_dir, target)
+        hashes, sizes = record.get("plan_sha256", {}), record.get("plan_size", {})
         for p in manifest.pieces:
-            engine = load_plan(trt, runtime, d / f"{p.name}.plan", flavor, hashes.get(p.name))
+            engine = load_plan(trt, runtime, d / f"{p.name}.plan", flavor, hashes.get(p.name), sizes.get(p.name))
             self.engines[p.name] = engine
             if flavor == "rtx":  # flavour: a runtime config per context, one runtime (JIT) cache shared by all
                 self.contexts[p.name] = engine.create_execution_context(
@@ -270,7 +286,7 @@ class TensorRTBackend(Backend):
             cache = self.runtime_cache = config.create_runtime_cache()
             if cache_path.is_file():
                 cache.deserialize(cache_path.read_bytes())  # rejected (and ignored) when made on another GPU/driver
-            atexit.register(lambda: cache_path.write_bytes(bytes(cache.serialize())))
+            atexit.register(save_runtime_cache, cache, cache_path)
         config.set_runtime_cache(self.runtime_cache)
         self.runtime_configs.append(config)
         return config
