@@ -2,14 +2,23 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with stream=true as server-sent events in
 OpenAI's chunk format), GET /v1/models, GET /health. Extra body fields: the decoding options cache, gamma, window,
-threshold, block_length, steps, track_num, early_stop (absent: the CLI's defaults; max_tokens absent: 256 or what
-fits).
+threshold, block_length, steps, track_num, early_stop (absent: the CLI's defaults; max_tokens absent: the checkpoint's
+max_new_tokens, else 256, at most what fits).
 
 Streaming: a diffusion model commits tokens out of order, so only the longest committed prefix is final; each
 event carries text that can no longer change. An error during a streamed decoding is sent as an error event
 (`data: {"error": {...}}`) and ends the stream without [DONE]. Requests are decoded one at a time per engine; at
-most `max_queue` may wait, more get 503. A client that disconnects stops its decoding. Bodies over `max_body` bytes
-get 413 before they are read; parsing, validation and tokenization run off the event loop.
+most `max_queue` may wait, more get 503. A client that disconnects stops its decoding.
+
+Hostile input: the POST endpoints take only `Content-Type: application/json` (415 otherwise, before the body is
+read), so that a web page cannot post a form, text or an untyped blob to a local server without a CORS preflight.
+Bodies over `max_body` bytes get 413 before they are read. Parsing, validation, chat rendering and tokenization run
+off the event loop, one request at a time in one worker thread (so that at most one thread competes with the event
+loop for the GIL), within a per-request deadline of `admit_timeout` seconds that counts the wait for that thread.
+Text that cannot fit the model (more UTF-8 bytes than its positions times the longest token in its vocabulary) is
+refused with 400 before it is tokenized. Every error is an OpenAI-style JSON body; an internal one is a 500 that
+names a request id which the server log repeats with the traceback, whatever was raised (a Rust panic from the
+tokenizers library is a BaseException).
 """
 import asyncio
 import json
@@ -20,7 +29,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +41,7 @@ from .config import ModelError
 from .memory import peak_rss_bytes
 
 DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_ADMIT_SECONDS = 30.0  # parsing, chat rendering and tokenization of one request, its wait for them included
 log = logging.getLogger("dllm_trt.server")
 
 
@@ -40,6 +49,22 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class InternalFault(Exception):
+    """A BaseException that is not an exit or a cancellation (a pyo3 PanicException from Rust code), carried as an
+    Exception; the original is its __cause__."""
+
+
+def is_fault(exc: BaseException) -> bool:
+    """Whether exc is an error to answer with a 500, rather than an exit or a cancellation to let through."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_fault(e) for e in exc.exceptions)
+    return not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError))
+
+
+def internal_error(rid: str) -> ApiError:
+    return ApiError(500, f"internal error ({rid}); see the server log", kind="server_error")
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------------
@@ -167,6 +192,52 @@ def parse_request(body, engine: Engine, chat: bool) -> tuple[object, dict, bool]
     return prompt, opts, bool(req.stream)
 
 
+def longest_token_bytes(engine: Engine) -> int | None:
+    """The most UTF-8 bytes of a client's text that one token can stand for: the longest vocabulary entry that is not
+    a special token (text a client sends never becomes one). Byte-level and SentencePiece vocabularies spell a byte
+    or a space with more bytes than it stands for, so this errs on the high side. None (no bound) where one token
+    can stand for any amount of text, an unknown-token run (WordPiece, WordLevel, Unigram, BPE with fuse_unk), or
+    where the tokenizer is not a tokenizers-library one."""
+    tok = getattr(getattr(engine, "tokenizer", None), "tokenizer", None)
+    try:
+        model = json.loads(tok.to_str()).get("model") or {}
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        vocab = tok.get_vocab(with_added_tokens=True)
+    except Exception as e:  # no bound is the safe default
+        log.warning("no prompt size bound: the tokenizer's vocabulary cannot be read (%s)", one_line(str(e), 200))
+        return None
+    unknown = (model.get("unk_token") is not None or model.get("unk_id") is not None) and not model.get("byte_fallback")
+    if unknown and (model.get("type") != "BPE" or model.get("fuse_unk")):
+        return None
+    longest = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab if t not in special), default=1)
+    return max(longest, 4 if unknown else 1)  # an unknown character (at most 4 bytes) is one token
+
+
+def text_bytes(prompt: str | list[dict]) -> int:
+    """UTF-8 bytes of the text a client sent: the prompt, or every string of every message."""
+    texts = [prompt] if isinstance(prompt, str) else [v for m in prompt for v in m.values() if isinstance(v, str)]
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+def check_text_size(prompt: str | list[dict], positions: int, token_bytes: int) -> None:
+    """ApiError 400 for text that cannot fit the model's positions whatever it tokenizes to: refused by its size
+    alone, before a tokenizer spends seconds on it."""
+    size, limit = text_bytes(prompt), positions * token_bytes
+    if size > limit:
+        field = "prompt" if isinstance(prompt, str) else "messages"
+        raise ApiError(400, f"'{field}' is {size} bytes of text, more than this model can take: {positions} positions "
+                            f"hold at most {limit} bytes (its longest token is {token_bytes} bytes)", field)
+
+
+def require_json(request: Request) -> None:
+    """415 for a body that is not declared JSON. Forms, text and untyped blobs are what a web page may post to any
+    address without a CORS preflight; application/json needs one, which this server does not grant."""
+    declared = request.headers.get("content-type")
+    if (declared or "").split(";", 1)[0].strip().lower() != "application/json":
+        got = "no Content-Type" if declared is None else f"Content-Type {declared[:100]!r}"
+        raise ApiError(415, f"the request body must be sent as Content-Type: application/json (got {got})")
+
+
 async def read_body(request: Request, max_body: int) -> bytes:
     """The body, refused with 413 as soon as it is known to be too large: from Content-Length before reading
     anything, else while counting the bytes as they arrive."""
@@ -182,13 +253,48 @@ async def read_body(request: Request, max_body: int) -> bytes:
     return bytes(body)
 
 
-def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+def json_faults(app):
+    """ASGI middleware: anything raised past the handlers before a response started, BaseExceptions such as a Rust
+    panic included, becomes a JSON 500 naming an id that the log repeats with the traceback. Exits and cancellations
+    pass through; so does an error after the response started (the server then closes the connection)."""
+    async def guarded(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive, tracked)
+        except BaseException as e:
+            if started or not is_fault(e):
+                raise
+            rid = f"req-{uuid.uuid4().hex[:24]}"
+            log.error("%s: unexpected error in %s %s", rid, scope.get("method"), scope.get("path"),
+                      exc_info=(type(e), e, e.__traceback__))
+            await JSONResponse(error_body(internal_error(rid)), status_code=500)(scope, receive, send)
+
+    return guarded
+
+
+def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
+               admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> FastAPI:
     if max_queue < 1:
         raise ValueError(f"max_queue must be at least 1, got {max_queue}")
     if max_body < 1:
         raise ValueError(f"max_body must be at least 1, got {max_body}")
+    if not admit_timeout > 0:
+        raise ValueError(f"admit_timeout must be positive, got {admit_timeout}")
     app = FastAPI(title="dllm-trt", docs_url=None, redoc_url=None)
+    app.add_middleware(json_faults)
     executor = ThreadPoolExecutor(max_workers=max_queue + 1, thread_name_prefix="decode")
+    # One thread prepares requests (parse, render, tokenize: mostly work that holds the GIL): more would only take
+    # turns at the GIL with each other and with the event loop, and stretch every /health answer.
+    admitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit")
+    token_bytes = longest_token_bytes(engine)  # once, at start-up
     state = {"active": 0}
 
     def error(e: ApiError, request: Request | None = None) -> JSONResponse:
@@ -196,16 +302,16 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
             log.info("%d %s %s: %s", e.status, request.method, request.url.path, one_line(e.message))
         return JSONResponse(error_body(e), status_code=e.status)
 
-    def internal(rid: str) -> ApiError:
-        return ApiError(500, f"internal error ({rid}); see the server log", kind="server_error")
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # unknown paths and methods, in the same error format
         return error(ApiError(exc.status_code, str(exc.detail)), request)
 
     @app.exception_handler(Exception)
-    async def unexpected(request, exc):  # a backstop: never a traceback to the client
-        return error(ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
+    async def unexpected(request, exc):  # a backstop behind json_faults: never a traceback to the client
+        rid = f"req-{uuid.uuid4().hex[:24]}"
+        log.error("%s: unexpected error in %s %s", rid, request.method, request.url.path,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        return error(internal_error(rid))
 
     @app.get("/health")
     async def health():
@@ -218,11 +324,14 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0,
                                             "owned_by": "dllm-trt"}]}
 
-    def admit(raw: bytes, chat: bool):
-        """Parse, validate, render and tokenize: everything that can fail before any response starts. Runs in a
-        worker thread, so a large or hostile body never stalls the event loop."""
-        prompt, opts, stream = parse_request(parse_json(raw), engine, chat)
+    def admit(raw: bytes, chat: bool, began: list):
+        """Parse, validate, render and tokenize: everything that can fail before any response starts. Runs in the
+        admitting thread, so a large or hostile body never stalls the event loop; `began` gets the start time."""
+        began.append(time.monotonic())
         try:
+            prompt, opts, stream = parse_request(parse_json(raw), engine, chat)
+            if token_bytes is not None:
+                check_text_size(prompt, engine.max_positions, token_bytes)
             return prompt, engine.prepare(prompt, **opts), stream
         except PromptTooLong as e:
             raise ApiError(413, str(e).replace("gen length", "max_tokens"), "max_tokens") from None
@@ -231,12 +340,34 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
             raise ApiError(400, f"'{field}' {e.problem}", field) from None
         except (ValueError, ModelError) as e:  # bad options, a chat template that refuses, text that is not text
             raise ApiError(400, str(e)) from None
+        except Exception:
+            raise
+        except BaseException as e:  # a Rust panic (pyo3's PanicException) from the tokenizers library, say
+            if not is_fault(e):
+                raise
+            raise InternalFault(f"{type(e).__name__} while preparing the request") from e
+
+    async def admitted(raw: bytes, chat: bool):
+        """admit()'s result within the deadline, which counts the wait for the admitting thread. Past it the client
+        gets 400 if its own preparation ran for most of that time (a chat template or tokenizer too slow for this
+        input: retrying would not help), else 503; the thread finishes its work unobserved (it cannot be stopped)."""
+        began: list = []
+        future = asyncio.get_running_loop().run_in_executor(admitter, admit, raw, chat, began)
+        try:
+            return await asyncio.wait_for(future, admit_timeout)
+        except asyncio.TimeoutError:
+            if began and time.monotonic() - began[0] >= admit_timeout / 2:
+                raise ApiError(400, f"preparing the prompt (chat template and tokenizer) took longer than "
+                                    f"{admit_timeout:g} s") from None
+            raise ApiError(503, f"server busy: the request could not be prepared within {admit_timeout:g} s; "
+                                f"retry later", kind="server_busy") from None
 
     async def handle(request: Request, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
+            require_json(request)
             raw = await read_body(request, max_body)
-            prompt, prepared, stream = await anyio.to_thread.run_sync(admit, raw, chat)
+            prompt, prepared, stream = await admitted(raw, chat)
             if state["active"] >= max_queue:
                 raise ApiError(503, f"server busy: {max_queue} requests already in progress; retry later",
                                kind="server_busy")
@@ -247,7 +378,7 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
             return error(ApiError(499, "client closed the request"))
         except Exception:
             log.exception("%s: unexpected error while admitting the request", rid)
-            return error(internal(rid))
+            return error(internal_error(rid))
         state["active"] += 1
         created = int(time.time())
         loop = asyncio.get_running_loop()
@@ -255,11 +386,13 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
         stop = threading.Event()
 
         def work():
-            """The result, or the exception it failed with (returned, so that an unread future never logs it)."""
+            """The result, or the exception it failed with (returned, so that an unread future never logs it).
+            Any BaseException: a Rust panic while decoding text must end the stream too, and nothing raised in a
+            worker thread could stop the process anyway."""
             try:
                 on_text = (lambda t: loop.call_soon_threadsafe(events.put_nowait, t)) if stream else None
                 res = engine.generate(prompt, on_text=on_text, cancelled=stop.is_set, prepared=prepared)
-            except Exception as e:
+            except BaseException as e:
                 res = e
             loop.call_soon_threadsafe(events.put_nowait, res)
             return res
@@ -269,7 +402,7 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
 
         def failed(exc: BaseException) -> ApiError:
             log.error("%s: decoding failed", rid, exc_info=(type(exc), exc, exc.__traceback__))
-            return internal(rid)
+            return internal_error(rid)
 
         def usage(res):
             return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.tokens,
@@ -294,7 +427,7 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
                         item = await events.get()
                         if isinstance(item, str):
                             yield chunk({"content": item}, text=item)
-                        elif isinstance(item, Exception):
+                        elif isinstance(item, BaseException):
                             e = failed(item)
                             finished = True
                             yield f"data: {json.dumps(error_body(e))}\n\n"
@@ -319,7 +452,7 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
         if isinstance(res, Cancelled):
             log.info("%s: client disconnected; decoding stopped", rid)
             return error(ApiError(499, "client closed the request"))
-        if isinstance(res, Exception):
+        if isinstance(res, BaseException):
             return error(failed(res))
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": res.text},
@@ -343,10 +476,10 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 16,
-          max_body: int = DEFAULT_MAX_BODY) -> None:
+          max_body: int = DEFAULT_MAX_BODY, admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> None:
     import uvicorn
 
-    app = create_app(engine, max_queue, max_body)  # ValueError on bad limits, before anything starts
+    app = create_app(engine, max_queue, max_body, admit_timeout)  # ValueError on bad limits, before anything starts
     if not log.handlers:  # one line per rejected request or disconnect; tracebacks only for server faults
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -2,7 +2,15 @@
 
 Text typed by a user (a plain prompt, a message's content or role) never becomes special tokens: only the chat
 template's own markup may produce them. The template is rendered with a sentinel in place of each user string;
-the rendered text is then encoded with special tokens recognised in the template's segments only."""
+the rendered text is then encoded with special tokens recognised in the template's segments only. The ids of
+user text are checked as well: a vocabulary that also lists a control token as an ordinary word (word-level,
+unigram, wordpiece, or a BPE that keeps whole words) would otherwise turn typed markup into that token.
+
+The chat template is code from the model's folder: it runs in a sandbox with bounded time, output and value sizes
+(runtime/chat_template.py).
+
+Errors: ModelError at load (one line); ChatTemplateError, ControlTokenText and TokenizerError (ValueErrors, one
+line) while encoding or decoding, so that callers can answer them as a bad request."""
 from __future__ import annotations
 
 import json
@@ -10,36 +18,64 @@ import re
 import uuid
 from pathlib import Path
 
-from .config import ModelError
+from .chat_template import ChatTemplateError, compile_template, first_line, render
+from .config import EOT_TOKEN, ModelError, read_json
 from .paths import inside
 
 
-class ChatTemplateError(ValueError):
-    """The chat template refused the messages (raise_exception, or an error while rendering)."""
+class TokenizerError(ValueError):
+    """The tokenizers library failed on this text or these ids (an error or a Rust panic), in one line."""
+
+
+class ControlTokenText(TokenizerError):
+    """User text would encode to a control token and the tokenizer has no unknown token to put there instead."""
+
+
+# A control token's spelling: <|...|>, as in <|eot_id|>, <|mdm_mask|>, <|reserved_special_token_0|>.
+_CONTROL_SHAPE = re.compile(r"<\|[^|\s]+\|>")
+# Marks that a vocabulary puts around a word (byte-level space, sentencepiece space, wordpiece continuation, BPE
+# end of word); a token is the control token it spells once they are removed.
+_WORD_MARKS = ("\u0120", "\u2581", "##", " ", "</w>")
 
 
 def _read_config(d: Path) -> dict:
     path = inside(d, "tokenizer_config.json", "tokenizer config")
     if not path.exists():
         return {}
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ModelError(f"{path}: not UTF-8 text") from None
-    except (ValueError, RecursionError) as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise ModelError(f"{path}: cannot be read ({e.strerror})") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{path}: must be a JSON object, got {type(cfg).__name__}")
+    cfg = read_json(path, "")
     template = cfg.get("chat_template")
     if template is not None and not isinstance(template, str):
         raise ModelError(f"{path}: chat_template must be a string, got {type(template).__name__}")
     return cfg
 
 
-def _raise_exception(message):
-    raise ChatTemplateError(f"chat template: {message}")
+def _token_text(v) -> str | None:
+    """A token named in tokenizer_config.json: a string, or a serialised AddedToken {"content": ...}."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) and v else None
+
+
+def _named_ids(d: Path) -> dict[str, set[int]]:
+    """The mask and end ids that the model's own files name next to the tokenizer (config.json,
+    generation_config.json, or an engine's manifest.json). Unreadable files are left to the config loader."""
+    out: dict[str, set[int]] = {"mask": set(), "end": set()}
+
+    def ints(v) -> set[int]:
+        vs = v if isinstance(v, list) else [v]
+        return {i for i in vs if isinstance(i, int) and not isinstance(i, bool) and i >= 0}
+
+    for name in ("config.json", "generation_config.json", "manifest.json"):
+        try:
+            raw = json.loads((d / name).read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if name == "manifest.json" and isinstance(raw, dict):
+            raw = raw.get("model")
+        if isinstance(raw, dict):
+            out["mask"] |= ints(raw.get("mask_token_id"))
+            out["end"] |= ints(raw.get("eos_token_id")) | ints(raw.get("end_token_ids"))
+    return out
 
 
 def _checked(text) -> str:
@@ -52,6 +88,19 @@ def _checked(text) -> str:
     return text
 
 
+def _library(what: str, call, *args, **kwargs):
+    """Call into the tokenizers library; its errors, and its Rust panics (pyo3's PanicException derives from
+    BaseException, not Exception), become one TokenizerError line."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as e:
+        raise TokenizerError(f"tokenizer failed {what}: {first_line(e)}") from None
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise TokenizerError(f"tokenizer failed {what} (the tokenizers library panicked: {first_line(e)})") from None
+
+
 class TextTokenizer:
     def __init__(self, directory: str | Path):
         from tokenizers import Tokenizer
@@ -61,36 +110,135 @@ class TextTokenizer:
         if not path.is_file():
             raise ModelError(f"{path}: missing (the tokenizer is needed to encode prompts)")
         try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-            self._plain = Tokenizer.from_file(str(path))  # a second copy: toggling one flag is not thread-safe
-        except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
+            self.tokenizer = _library("to load", Tokenizer.from_file, str(path))
+            self._plain = _library("to load", Tokenizer.from_file, str(path))  # toggling a flag is not thread-safe
+        except TokenizerError as e:
             raise ModelError(f"{path}: not a valid tokenizers file ({e})") from None
         self._plain.encode_special_tokens = True  # special-token text is split like any other text
         self.config = _read_config(d)
         self.chat_template = self.config.get("chat_template")
         self._template = self._compile(d) if self.chat_template else None
-        specials = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
-        self._special_ids = specials
+        try:
+            self._find_control_tokens(d, path)
+        except TokenizerError as e:
+            raise ModelError(f"{path}: {e}") from None
         # longest first, so that a special token that is a prefix of another never wins
-        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self._special_ids, key=len, reverse=True)))
+
+    # ---- control tokens ----------------------------------------------------------------------------------------------
+    def _find_control_tokens(self, d: Path, path: Path) -> None:
+        """The ids user text must never produce: added tokens marked special, the tokens and ids that
+        tokenizer_config.json, config.json, generation_config.json and manifest.json name (mask, end, bos, pad...),
+        and every vocabulary entry that spells one of those (or looks like <|...|>), with or without word marks.
+        The unknown token stands in for them in user text."""
+        tok = self.tokenizer
+        vocab = _library("to list its vocabulary", tok.get_vocab, with_added_tokens=True)
+        added = _library("to list its added tokens", tok.get_added_tokens_decoder)
+        model = json.loads(_library("to serialise", tok.to_str)).get("model") or {}
+        self._max_id = max([*vocab.values(), *added], default=-1)
+        unk_id = self._unknown_id(model, vocab, path)
+        contents = {t.content for t in added.values() if t.special}
+        ids = {i for i, t in added.items() if t.special}
+        for key, v in self.config.items():
+            if key == "additional_special_tokens" and isinstance(v, list):
+                contents.update(_token_text(x) for x in v)
+            elif key.endswith("_token") and key != "unk_token":
+                contents.add(_token_text(v))
+        decoder = self.config.get("added_tokens_decoder")
+        for i, t in (decoder.items() if isinstance(decoder, dict) else ()):
+            if isinstance(t, dict) and t.get("special") and str(i).isdigit():
+                ids.add(int(i))
+                contents.add(_token_text(t))
+        named = _named_ids(d)
+        mask_ids = named.pop("mask", set())
+        mask_text = _token_text(self.config.get("mask_token"))
+        if mask_text is not None and vocab.get(mask_text) is not None:
+            mask_ids.add(vocab[mask_text])
+        ids |= mask_ids | set().union(*named.values())
+        contents.discard(None)
+        contents.add(EOT_TOKEN)
+
+        def looks_like_control(text: str) -> bool:
+            core = text
+            for mark in _WORD_MARKS:
+                core = core.removeprefix(mark).removesuffix(mark)
+            return core in contents or bool(_CONTROL_SHAPE.fullmatch(core))
+
+        by_id: dict[int, list[str]] = {}
+        for text, i in vocab.items():
+            by_id.setdefault(i, []).append(text)
+            if looks_like_control(text):
+                ids.add(i)
+        # the tokenizer's own decoding of each id, for vocabularies that store words in another alphabet (byte-level)
+        pieces = _library("to decode its vocabulary", tok.decode_batch, [[i] for i in sorted(by_id)],
+                          skip_special_tokens=False)
+        ids.update(i for i, text in zip(sorted(by_id), pieces) if looks_like_control(text.strip()))
+        if unk_id is not None and unk_id in mask_ids:
+            raise TokenizerError(f"its unknown token (id {unk_id}) is the mask token")
+        for i in sorted(mask_ids):
+            ordinary = [t for t in by_id.get(i, []) if not looks_like_control(t)]
+            if ordinary:
+                raise TokenizerError(f"the ordinary word {ordinary[0]!r} has the mask token's id {i}; a prompt "
+                                     f"holding it would be read as a position to fill in")
+        if unk_id is not None and unk_id in ids:
+            unk_id = None  # unknown words already become a control token: no safe stand-in
+        self._unk_id = unk_id
+        self._control_ids = frozenset(ids)
+        # template markup spells control tokens by their plain text: each becomes its id, whatever the vocabulary
+        self._special_ids = {t.content: i for i, t in added.items() if t.special}
+        for text, i in vocab.items():
+            if i in self._control_ids and text not in self._special_ids and looks_like_control(text) and text.strip():
+                self._special_ids.setdefault(text, i)
+
+    def _unknown_id(self, model: dict, vocab: dict, path: Path) -> int | None:
+        if model.get("type") == "Unigram":
+            unk = model.get("unk_id")
+            return unk if isinstance(unk, int) and 0 <= unk <= self._max_id else None
+        unk = model.get("unk_token")
+        if unk is None:
+            return None
+        if vocab.get(unk) is None:
+            raise TokenizerError(f"its unknown token {unk!r} is not in its vocabulary (unknown words could not be "
+                                 f"encoded)")
+        return vocab[unk]
+
+    @property
+    def control_ids(self) -> frozenset:
+        """The ids that user text never yields (special, end, mask and other control tokens)."""
+        return self._control_ids
+
+    def max_token_id(self) -> int:
+        """The largest id this tokenizer can produce (vocabulary and added tokens); the model's embedding must
+        be larger."""
+        return self._max_id
+
+    def check_embedding(self, embedding_size: int) -> None:
+        """One ModelError when the tokenizer can produce an id the model has no embedding row for."""
+        if self._max_id >= embedding_size:
+            raise ModelError(f"the tokenizer can produce id {self._max_id}, outside the model's embedding (size "
+                             f"{embedding_size}): tokenizer.json belongs to another model")
 
     def _compile(self, d: Path):
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise ModelError(f"{d / 'tokenizer_config.json'}: chat_template does not compile ({e})") from None
+        return compile_template(self.chat_template, str(d / "tokenizer_config.json"))
 
     def encode(self, text: str) -> list[int]:
-        """User text: special-token spellings in it are encoded as ordinary text."""
-        return self._plain.encode(_checked(text), add_special_tokens=False).ids
+        """User text: special-token spellings in it are encoded as ordinary text, and a piece of it that the
+        vocabulary maps to a control token becomes the unknown token (ControlTokenText without one)."""
+        text = _checked(text)
+        # encode_batch releases the GIL (encode does not): a long prompt does not stall the server's event loop
+        enc = _library("to encode text", self._plain.encode_batch, [text], add_special_tokens=False)[0]
+        ids = enc.ids
+        bad = [k for k, i in enumerate(ids) if i in self._control_ids]
+        if not bad:
+            return ids
+        if self._unk_id is None:
+            start, end = enc.offsets[bad[0]]
+            raise ControlTokenText(f"the text {text[start:end]!r} would be read as control token id {ids[bad[0]]} "
+                                   f"and this tokenizer has no unknown token to use instead; remove it")
+        return [self._unk_id if i in self._control_ids else i for i in ids]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return _library("to decode ids", self.tokenizer.decode, list(ids), skip_special_tokens=True)
 
     def _specials_for_template(self) -> dict:
         out = {}
@@ -104,15 +252,7 @@ class TextTokenizer:
     def _render(self, messages: list[dict]) -> str:
         if self._template is None:
             raise ModelError("this tokenizer has no chat_template in tokenizer_config.json; drop --chat")
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=True,
-                                         **self._specials_for_template())
-        except ChatTemplateError:
-            raise
-        except RecursionError:
-            raise ChatTemplateError("chat template: recursion too deep") from None
-        except Exception as e:  # a template is code: jinja errors, TypeErrors, sandbox refusals
-            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+        return render(self._template, messages, add_generation_prompt=True, **self._specials_for_template())
 
     def render_chat(self, messages: list[dict]) -> str:
         return self._render(self._check_messages(messages))

@@ -408,7 +408,7 @@ def test_client_errors_are_logged_in_one_line(tiny_engine, caplog):
 
     caplog.set_level(logging.INFO, logger="dllm_trt.server")
     with TestClient(create_app(tiny_engine)) as c:
-        assert c.post("/v1/completions", content=b"{bad").status_code == 400
+        assert c.post("/v1/completions", content=b"{bad", headers={"Content-Type": "application/json"}).status_code == 400
         assert c.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"}).status_code == 404
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "cache": "x\n" * 100_000})
         assert r.status_code == 400 and len(r.json()["error"]["message"]) < 1100

@@ -109,7 +109,7 @@ def test_lone_surrogate_is_a_value_error(tok):
 
 @pytest.mark.parametrize("config,match", [
     ("{not json", "not valid JSON"),
-    ("[1, 2]", "must be a JSON object"),
+    ("[1, 2]", "must hold a JSON object"),
     (json.dumps({"chat_template": ["a"]}), "chat_template must be a string"),
     ("[" * 100_000, "not valid JSON"),
 ])
