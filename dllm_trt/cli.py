@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .runtime.backends.base import BackendError
@@ -33,8 +34,8 @@ def fail(msg: str, code: int = 2):
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--cache", default="elastic", help="none | prefix | dual | elastic (default elastic)")
-    g.add_argument("--gen-length", type=int, help=f"positions to generate (default {DEFAULT_GEN_LENGTH}, or what "
-                                                  f"fits in the model after the prompt)")
+    g.add_argument("--gen-length", type=int, help=f"positions to generate (default: the checkpoint's max_new_tokens, "
+                                                  f"else {DEFAULT_GEN_LENGTH}; at most what fits after the prompt)")
     g.add_argument("--block-length", type=int, help="LLaDA block schedule: block length (default 32)")
     g.add_argument("--steps", type=int, help="LLaDA block schedule: total steps (one token per step = gen length)")
     g.add_argument("--window", type=int, help="sliding-window schedule: the beta left-most masks (default 16)")
@@ -74,6 +75,42 @@ def apply_threads(a) -> None:
     from .runtime.backends.onnxruntime_backend import THREADS_ENV
 
     os.environ[THREADS_ENV] = str(a.threads)
+
+
+def check_writable(path: str | None, flag: str) -> None:
+    """Refuse, before a long run, an output file that cannot be written: its folder missing or not writable, a
+    folder in its place. Probed by creating a file beside it (permission bits alone say nothing to root)."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    try:
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+        if p.exists():
+            with open(p, "ab"):
+                pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be written ({e.strerror or e})") from None
+
+
+def save_output(path: str, what: str, write) -> None:
+    """write(path), saying where the result went; when that fails after a long run, the result is written to a
+    temporary file instead, so that nothing is lost."""
+    try:
+        write(path)
+        print(f"{what} saved to {path}", file=sys.stderr)
+        return
+    except OSError as e:
+        reason = e.strerror or str(e)
+    try:
+        fd, fallback = tempfile.mkstemp(prefix="dllm-trt-", suffix=Path(path).suffix)
+        os.close(fd)
+        write(fallback)
+    except OSError as e:
+        raise UsageError(f"could not write {path} ({reason}) nor a temporary file ({e.strerror or e})") from None
+    print(f"dllm-trt: could not write {path} ({reason}); {what} saved to {fallback} instead", file=sys.stderr)
 
 
 def flag_error(e: OptionError) -> UsageError:
@@ -143,19 +180,20 @@ def cmd_generate(a) -> bool:
             raise flag_error(e) from None
     backend, source_dir = open_backend(a)
     tok = TextTokenizer(source_dir)
+    tok.check_embedding(backend.config.embedding_size)
     try:
         prompt_ids = tok.encode_prompt(a.prompt, chat=a.chat)
     except ValueError as e:  # e.g. text that is not valid Unicode, a chat template that raises
         raise UsageError(f"--prompt: {e}") from None
     limit = min(backend.config.max_sequence_length, getattr(backend, "max_len", backend.config.max_sequence_length))
     try:
-        gen_length = opts.fit_gen_length(len(prompt_ids), limit)
+        gen_length = opts.fit_gen_length(len(prompt_ids), limit, backend.config.default_gen_length)
         schedule, policy = build(opts, gen_length)
     except OptionError as e:
         raise flag_error(e) from None
     except PromptTooLong as e:
         raise UsageError(f"{e} (--gen-length)") from None
-    if opts.gen_length is None and gen_length != DEFAULT_GEN_LENGTH:
+    if opts.gen_length is None and gen_length != (backend.config.default_gen_length or DEFAULT_GEN_LENGTH):
         print(f"gen length {gen_length}: what fits in the {limit} positions after the {len(prompt_ids)}-token "
               f"prompt (--gen-length to choose)", file=sys.stderr)
     result = Decoder(backend, policy, schedule, detokenize=tok.decode).generate(prompt_ids)
@@ -189,20 +227,22 @@ def _eval_inputs(a):
     except ValueError as e:
         raise UsageError(str(e)) from None
     backend, source = open_backend(a)
-    return problems, configs, backend, TextTokenizer(source)
+    tok = TextTokenizer(source)
+    tok.check_embedding(backend.config.embedding_size)
+    return problems, configs, backend, tok
 
 
 def cmd_eval(a) -> None:
     from .evaluate.harness import evaluate, save_json, table
 
+    check_writable(a.out, "--out")
     problems, configs, backend, tok = _eval_inputs(a)
     summaries = evaluate(backend, tok, problems, configs, a.gen_length)
     print(table(summaries, f"{len(problems)} problems from {a.data}, gen length {a.gen_length}, "
                            f"backend {backend.describe()}"))
     if a.out:
-        save_json(a.out, summaries, {"data": a.data, "gen_length": a.gen_length, "backend": backend.describe(),
-                                     "problems": len(problems)})
-        print(f"results saved to {a.out}", file=sys.stderr)
+        meta = {"data": a.data, "gen_length": a.gen_length, "backend": backend.describe(), "problems": len(problems)}
+        save_output(a.out, "results", lambda path: save_json(path, summaries, meta))
 
 
 def cmd_bench(a) -> None:
@@ -217,6 +257,13 @@ def cmd_bench(a) -> None:
         raise UsageError("--repeats and every gen length must be at least 1")
     if a.plot and not gammas:
         raise UsageError("--plot draws the gamma sweep: give --gamma-sweep too")
+    for g in gammas:
+        try:
+            DecodeOptions(cache="elastic", gamma=g).validate()
+        except OptionError as e:
+            raise UsageError(f"--gamma-sweep: every gamma {e.problem}") from None
+    check_writable(a.out, "--out")
+    check_writable(a.plot, "--plot")
     a.gen_length, a.limit = max(lengths), a.prompts
     problems, configs, backend, tok = _eval_inputs(a)
     limit = backend.config.max_sequence_length
@@ -243,12 +290,9 @@ def cmd_bench(a) -> None:
         if a.plot:
             from .evaluate.plot import plot_sweep
 
-            plot_sweep(summaries, a.plot)
-            print(f"plot saved to {a.plot}", file=sys.stderr)
+            save_output(a.plot, "plot", lambda path: plot_sweep(summaries, path))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"results saved to {a.out}", file=sys.stderr)
+        save_output(a.out, "results", lambda path: Path(path).write_text(json.dumps(report, indent=1)))
 
 
 def cmd_serve(a) -> None:
@@ -300,8 +344,11 @@ def cmd_doctor(a) -> None:
 def cmd_build(a) -> None:
     from .runtime.backends.tensorrt_backend import build_plans
 
-    build_plans(a.engines, a.precision, a.max_len, a.max_active, a.opt_level, flavor=a.trt_flavor,
-                target_cc=a.target_cc)
+    try:
+        build_plans(a.engines, a.precision, a.max_len, a.max_active, a.opt_level, flavor=a.trt_flavor,
+                    target_cc=a.target_cc)
+    except OSError as e:  # e.g. plans not writable there: a full disk, a read-only folder, a file too large
+        raise ModelError(f"{e.filename or a.engines}: {e.strerror or e} (while building plans)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

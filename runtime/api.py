@@ -30,6 +30,7 @@ class Cancelled(Exception):
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: TextTokenizer, name: str):
+        tokenizer.check_embedding(backend.config.embedding_size)
         self.backend, self.tokenizer, self.name = backend, tokenizer, name
         self.max_positions = backend.config.max_sequence_length
         if hasattr(backend, "max_len"):  # exported engines cover fewer positions than the model may
@@ -75,7 +76,8 @@ class Engine:
         defaults = DecodeOptions()
         opts = DecodeOptions(**{k: getattr(defaults, k) if v is None else v for k, v in options.items()}).validate()
         prompt_ids = self.encode(prompt)
-        gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions)
+        gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions,
+                                          self.backend.config.default_gen_length)
         schedule, policy = build(opts, gen_length)
         return Decoder(self.backend, policy, schedule, self.tokenizer.decode), prompt_ids, opts
 

@@ -36,7 +36,8 @@ class PromptTooLong(ValueError):
 @dataclass
 class DecodeOptions:
     cache: str = "elastic"
-    gen_length: int | None = None       # None: DEFAULT_GEN_LENGTH, or less when that does not fit the model
+    gen_length: int | None = None       # None: the model's default (else DEFAULT_GEN_LENGTH), or less when that
+                                        # does not fit the model
     block_length: int | None = None
     steps: int | None = None            # block schedule: total steps (None: threshold-driven, or one token/step)
     window: int | None = None
@@ -85,16 +86,17 @@ class DecodeOptions:
                                         f"blocks (use block_length)")
         return self
 
-    def fit_gen_length(self, prompt_len: int, max_positions: int) -> int:
+    def fit_gen_length(self, prompt_len: int, max_positions: int, default: int | None = None) -> int:
         """The generation length for this prompt: the one asked for (PromptTooLong when it does not fit), or the
-        default, shortened to what fits (a multiple of the block length for the block schedule)."""
+        default (the model's own, e.g. generation_config.json's max_new_tokens, else DEFAULT_GEN_LENGTH), shortened
+        to what fits (a multiple of the block length for the block schedule)."""
         room = max_positions - prompt_len
         if self.gen_length is not None:
             if self.gen_length > room:
                 raise PromptTooLong(f"prompt ({prompt_len} tokens) + gen length ({self.gen_length}) exceeds the "
                                     f"{max_positions} positions available; {max(room, 0)} or fewer fit")
             return self.gen_length
-        n = min(DEFAULT_GEN_LENGTH, room)
+        n = min(default or DEFAULT_GEN_LENGTH, room)
         block = self.block_length or DEFAULT_BLOCK_LENGTH
         if self.uses_blocks and n > block:
             n -= n % block

@@ -54,6 +54,7 @@ def test_threads_from_environment_or_physical_cores(monkeypatch):
 
 def test_every_session_gets_the_threads_and_does_not_spin(tiny_engines, monkeypatch):
     monkeypatch.setenv("DLLM_TRT_THREADS", "3")
+    monkeypatch.setattr(ob, "usable_cpus", lambda: 4)
     backend = OnnxRuntimeBackend(tiny_engines)
     assert backend.threads == 3
     for session in backend.sessions.values():

@@ -524,6 +524,8 @@ def main(argv=None) -> None:
     # Save, then reload through the project's own loader and compare logits.
     weights = model.checkpoint_weights()
     write_checkpoint(out_model, cfg, weights, tok, shards=1)
+    # The answers are trained at this length; longer canvases leave the model in positions it never saw.
+    (Path(out_model) / "generation_config.json").write_text(json.dumps({"max_new_tokens": GEN_LEN}, indent=2) + "\n")
     ckpt = Checkpoint(out_model)
     emb, layers, head = Embedding(ckpt.config).load(ckpt), LayerRange(ckpt.config, 0, cfg.n_layers).load(ckpt), \
         Head(ckpt.config).load(ckpt)

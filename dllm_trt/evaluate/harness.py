@@ -9,6 +9,7 @@ Throughput counts generated tokens up to the first EOS only (never prompt tokens
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -79,16 +80,36 @@ class Summary:
                 "tokens": self.tokens, "seconds": self.seconds}
 
 
+MAX_LINE_BYTES = 1 << 20     # one problem per line; a longer line is not a problem (and /dev/zero has no end)
+MAX_DATA_BYTES = 256 << 20   # an endless source (a pipe, /dev/urandom) is refused instead of read into memory
+
+
 def load_problems(path: str, limit: int | None = None) -> list[dict]:
-    problems = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
+    """The JSON-lines problems of `path` ({"question", "answer"} per line), the first `limit` of them.
+    Every malformed input is a ValueError naming the file and line."""
+    problems, read = [], 0
+    with open(path, "rb") as f:
+        for i in itertools.count(1):
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                break
+            read += len(line)
+            if len(line) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{i}: line longer than {MAX_LINE_BYTES >> 20} MiB; expected one JSON "
+                                 f"object per line")
+            if read > MAX_DATA_BYTES:
+                raise ValueError(f"{path}: more than {MAX_DATA_BYTES >> 20} MiB without reaching --limit; give "
+                                 f"--limit or a smaller file")
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = json.loads(line.decode("utf-8"))
                 problems.append({"question": str(item["question"]), "answer": str(item["answer"])})
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text ({e.reason})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{i}: JSON nested too deeply") from None
+            except (ValueError, KeyError, TypeError):  # ValueError: bad JSON, 5000-digit integers
                 raise ValueError(f"{path}:{i}: expected a JSON object with 'question' and 'answer'") from None
             if limit and len(problems) >= limit:
                 break

@@ -69,11 +69,31 @@ def default_threads() -> int:
     """$DLLM_TRT_THREADS, else the physical cores this process may use (capped by a cgroup CPU quota)."""
     env = os.environ.get(THREADS_ENV, "").strip()
     if env:
-        if not (env.isascii() and env.isdigit()) or int(env) < 1:
-            raise BackendError(f"{THREADS_ENV} must be a positive whole number, got {env!r}")
-        return int(env)
+        if not (env.isascii() and env.isdigit()) or int(env[:12]) < 1:
+            raise BackendError(f"{THREADS_ENV} must be a positive whole number, got {env[:40]!r}")
+        return int(env) if len(env) <= 12 else 10 ** 12  # no 5000-digit int() (ValueError); capped anyway
     limit = cgroup_cpu_limit()
     return min(physical_cores(), limit) if limit else physical_cores()
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (affinity mask, cgroup quota): threads beyond them only wait, and
+    thousands of them exhaust the machine's process table."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return max(1, min(n, limit) if limit else n)
+
+
+def session_threads(requested: int | None) -> int:
+    """Intra-op threads per session: the request (else default_threads), capped at usable_cpus with one line."""
+    n = default_threads() if requested is None else requested
+    if n < 1:
+        raise BackendError(f"threads must be at least 1, got {n}")
+    cap = usable_cpus()
+    if n > cap:
+        print(f"dllm-trt: {n} threads asked for; using {cap}, the CPUs this process may use", file=sys.stderr)
+        return cap
+    return n
 
 
 def weight_mode(share_weights: bool | None, prepack: bool | None, quantized: bool = False) -> tuple[bool, bool]:
@@ -121,9 +141,7 @@ class OnnxRuntimeBackend(Backend):
         if self.manifest.dtype != "fp32" and self.on_cpu:
             raise BackendError(f"{engine_dir} holds {self.manifest.dtype} graphs, which are meant for TensorRT; "
                                f"ONNX Runtime on CPU has no {self.manifest.dtype} kernels: export with --dtype fp32")
-        if threads is not None and threads < 1:
-            raise BackendError(f"threads must be at least 1, got {threads}")
-        self.threads = threads or default_threads()
+        self.threads = session_threads(threads)
         # the data files, each once (shared or loaded by ONNX Runtime itself, as 4-bit tables are); their sizes
         # were checked against the manifest when it was loaded
         self.weight_bytes = self.manifest.weight_bytes()

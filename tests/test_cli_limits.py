@@ -1,0 +1,201 @@
+"""Hardening of the CLI's own inputs and outputs: output files checked before a long run and never lost after it,
+problem files that never end or nest forever, non-finite gammas, thread bombs, and the generation length a
+checkpoint declares (issue #21, items 5, 7, 12 and 15)."""
+import json
+import re
+import shutil
+
+import pytest
+
+from dllm_trt import cli
+from dllm_trt.cli import DEFAULT_MODEL, main
+from dllm_trt.evaluate import harness
+from dllm_trt.runtime.backends import onnxruntime_backend as ob
+from dllm_trt.runtime.backends.base import BackendError
+from dllm_trt.runtime.config import ModelError, load_config
+
+REPO = DEFAULT_MODEL.parents[1]
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def problems_file(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps({"question": "Hello there", "answer": "#### 1"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Refusals must come before any model is opened."""
+    def fail(*_):
+        raise AssertionError("opened a model before refusing")
+    monkeypatch.setattr(cli, "open_backend", fail)
+
+
+# ---- item 5: outputs -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["missing-folder", "under-a-file", "a-folder"])
+def test_unwritable_out_is_refused_before_the_run(where, tmp_path, problems_file, capsys, no_decoding):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    out = {"missing-folder": tmp_path / "nope" / "r.json", "under-a-file": tmp_path / "file" / "r.json",
+           "a-folder": tmp_path / "folder"}[where]
+    for command in (["eval"], ["bench", "--gen-lengths", "16"]):
+        code, err = run_cli([*command, "--model", str(DEFAULT_MODEL), "--data", str(problems_file),
+                             "--out", str(out)], capsys)
+        assert code == 2 and err.count("\n") == 1 and f"--out {out}" in err, err
+    code, err = run_cli(["bench", "--model", str(DEFAULT_MODEL), "--data", str(problems_file),
+                         "--gamma-sweep", "0.9", "--plot", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"--plot {out}" in err, err
+
+
+def test_existing_out_file_is_not_truncated_by_the_check(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("keep")
+    cli.check_writable(str(out), "--out")
+    assert out.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_results_survive_an_out_folder_that_vanishes_during_the_run(tiny_dir, tmp_path, problems_file, capsys,
+                                                                      monkeypatch):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    real = harness.evaluate
+
+    def evaluate_then_remove(*args, **kwargs):
+        summaries = real(*args, **kwargs)
+        shutil.rmtree(folder)
+        return summaries
+
+    monkeypatch.setattr(harness, "evaluate", evaluate_then_remove)
+    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    main(["eval", "--model", str(tiny_dir), "--backend", "torch", "--layers-per-range", "4", "--data",
+          str(problems_file), "--gen-length", "16", "--cache", "elastic", "--no-llada-baseline",
+          "--out", str(folder / "r.json")])
+    err = capsys.readouterr().err
+    assert f"could not write {folder / 'r.json'}" in err
+    saved = err.rsplit("saved to ", 1)[1].split(" instead")[0]
+    assert saved.startswith(str(tmp_path)) and json.loads(open(saved).read())["meta"]["problems"] == 1
+
+
+# ---- item 12: problem files and sweep values ------------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    ("[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    ('{"question": "q", "answer": ' + "9" * 5000 + "}\n", "expected a JSON object"),
+    (b"\xff\xfe not text\n", "not UTF-8"),
+    ("x" * (harness.MAX_LINE_BYTES + 10), "line longer than"),
+])
+def test_malformed_problem_files_are_one_line(content, message, tmp_path, capsys, no_decoding):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = run_cli(["eval", "--model", str(DEFAULT_MODEL), "--data", str(path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_endless_problem_source_is_refused_not_read_into_memory(capsys, no_decoding):
+    code, err = run_cli(["eval", "--model", str(DEFAULT_MODEL), "--data", "/dev/zero"], capsys)
+    assert code == 2 and "line longer than" in err
+
+
+def test_blank_lines_without_end_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "MAX_DATA_BYTES", 1000)
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n" * 5000)
+    with pytest.raises(ValueError, match="without reaching --limit"):
+        harness.load_problems(str(path))
+
+
+@pytest.mark.parametrize("gamma", ["nan", "inf", "-inf", "5"])
+def test_gamma_sweep_takes_only_valid_gammas(gamma, problems_file, capsys, no_decoding):
+    code, err = run_cli(["bench", "--model", str(DEFAULT_MODEL), "--data", str(problems_file),
+                         "--gamma-sweep", f"0.9,{gamma}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--gamma-sweep" in err, err
+
+
+# ---- item 7: threads -----------------------------------------------------------------------------------------------
+def test_threads_are_capped_at_the_cpus_this_process_may_use(monkeypatch, capsys):
+    monkeypatch.setattr(ob, "usable_cpus", lambda: 2)
+    assert ob.session_threads(3000) == 2
+    assert "3000 threads asked for; using 2" in capsys.readouterr().err
+    assert ob.session_threads(2) == 2 and ob.session_threads(1) == 1
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("DLLM_TRT_THREADS", "9" * 5000)  # no int() ValueError on a 5000-digit number
+    assert ob.session_threads(None) == 2
+    with pytest.raises(BackendError):
+        ob.session_threads(0)
+
+
+def test_cli_threads_bomb_starts_only_usable_threads(tiny_engines, capsys):
+    main(["generate", "--engines", str(tiny_engines), "--prompt", "Hi", "--gen-length", "8", "--threads", "99999",
+          "--json"])
+    captured = capsys.readouterr()
+    assert f"using {ob.usable_cpus()}" in captured.err
+    assert json.loads(captured.out)["tokens"] >= 0
+
+
+def test_usable_cpus_follows_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(ob.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(ob, "cgroup_cpu_limit", lambda: None)
+    assert ob.usable_cpus() == 6
+    monkeypatch.setattr(ob, "cgroup_cpu_limit", lambda: 3)
+    assert ob.usable_cpus() == 3
+
+
+# ---- item 15: the checkpoint's own generation length ----------------------------------------------------------------
+def test_bundled_model_declares_its_trained_length():
+    assert load_config(DEFAULT_MODEL).default_gen_length == 128
+
+
+def test_readme_command_without_gen_length_answers(capsys):
+    """The README's first command, as written there (its flags and prompt), on the torch backend."""
+    command = re.search(r"&& dllm-trt (generate [^\n]*)", (REPO / "README.md").read_text()).group(1)
+    flags, prompt = re.fullmatch(r'(generate[^"]*)--prompt "([^"]+)"', command).groups()
+    assert "--gen-length" not in flags
+    main([*flags.split(), "--prompt", prompt, "--backend", "torch", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["canvas_ids"]) == 128
+    assert "#### 61" in out["text"], out["text"]
+
+
+def test_declared_length_reaches_the_manifest_and_the_api(tiny_dir, tmp_path):
+    from dllm_trt.export.onnx_export import export_model
+    from dllm_trt.runtime.api import Engine
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 24}))
+    assert len(Engine.load(model, backend="torch").generate("Hi", cache="none").canvas_ids) == 24
+    out = tmp_path / "engines"
+    export_model(model, out, layers_per_range=4, max_len=64, max_active=32, quiet=True)
+    engine = Engine.load(out)
+    assert engine.backend.config.default_gen_length == 24
+    assert len(engine.generate("Hi", cache="none").canvas_ids) == 24
+    assert len(engine.generate("Hi", cache="none", max_tokens=8).canvas_ids) == 8   # the request still wins
+    prompt = "x " * 25                                                             # what fits stays the ceiling
+    assert len(engine.generate(prompt, cache="elastic").canvas_ids) == 64 - len(engine.encode(prompt))
+
+
+@pytest.mark.parametrize("value", [0, "many", -1, True])
+def test_bad_declared_length_is_one_line(value, tiny_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": value}))
+    with pytest.raises(ModelError, match="max_new_tokens"):
+        load_config(model)
+
+
+def test_a_changed_declared_length_exports_anew(tiny_dir, tmp_path):
+    """generate --model caches its export by checkpoint fingerprint: the length lives in the manifest, so a
+    changed generation_config.json must not reuse an export made before the change."""
+    from dllm_trt.runtime.engine import export_cache_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    before = export_cache_dir(model, tmp_path / "engines", layers_per_range=1)
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 24}))
+    assert export_cache_dir(model, tmp_path / "engines", layers_per_range=1) != before
