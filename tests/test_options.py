@@ -85,13 +85,18 @@ def test_default_gen_length_fits_the_model():
 
 
 def test_generate_without_gen_length_on_the_bundled_model(capsys):
-    """The bundled model has 256 positions in all: the default length is shortened to fit, and said so."""
-    main(["generate", "--backend", "torch", "--prompt", "A counter shows 36 . Each step adds 5 and keeps the last "
-          "two digits . What does it show after 5 steps ?", "--chat", "--json"])
+    """The bundled model has 256 positions in all: its default length (128) is shortened to fit a long prompt,
+    and said so; a short prompt gets the default, silently."""
+    question = ("A counter shows 36 . Each step adds 5 and keeps the last two digits . What does it show after 5 "
+                "steps ?")
+    main(["generate", "--backend", "torch", "--prompt", " ".join([question] * 6), "--chat", "--json"])
     captured = capsys.readouterr()
     assert "gen length" in captured.err and "what fits" in captured.err
     result = json.loads(captured.out)
-    assert result["prompt_tokens"] + len(result["canvas_ids"]) == 256
+    assert result["prompt_tokens"] + len(result["canvas_ids"]) == 256 and len(result["canvas_ids"]) < 128
+    main(["generate", "--backend", "torch", "--prompt", question, "--chat", "--json"])
+    captured = capsys.readouterr()
+    assert "gen length" not in captured.err and len(json.loads(captured.out)["canvas_ids"]) == 128
 
 
 @pytest.mark.parametrize("options,field", [
