@@ -155,7 +155,7 @@ def open_backend(a):
     engines = export_cache_dir(a.model, a.engine_cache, layers_per_range=a.layers_per_range)
     if not (engines / "manifest.json").is_file():
         try:
-            from .export.onnx_export import export_into
+            from .export.out_folder import export_into
         except ImportError as e:
             raise BackendError(f"running a checkpoint on ONNX Runtime exports it first, which needs the export "
                                f"extra (pip install 'dllm-trt[export]'; missing {e.name}); or pass --engines DIR"
@@ -315,7 +315,7 @@ def cmd_serve(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from .export.onnx_export import export_into
+    from .export.out_folder import export_into
 
     if a.quant_block is not None and a.quantize is None:
         raise UsageError("--quant-block needs --quantize int8 or int4")

@@ -10,7 +10,8 @@ import pytest
 
 from dllm_trt.export.check import check_engines
 from dllm_trt.export.checkpoint_writer import write_tiny_checkpoint
-from dllm_trt.export.onnx_export import example_sizes, export_into, export_model
+from dllm_trt.export.onnx_export import example_sizes, export_model
+from dllm_trt.export.out_folder import export_into
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import dims_for, load_manifest
 
