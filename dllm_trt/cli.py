@@ -11,11 +11,15 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from .runtime.backends.base import BackendError
 from .runtime.config import ModelError
-from .runtime.options import DEFAULT_GEN_LENGTH, DecodeOptions, OptionError, PromptTooLong, build
+from .runtime.options import (CALIBRATED, DEFAULT_GAMMA, DEFAULT_GEN_LENGTH, DecodeOptions, OptionError,
+                              PromptTooLong, build, resolve_gamma)
+
+from .evaluate.calibrate import BISECT_STEPS, GRID
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "arith"
@@ -45,7 +49,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="stop at the first committed end token (default: on for the window, off for blocks)")
     g.add_argument("--no-early-stop", dest="early_stop", action="store_false")
     e = p.add_argument_group("elastic cache")
-    e.add_argument("--gamma", type=float, default=0.9, help="drift threshold: refresh when similarity < gamma")
+    e.add_argument("--gamma", type=gamma_arg, help=f"drift threshold: refresh when similarity < gamma (default: the "
+                   f"engine's calibrated gamma, else {DEFAULT_GAMMA}; '{CALIBRATED}': the calibrated one or an error)")
     e.add_argument("--track-num", type=int, default=1, help="most-attended tokens tracked per layer")
     e.add_argument("--drift-metric", default="heads", choices=["heads", "keys"])
     e.add_argument("--refresh-alignment", default="rerun", choices=["rerun", "next"])
@@ -58,6 +63,15 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend: bucketed fixed-shape steps replayed as CUDA graphs (not yet run on a GPU)")
     add_threads_arg(b)
+
+
+def gamma_arg(text: str) -> float | str:
+    if text == CALIBRATED:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or '{CALIBRATED}', got {text!r}") from None
 
 
 def add_threads_arg(p) -> None:
@@ -175,7 +189,7 @@ def cmd_generate(a) -> bool:
     opts = decode_options(a)
     if opts.gen_length is not None:  # schedule errors (e.g. blocks that do not divide it) before any export
         try:
-            build(opts, opts.gen_length)
+            build(replace(opts, gamma=None if opts.gamma == CALIBRATED else opts.gamma), opts.gen_length)
         except OptionError as e:
             raise flag_error(e) from None
     backend, source_dir = open_backend(a)
@@ -188,7 +202,8 @@ def cmd_generate(a) -> bool:
     limit = min(backend.config.max_sequence_length, getattr(backend, "max_len", backend.config.max_sequence_length))
     try:
         gen_length = opts.fit_gen_length(len(prompt_ids), limit, backend.config.default_gen_length)
-        schedule, policy = build(opts, gen_length)
+        schedule, policy = build(opts, gen_length, backend.calibration)
+        gamma, gamma_source = resolve_gamma(opts, backend.calibration)
     except OptionError as e:
         raise flag_error(e) from None
     except PromptTooLong as e:
@@ -201,10 +216,12 @@ def cmd_generate(a) -> bool:
     if a.json:
         from .runtime.memory import peak_rss_bytes
 
-        print(json.dumps(result.to_dict() | {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": backend.weight_bytes}))
+        print(json.dumps(result.to_dict() | {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": backend.weight_bytes,
+                                             "gamma": gamma, "gamma_source": gamma_source}))
         return nothing_to_save
     print(result.text)
-    extra = f", refresh fraction {result.refresh_fraction:.3f}" if policy.name == "elastic" else ""
+    extra = (f", gamma {gamma:g} ({gamma_source}), refresh fraction {result.refresh_fraction:.3f}"
+             if policy.name == "elastic" else "")
     print(f"[{result.backend} | cache {policy.name} | {schedule.name} schedule] {result.tokens} tokens in "
           f"{result.steps} steps, {result.seconds:.2f} s, {result.tokens_per_second:.1f} tok/s{extra}",
           file=sys.stderr)
@@ -218,15 +235,24 @@ def _eval_inputs(a):
     if a.limit is not None and a.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {a.limit}")
     decode_options(a, cache="elastic")  # the shared flags (gen length, window, gamma, ...) are valid
+    caches = [c.strip() for c in a.cache.split(",") if c.strip()]
+
+    def configs_for(calibration):
+        return standard_configs(caches, a.gamma, a.window or 16, not getattr(a, "no_llada_baseline", False),
+                                calibration)
+
     try:
         problems = load_problems(a.data, a.limit)
-        configs = standard_configs([c.strip() for c in a.cache.split(",") if c.strip()], a.gamma, a.window or 16,
-                                   not getattr(a, "no_llada_baseline", False))
+        configs_for({"gamma": dict.fromkeys(("heads", "keys"), DEFAULT_GAMMA)})  # cache names, before any export
     except OSError as e:
         raise UsageError(f"{a.data}: {e.strerror}") from None
     except ValueError as e:
         raise UsageError(str(e)) from None
     backend, source = open_backend(a)
+    try:
+        configs = configs_for(backend.calibration)
+    except OptionError as e:  # --gamma calibrated on an engine without a calibration
+        raise flag_error(e) from None
     tok = TextTokenizer(source)
     tok.check_embedding(backend.config.embedding_size)
     return problems, configs, backend, tok
@@ -283,6 +309,10 @@ def cmd_bench(a) -> None:
         sweep = standard_configs([], window=a.window or 16, llada_baseline=not a.no_llada_baseline)
         sweep += [RunConfig(f"elastic gamma {g}", DecodeOptions(cache="elastic", window=a.window or 16, gamma=g))
                   for g in gammas]
+        calibrated = backend.calibration.get("gamma", {}).get("heads")
+        if calibrated is not None:  # the calibrated point beside the hand-picked ones (drift metric heads, as they)
+            sweep.append(RunConfig(f"elastic gamma {calibrated:g} (calibrated)",
+                                   DecodeOptions(cache="elastic", window=a.window or 16, gamma=calibrated)))
         summaries = evaluate(backend, tok, sweep_problems, sweep, a.sweep_gen_length)
         print()
         print(table(summaries, f"gamma sweep: {len(sweep_problems)} problems, gen length {a.sweep_gen_length}"))
@@ -293,6 +323,84 @@ def cmd_bench(a) -> None:
             save_output(a.plot, "plot", lambda path: plot_sweep(summaries, path))
     if a.out:
         save_output(a.out, "results", lambda path: Path(path).write_text(json.dumps(report, indent=1)))
+
+
+def cmd_calibrate(a) -> None:
+    from .evaluate.calibrate import DEFAULT_TARGET, calibrate, record, table
+    from .evaluate.harness import load_problems
+    from .runtime.calibration import write_calibration
+    from .runtime.engine import open_engines
+    from .runtime.options import GAMMA_RANGE
+    from .runtime.tokenizer import TextTokenizer
+
+    target = DEFAULT_TARGET[a.objective] if a.target is None else a.target
+    top = 1.0 if a.objective == "agreement" else 100.0
+    if not (math.isfinite(target) and 0 <= target <= top):
+        unit = "a fraction of prompts" if a.objective == "agreement" else "points below the best accuracy"
+        raise UsageError(f"--target for {a.objective} is {unit}, in [0, {top:g}]; got {a.target}")
+    if a.prompts < 1:
+        raise UsageError(f"--prompts must be at least 1, got {a.prompts}")
+    if not 0 <= a.bisect_steps <= 20:
+        raise UsageError(f"--bisect-steps must be in 0..20, got {a.bisect_steps}")
+    try:
+        grid = sorted({float(x) for x in a.grid.split(",")})
+    except ValueError:
+        raise UsageError(f"--grid takes comma-separated gammas, got {a.grid!r}") from None
+    if not grid or not all(math.isfinite(g) and GAMMA_RANGE[0] <= g <= GAMMA_RANGE[1] for g in grid):
+        raise UsageError(f"--grid: every gamma must be in [{GAMMA_RANGE[0]:g}, {GAMMA_RANGE[1]:g}], got {a.grid!r}")
+    base = DecodeOptions(cache="elastic", gen_length=a.gen_length, window=a.window, threshold=a.threshold,
+                         track_num=a.track_num, refresh_alignment=a.refresh_alignment)
+    try:
+        base.validate()
+    except OptionError as e:
+        raise flag_error(e) from None
+    try:
+        problems = load_problems(a.data, a.prompts, need_answer=a.objective == "accuracy")
+    except OSError as e:
+        raise UsageError(f"{a.data}: {e.strerror}") from None
+    except ValueError as e:
+        hint = (" (--objective accuracy scores an 'answer' on every line; --objective agreement needs only "
+                "questions)" if a.objective == "accuracy" and "'answer'" in str(e) else "")
+        raise UsageError(f"{e}{hint}") from None
+    if not (Path(a.engines) / "manifest.json").is_file():
+        raise UsageError(f"{a.engines}: not an engine folder (no manifest.json); calibrate records its result "
+                         f"there: export first (dllm-trt export --model DIR --out {a.engines})")
+    backend = open_engines(a.engines, a.backend)
+    tok = TextTokenizer(a.engines)
+    tok.check_embedding(backend.config.embedding_size)
+    limit = min(backend.config.max_sequence_length, getattr(backend, "max_len", backend.config.max_sequence_length))
+    gen_length = a.gen_length or backend.config.default_gen_length or DEFAULT_GEN_LENGTH
+    longest = max(len(tok.encode_prompt(p["question"], chat=True)) for p in problems)
+    if longest + gen_length > limit:
+        raise UsageError(f"the longest prompt ({longest} tokens) + gen length {gen_length} exceeds the {limit} "
+                         f"positions available (--gen-length)")
+    try:
+        cal = calibrate(backend, tok, problems, a.objective, target, base, gen_length, grid, a.bisect_steps)
+    except OptionError as e:
+        raise flag_error(e) from None
+    except ValueError as e:  # no candidate meets the target
+        raise UsageError(str(e)) from None
+    print(f"calibration on {len(problems)} prompts from {a.data}, gen length {gen_length}, backend "
+          f"{backend.describe()}\n")
+    print(table(cal))
+    print()
+    goal = (f"answer tokens equal to the same schedule without cache on >= {100 * target:g}% of prompts"
+            if a.objective == "agreement" else f"accuracy at most {target:g} point{'s' * (target != 1)} below the best gamma found")
+    print(f"objective optimised: {a.objective} ({goal}); chosen: "
+          + ", ".join(f"{m} {p.gamma:g} (refresh fraction {p.refresh_fraction:.3f})" for m, p in cal.chosen.items()))
+    other = "accuracy" if a.objective == "agreement" else "agreement"
+    if any(cal.other.values()):
+        print(f"the {other} objective (default target {DEFAULT_TARGET[other]:g}) would have picked: "
+              + ", ".join(f"{m} {p.gamma:g} (refresh fraction {p.refresh_fraction:.3f})" if p else f"{m} none"
+                          for m, p in cal.other.items()))
+    elif other == "accuracy":
+        print("the accuracy objective needs an 'answer' on every line: not compared")
+    print(f"decodes: {cal.decodes_per_prompt} per prompt (1 reference + {len(cal.points)} drift metrics x at most "
+          f"({len(grid)} grid points + {a.bisect_steps} bisection steps)), {cal.decodes_per_prompt * len(problems)} "
+          f"in all, plus one warm-up")
+    write_calibration(a.engines, record(cal, a.data, len(problems)))
+    print(f"recorded in {Path(a.engines) / 'manifest.json'}: the default gamma of generate, eval, bench, serve and "
+          f"the Python API for this engine (--gamma, or gamma in a request, still wins)", file=sys.stderr)
 
 
 def cmd_serve(a) -> None:
@@ -336,9 +444,14 @@ def cmd_check(a) -> None:
 
 
 def cmd_doctor(a) -> None:
-    from .runtime.doctor import report
+    from .runtime.doctor import gamma_line, report
 
-    print("\n".join(report()))
+    lines = report()
+    if a.engines:
+        from .runtime.manifest import load_manifest
+
+        lines.append(gamma_line(a.engines, load_manifest(a.engines).calibration))
+    print("\n".join(lines))
 
 
 def cmd_build(a) -> None:
@@ -439,7 +552,31 @@ def build_parser() -> argparse.ArgumentParser:
     bld.set_defaults(func=cmd_build)
 
     d = sub.add_parser("doctor", help="what this machine has and which backends are usable")
+    d.add_argument("engines", nargs="?", help="also say where this engine folder's default gamma comes from")
     d.set_defaults(func=cmd_doctor)
+
+    cal = sub.add_parser("calibrate", help="pick an engine's drift threshold gamma on your prompts (recorded in "
+                                           "its manifest.json as the default gamma)")
+    cal.add_argument("engines", help="exported engine directory (manifest.json); the result is recorded there")
+    cal.add_argument("--data", required=True, help="JSONL with a 'question' per line ('answer' too for accuracy)")
+    cal.add_argument("--prompts", type=int, default=64, help="first N lines (default 64)")
+    cal.add_argument("--objective", default="agreement", choices=["agreement", "accuracy"],
+                     help="agreement: answers equal to the same schedule without cache (default); accuracy: exact "
+                          "match, as eval scores it")
+    cal.add_argument("--target", type=float, help="agreement: fraction of prompts (default 0.99); accuracy: points "
+                                                  "below the best gamma found (default 1)")
+    cal.add_argument("--grid", default=",".join(f"{g:g}" for g in GRID), help="coarse gammas (default %(default)s)")
+    cal.add_argument("--bisect-steps", type=int, default=BISECT_STEPS, help="bisections of the cliff (default "
+                                                                             "%(default)s)")
+    cal.add_argument("--gen-length", type=int, help="positions to generate (default: the checkpoint's max_new_tokens, "
+                                                    f"else {DEFAULT_GEN_LENGTH})")
+    cal.add_argument("--window", type=int, help="sliding window (default 16)")
+    cal.add_argument("--threshold", type=float, help="unmask confidence threshold (default 0.9)")
+    cal.add_argument("--track-num", type=int, default=1)
+    cal.add_argument("--refresh-alignment", default="rerun", choices=["rerun", "next"])
+    cal.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
+    add_threads_arg(cal)
+    cal.set_defaults(func=cmd_calibrate)
     return p
 
 

@@ -65,7 +65,7 @@ class Engine:
     def prepare(self, prompt: str | list[dict], **options) -> tuple[Decoder, list[int], DecodeOptions]:
         """Validate the options (OptionError) and the prompt length (PromptTooLong), both ValueErrors, before any
         work starts. Options are DecodeOptions' fields; `max_tokens` (OpenAI's name) is accepted for gen_length,
-        and None for any option means its default."""
+        and None for any option means its default (for gamma: the engine's calibrated gamma, else 0.9)."""
         if "max_tokens" in options:
             if options.get("gen_length") is not None:
                 raise OptionError("max_tokens", "and gen_length are the same option: give one")
@@ -78,7 +78,7 @@ class Engine:
         prompt_ids = self.encode(prompt)
         gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions,
                                           self.backend.config.default_gen_length)
-        schedule, policy = build(opts, gen_length)
+        schedule, policy = build(opts, gen_length, self.backend.calibration)
         return Decoder(self.backend, policy, schedule, self.tokenizer.decode), prompt_ids, opts
 
     def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, prepared=None,

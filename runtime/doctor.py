@@ -93,3 +93,15 @@ def report() -> list[str]:
     usable.append(tensorrt_usable(trt_versions, device_cc, why_no_gpu))
     lines.append("backends: " + "; ".join(usable))
     return lines
+
+
+def gamma_line(engines, calibration: dict) -> str:
+    """Where an engine folder's default gamma comes from."""
+    from .options import DEFAULT_GAMMA
+
+    if not calibration:
+        return (f"gamma for {engines}: {DEFAULT_GAMMA} (default: not calibrated; dllm-trt calibrate {engines} "
+                f"--data FILE.jsonl)")
+    gammas = ", ".join(f"{m} {g:g}" for m, g in calibration["gamma"].items())
+    return (f"gamma for {engines}: {gammas} (calibrated: {calibration['objective']}, target "
+            f"{calibration['target']:g}, {calibration['prompts']} prompts, {calibration['date']}; --gamma overrides)")

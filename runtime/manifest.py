@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import memory, protobuf
+from .calibration import check_calibration
 from .config import MAX_SIZE, ModelConfig, ModelError, config_from_manifest, is_int, read_json
 from .paths import inside
 
@@ -59,6 +60,8 @@ class Manifest:
     # weight-only quantization of the window/refresh/head graphs ({} = float weights): scheme (int8 | int4),
     # bits, block_size, symmetric, accuracy_level, op, tool and tool versions
     quantization: dict = field(default_factory=dict)
+    # the drift thresholds `dllm-trt calibrate` measured ({} = not calibrated): runtime/calibration.py
+    calibration: dict = field(default_factory=dict)
 
     def piece(self, name: str) -> PieceSpec:
         for p in self.pieces:
@@ -76,7 +79,8 @@ class Manifest:
             "model": self.config.to_dict(), "dtype": self.dtype, "layer_ranges": self.layer_ranges,
             "dims": self.dims, "tokenizer_files": self.tokenizer_files, "export": self.export,
             "pieces": [asdict(p) for p in self.pieces],
-        } | ({"quantization": self.quantization} if self.quantization else {})
+        } | ({"quantization": self.quantization} if self.quantization else {}) \
+          | ({"calibration": self.calibration} if self.calibration else {})
 
     def save(self, directory: Path) -> None:
         (Path(directory) / "manifest.json").write_text(json.dumps(self.to_json(), indent=2))
@@ -253,7 +257,9 @@ def _parse(raw: dict, path: Path, d: Path) -> Manifest:
     if not (isinstance(quantization, dict) and (not quantization or (
             quantization.get("scheme") in QUANT_SCHEMES and is_int(quantization.get("block_size"))))):
         raise bad(f"quantization must be {{}} or name a scheme ({', '.join(QUANT_SCHEMES)}) and a block_size")
-    return Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, export, d, quantization)
+    calibration = check_calibration(raw["calibration"], bad) if "calibration" in raw else {}
+    return Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, export, d, quantization,
+                    calibration)
 
 
 def _is_ranges(ranges, n_layers: int) -> bool:

@@ -4,6 +4,9 @@ what a user asked for into a decoding plan, so that the same options decode the 
 Schedule choice: `block_length` or `steps` given -> LLaDA's block schedule; `window` given -> Elastic-Cache's
 sliding window; neither -> the cache's own default: elastic slides a window of 16 with threshold 0.9; none is
 LLaDA's baseline (blocks of 32, one token per step); prefix and dual are Fast-dLLM (blocks of 32, threshold 0.9).
+
+Gamma: the one given, else the engine's calibrated gamma for the drift metric (manifest.json's `calibration`
+block, written by `dllm-trt calibrate`), else DEFAULT_GAMMA (resolve_gamma).
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ DEFAULT_GEN_LENGTH = 256
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_WINDOW = 16
 DEFAULT_THRESHOLD = 0.9
+DEFAULT_GAMMA = 0.9
+GAMMA_RANGE = (-1.0, 2.0)   # similarities are in [-1, 1]; above 1 always refreshes
+CALIBRATED = "calibrated"   # gamma="calibrated": the engine's calibrated gamma, an error when it has none
 
 
 class OptionError(ValueError):
@@ -44,7 +50,7 @@ class DecodeOptions:
     threshold: float | None = None
     tokens_per_step: int = 1            # window schedule without a threshold
     early_stop: bool | None = None      # None: on for the window, off for blocks
-    gamma: float = 0.9
+    gamma: float | str | None = None    # None: the engine's calibrated gamma, else DEFAULT_GAMMA (resolve_gamma)
     track_num: int = 1
     drift_metric: str = "heads"
     refresh_alignment: str = "rerun"
@@ -66,9 +72,9 @@ class DecodeOptions:
                 raise OptionError(name, f"must be an integer, got {value!r}")
             if value < 1:
                 raise OptionError(name, f"must be at least 1, got {value}")
-        for name, lo, hi in (("threshold", 0.0, 1.0), ("gamma", -1.0, 2.0)):
+        for name, lo, hi in (("threshold", 0.0, 1.0), ("gamma", *GAMMA_RANGE)):
             value = getattr(self, name)
-            if value is None and name == "threshold":
+            if value is None or (name == "gamma" and value == CALIBRATED):
                 continue
             if not _is_number(value) or not lo <= value <= hi:
                 hint = " (similarities are in [-1, 1]; above 1 always refreshes)" if name == "gamma" else ""
@@ -110,9 +116,25 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def build(opts: DecodeOptions, gen_length: int):
-    """(schedule, policy) for one generation of `gen_length` positions. Raises OptionError."""
+def resolve_gamma(opts: DecodeOptions, calibration: dict | None) -> tuple[float, str]:
+    """(gamma, where it came from: "given", "calibrated" or "default"). `calibration` is the engine's calibration
+    block ({} or None when it has none)."""
+    if opts.gamma is not None and opts.gamma != CALIBRATED:
+        return float(opts.gamma), "given"
+    calibrated = (calibration or {}).get("gamma", {}).get(opts.drift_metric)
+    if calibrated is not None:
+        return float(calibrated), "calibrated"
+    if opts.gamma == CALIBRATED:
+        raise OptionError("gamma", f"'calibrated': the engine has no calibrated gamma for drift metric "
+                                   f"{opts.drift_metric!r} (dllm-trt calibrate ENGINES --data FILE.jsonl)")
+    return DEFAULT_GAMMA, "default"
+
+
+def build(opts: DecodeOptions, gen_length: int, calibration: dict | None = None):
+    """(schedule, policy) for one generation of `gen_length` positions; an unset gamma is the engine's calibrated
+    one (`calibration`: the engine's calibration block). Raises OptionError."""
     opts.validate()
+    gamma, _ = resolve_gamma(opts, calibration)
     if opts.uses_blocks:
         block = opts.block_length or min(DEFAULT_BLOCK_LENGTH, gen_length)
         if gen_length % block:
@@ -134,7 +156,7 @@ def build(opts: DecodeOptions, gen_length: int):
             threshold = DEFAULT_THRESHOLD
         schedule = WindowSchedule(gen_length, opts.window or DEFAULT_WINDOW, threshold, opts.tokens_per_step,
                                   True if opts.early_stop is None else opts.early_stop)
-    policy: Policy = make_policy(opts.cache, opts.gamma, opts.track_num, opts.drift_metric, opts.refresh_alignment)
+    policy: Policy = make_policy(opts.cache, gamma, opts.track_num, opts.drift_metric, opts.refresh_alignment)
     return schedule, policy
 
 

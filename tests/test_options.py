@@ -108,3 +108,68 @@ def test_option_errors_name_the_option(options, field):
     with pytest.raises(OptionError) as e:
         DecodeOptions(**options).validate()
     assert e.value.field == field
+
+
+def test_calibrated_gamma_is_every_entry_points_default(engine, tiny_engines, tmp_path, capsys):
+    """An engine folder calibrated by `dllm-trt calibrate` decodes with its gamma wherever none is given: CLI
+    generate, the Python API, a server body without gamma, eval; a given gamma still wins."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from dllm_trt.runtime.calibration import write_calibration
+    from dllm_trt.runtime.server import create_app
+
+    folder = shutil.copytree(tiny_engines, tmp_path / "calibrated")
+    write_calibration(folder, {
+        "gamma": {"heads": -1.0}, "score": {"heads": 1.0}, "refresh_fraction": {"heads": 0.1},
+        "objective": "agreement", "target": 0.99, "prompts": 1, "data_sha256": "0" * 64, "tool_version": "test",
+        "date": "2026-12-06T00:00:00+00:00"})
+    calibrated = Engine.load(folder)
+    messages = [{"role": "user", "content": PROMPT}]
+    case = {"max_tokens": 32, "window": 4}
+    given = calibrated.generate(messages, gamma=-1.0, **case)
+    uncalibrated = engine.generate(messages, **case)                       # 0.9, the default
+    assert given.layer_steps_refreshed != uncalibrated.layer_steps_refreshed   # the two gammas decode differently
+
+    def same(result, expected):
+        return (result.token_ids, result.steps, result.layer_steps_refreshed) == \
+            (expected.token_ids, expected.steps, expected.layer_steps_refreshed)
+
+    assert same(calibrated.generate(messages, **case), given)
+    assert same(calibrated.generate(messages, gamma=0.9, **case), uncalibrated)
+
+    def cli(folder, *flags):
+        main(["generate", "--engines", str(folder), "--prompt", PROMPT, "--chat", "--gen-length", "32", "--window",
+              "4", "--json", *flags])
+        return json.loads(capsys.readouterr().out)
+
+    out = cli(folder)
+    assert (out["token_ids"], out["layer_steps_refreshed"]) == (given.token_ids, given.layer_steps_refreshed)
+    assert (out["gamma"], out["gamma_source"]) == (-1.0, "calibrated")
+    out = cli(folder, "--gamma", "0.9")
+    assert out["layer_steps_refreshed"] == uncalibrated.layer_steps_refreshed and out["gamma_source"] == "given"
+    assert cli(tiny_engines)["gamma_source"] == "default"
+
+    with TestClient(create_app(calibrated)) as client:
+        for body, expected in (({}, given), ({"gamma": 0.9}, uncalibrated)):
+            reply = client.post("/v1/chat/completions", json={"model": calibrated.name, "messages": messages,
+                                                              "max_tokens": 32, "window": 4, **body}).json()
+            assert reply["choices"][0]["message"]["content"] == expected.text
+            assert reply["dllm_trt"]["steps"] == expected.steps
+
+    (summary,) = evaluate(calibrated.backend, calibrated.tokenizer, [{"question": PROMPT, "answer": "#### 0"}],
+                          [RunConfig("case", DecodeOptions(cache="elastic", window=4))], 32, progress=False)
+    assert summary.outputs[0]["token_ids"] == given.token_ids and summary.layer_steps_refreshed == \
+        given.layer_steps_refreshed
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"question": PROMPT, "answer": "#### 0"}) + "\n")
+    flags = ["--data", str(data), "--cache", "elastic", "--no-llada-baseline", "--gen-length", "32", "--window", "4",
+             "--gamma", "calibrated"]
+    main(["eval", "--engines", str(folder), *flags])
+    assert "Elastic-Cache (gamma -1, calibrated)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--engines", str(tiny_engines), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--gamma 'calibrated': the engine has no calibrated gamma" in err[0]

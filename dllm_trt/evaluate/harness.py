@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from dllm_trt.runtime.decoder import Decoder
-from dllm_trt.runtime.options import DecodeOptions, build
+from dllm_trt.runtime.options import DecodeOptions, build, resolve_gamma
 
 from .scoring import extract_answer, is_correct
 
@@ -28,14 +28,15 @@ class RunConfig:
     options: DecodeOptions
 
     def make(self, backend, gen_length: int, detokenize) -> Decoder:
-        schedule, policy = build(replace(self.options, gen_length=gen_length), gen_length)
+        schedule, policy = build(replace(self.options, gen_length=gen_length), gen_length, backend.calibration)
         return Decoder(backend, policy, schedule, detokenize)
 
 
-def standard_configs(caches: list[str], gamma: float = 0.9, window: int = 16,
-                     llada_baseline: bool = True) -> list[RunConfig]:
+def standard_configs(caches: list[str], gamma: float | str | None = None, window: int = 16,
+                     llada_baseline: bool = True, calibration: dict | None = None) -> list[RunConfig]:
     """The three baselines first, then one configuration per requested cache policy (defaults as in the papers).
-    The LLaDA baseline (one token per step) is by far the slowest to run; it can be left out of long runs."""
+    The LLaDA baseline (one token per step) is by far the slowest to run; it can be left out of long runs. An unset
+    gamma is the engine's calibrated one (`calibration`: its calibration block), else 0.9; labels say which."""
     configs = [RunConfig("LLaDA baseline", DecodeOptions(cache="none"))] if llada_baseline else []
     configs += [RunConfig("Fast-dLLM", DecodeOptions(cache="dual")),
                 RunConfig("same schedule, no cache", DecodeOptions(cache="none", window=window))]
@@ -45,8 +46,10 @@ def standard_configs(caches: list[str], gamma: float = 0.9, window: int = 16,
         if cache == "prefix":
             configs.append(RunConfig("Fast-dLLM prefix", DecodeOptions(cache="prefix")))
         elif cache == "elastic":
-            configs.append(RunConfig(f"Elastic-Cache (gamma {gamma})",
-                                     DecodeOptions(cache="elastic", window=window, gamma=gamma)))
+            options = DecodeOptions(cache="elastic", window=window, gamma=gamma)
+            value, source = resolve_gamma(options, calibration)
+            configs.append(RunConfig(f"Elastic-Cache (gamma {value:g}{', calibrated' * (source == 'calibrated')})",
+                                     options))
         else:
             raise ValueError(f"unknown cache policy {cache!r} (choose none, prefix, dual or elastic)")
     return configs
@@ -84,9 +87,10 @@ MAX_LINE_BYTES = 1 << 20     # one problem per line; a longer line is not a prob
 MAX_DATA_BYTES = 256 << 20   # an endless source (a pipe, /dev/urandom) is refused instead of read into memory
 
 
-def load_problems(path: str, limit: int | None = None) -> list[dict]:
-    """The JSON-lines problems of `path` ({"question", "answer"} per line), the first `limit` of them.
-    Every malformed input is a ValueError naming the file and line."""
+def load_problems(path: str, limit: int | None = None, need_answer: bool = True) -> list[dict]:
+    """The JSON-lines problems of `path` ({"question", "answer"} per line), the first `limit` of them; without
+    `need_answer`, lines may hold only a question (answer None). Every malformed input is a ValueError naming the
+    file and line."""
     problems, read = [], 0
     with open(path, "rb") as f:
         for i in itertools.count(1):
@@ -104,13 +108,15 @@ def load_problems(path: str, limit: int | None = None) -> list[dict]:
                 continue
             try:
                 item = json.loads(line.decode("utf-8"))
-                problems.append({"question": str(item["question"]), "answer": str(item["answer"])})
+                answer = item["answer"] if need_answer or "answer" in item else None
+                problems.append({"question": str(item["question"]), "answer": None if answer is None else str(answer)})
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{i}: not UTF-8 text ({e.reason})") from None
             except RecursionError:
                 raise ValueError(f"{path}:{i}: JSON nested too deeply") from None
             except (ValueError, KeyError, TypeError):  # ValueError: bad JSON, 5000-digit integers
-                raise ValueError(f"{path}:{i}: expected a JSON object with 'question' and 'answer'") from None
+                fields = "'question' and 'answer'" if need_answer else "'question'"
+                raise ValueError(f"{path}:{i}: expected a JSON object with {fields}") from None
             if limit and len(problems) >= limit:
                 break
     if not problems:

@@ -61,6 +61,7 @@ class Backend:
     """Subclasses implement the underscored methods; the public ones are what the decoder calls."""
 
     name = "base"
+    calibration: dict = {}            # the engine's calibration block (manifest.json), read-only; {} = none
     weight_bytes: int | None = None   # the weights held in memory, each stored tensor counted once (when known)
     one_sync_per_step = False   # the decoder batches window passes and reads statistics once per step
     config: ModelConfig

@@ -130,7 +130,7 @@ class OnnxRuntimeBackend(Backend):
                                "(or onnxruntime-gpu)") from None
         self.ort = ort
         self.manifest = load_manifest(engine_dir)
-        self.config = self.manifest.config
+        self.config, self.calibration = self.manifest.config, self.manifest.calibration
         self.ranges = [tuple(r) for r in self.manifest.layer_ranges]
         available = ort.get_available_providers()
         if providers is None:

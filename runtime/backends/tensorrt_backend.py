@@ -243,7 +243,7 @@ class TensorRTBackend(Backend):
             raise BackendError(advice)
         self.trt, self.torch, self.flavor = trt, torch, flavor
         manifest = load_manifest(engine_dir)
-        self.manifest, self.config = manifest, manifest.config
+        self.manifest, self.config, self.calibration = manifest, manifest.config, manifest.calibration
         self.ranges = [tuple(r) for r in manifest.layer_ranges]
         precision = precision or manifest.dtype
         try:  # refuses symlinks under trt/ before anything there is read
