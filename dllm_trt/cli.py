@@ -9,11 +9,13 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
-import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
+from .evaluate.outputs import OutputError, check_output, check_plot, save
 from .runtime.backends.base import BackendError
 from .runtime.config import ModelError
 from .runtime.options import (CALIBRATED, DEFAULT_GAMMA, DEFAULT_GEN_LENGTH, DecodeOptions, OptionError,
@@ -91,40 +93,9 @@ def apply_threads(a) -> None:
     os.environ[THREADS_ENV] = str(a.threads)
 
 
-def check_writable(path: str | None, flag: str) -> None:
-    """Refuse, before a long run, an output file that cannot be written: its folder missing or not writable, a
-    folder in its place. Probed by creating a file beside it (permission bits alone say nothing to root)."""
-    if not path:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{flag} {path}: is a folder; give a file name")
-    try:
-        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
-            pass
-        if p.exists():
-            with open(p, "ab"):
-                pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot be written ({e.strerror or e})") from None
-
-
-def save_output(path: str, what: str, write) -> None:
-    """write(path), saying where the result went; when that fails after a long run, the result is written to a
-    temporary file instead, so that nothing is lost."""
-    try:
-        write(path)
-        print(f"{what} saved to {path}", file=sys.stderr)
-        return
-    except OSError as e:
-        reason = e.strerror or str(e)
-    try:
-        fd, fallback = tempfile.mkstemp(prefix="dllm-trt-", suffix=Path(path).suffix)
-        os.close(fd)
-        write(fallback)
-    except OSError as e:
-        raise UsageError(f"could not write {path} ({reason}) nor a temporary file ({e.strerror or e})") from None
-    print(f"dllm-trt: could not write {path} ({reason}); {what} saved to {fallback} instead", file=sys.stderr)
+def run_inputs(a) -> tuple:
+    """What an eval/bench run reads, which its --out and --plot must not overwrite."""
+    return a.data, getattr(a, "model", None), getattr(a, "engines", None)
 
 
 def flag_error(e: OptionError) -> UsageError:
@@ -261,14 +232,15 @@ def _eval_inputs(a):
 def cmd_eval(a) -> None:
     from .evaluate.harness import evaluate, save_json, table
 
-    check_writable(a.out, "--out")
+    check_output(a.out, "--out", run_inputs(a))
     problems, configs, backend, tok = _eval_inputs(a)
     summaries = evaluate(backend, tok, problems, configs, a.gen_length)
     print(table(summaries, f"{len(problems)} problems from {a.data}, gen length {a.gen_length}, "
                            f"backend {backend.describe()}"))
     if a.out:
         meta = {"data": a.data, "gen_length": a.gen_length, "backend": backend.describe(), "problems": len(problems)}
-        save_output(a.out, "results", lambda path: save_json(path, summaries, meta))
+        if not save(a.out, "results", lambda path: save_json(path, summaries, meta)):
+            sys.exit(1)
 
 
 def cmd_bench(a) -> None:
@@ -288,8 +260,8 @@ def cmd_bench(a) -> None:
             DecodeOptions(cache="elastic", gamma=g).validate()
         except OptionError as e:
             raise UsageError(f"--gamma-sweep: every gamma {e.problem}") from None
-    check_writable(a.out, "--out")
-    check_writable(a.plot, "--plot")
+    check_output(a.out, "--out", run_inputs(a))
+    check_plot(a.plot, "--plot", run_inputs(a))
     a.gen_length, a.limit = max(lengths), a.prompts
     problems, configs, backend, tok = _eval_inputs(a)
     limit = backend.config.max_sequence_length
@@ -303,7 +275,7 @@ def cmd_bench(a) -> None:
     print(f"speed on {len(prompts)} prompts from {a.data}, median of {a.repeats} repeats, backend "
           f"{backend.describe()}\n")
     print(bench_table(results))
-    report = {"speed": results}
+    report, saved = {"speed": results}, True
     if gammas:
         sweep_problems = load_problems(a.data, a.sweep_limit)
         sweep = standard_configs([], window=a.window or 16, llada_baseline=not a.no_llada_baseline)
@@ -320,9 +292,11 @@ def cmd_bench(a) -> None:
         if a.plot:
             from .evaluate.plot import plot_sweep
 
-            save_output(a.plot, "plot", lambda path: plot_sweep(summaries, path))
+            saved = save(a.plot, "plot", lambda path: plot_sweep(summaries, path))
     if a.out:
-        save_output(a.out, "results", lambda path: Path(path).write_text(json.dumps(report, indent=1)))
+        saved = save(a.out, "results", lambda path: Path(path).write_text(json.dumps(report, indent=1))) and saved
+    if not saved:
+        sys.exit(1)
 
 
 def cmd_calibrate(a) -> None:
@@ -423,6 +397,10 @@ def cmd_serve(a) -> None:
 
 
 def cmd_export(a) -> None:
+    # A background job of a script starts with SIGINT ignored; an export must still stop on Ctrl-C (leaving the old
+    # folder intact), from its first second on, torch's long import included.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from .export.out_folder import export_into
 
     if a.quant_block is not None and a.quantize is None:
@@ -588,10 +566,14 @@ def main(argv: list[str] | None = None) -> bool:
     try:
         apply_threads(args)
         return bool(args.func(args))
-    except (UsageError, ModelError, BackendError) as e:
+    except (UsageError, ModelError, BackendError, OutputError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except BrokenPipeError:
+        raise  # run() leaves quietly
+    except OSError as e:  # the file system's answer (a name too long, a loop of links, ...): not a bug of ours
+        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
 
 
 def run() -> None:

@@ -165,7 +165,7 @@ class _Interrupts:
 def _locked(target: Path):
     """One export at a time into `target`: a lock file beside it, held for the whole export and removed after. A
     second export is refused rather than sharing (or deleting) the first one's files."""
-    lock = target.with_name(f".{target.name}.lock")
+    lock = target.with_name(f".{target.name}.dllm-trt-export.lock")  # a name no user file of that folder has
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:

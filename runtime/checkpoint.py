@@ -159,7 +159,7 @@ def _safetensors_header(path: Path) -> dict:
             if size < 8 or n > min(_MAX_HEADER, size - 8):
                 raise ModelError(f"{path}: not a safetensors file (header length {n} does not fit the file's "
                                  f"{size} bytes)")
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
     except OSError as e:
         raise ModelError(f"{path}: cannot be read ({e.strerror})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -170,18 +170,35 @@ def _safetensors_header(path: Path) -> dict:
     data_size = size - 8 - n
     for name, entry in header.items():
         _check_entry(path, name, entry, data_size)
-    _check_overlaps(path, header)
+    _check_layout(path, header, data_size)
     return header
 
 
-def _check_overlaps(path: Path, header: dict) -> None:
-    """Each tensor has bytes of its own: sorted by offset, none begins before the previous one ends."""
-    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items()
-                   if e["data_offsets"][0] < e["data_offsets"][1])
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
-        if begin < end:
-            raise ModelError(f"{path}: tensors '{a}' and '{b}' overlap in the file (data_offsets "
-                             f"{header[a]['data_offsets']} and {header[b]['data_offsets']}; corrupt)")
+def _unique_keys(pairs: list) -> dict:
+    """json's object hook: a name given twice (json would keep the last one silently) is a corrupt header."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the name {twice!r} appears twice")
+    return out
+
+
+def _check_layout(path: Path, header: dict, data_size: int) -> None:
+    """The layout the safetensors library itself requires (it refuses anything else only when a tensor is read):
+    tensors back to back from offset 0, sorted by offset, covering the data section exactly. So no two tensors share
+    bytes, and no gap hides data that no entry names."""
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items())
+    expected, previous = 0, None
+    for begin, end, name in spans:
+        if begin != expected:
+            what = "overlap" if begin < expected else "leave a gap between them"
+            raise ModelError(f"{path}: tensors '{previous}' and '{name}' {what} in the file (data_offsets "
+                             f"{header[previous]['data_offsets']} and {header[name]['data_offsets']}; corrupt)"
+                             if previous else f"{path}: the first tensor '{name}' does not start at offset 0 (corrupt)")
+        expected, previous = end, name
+    if expected != data_size:
+        raise ModelError(f"{path}: its tensors cover {expected} of the file's {data_size} data bytes (corrupt)")
 
 
 def _check_entry(path: Path, name: str, entry, data_size: int) -> None:

@@ -4,12 +4,14 @@ checkpoint declares (issue #21, items 5, 7, 12 and 15)."""
 import json
 import re
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from dllm_trt import cli
 from dllm_trt.cli import DEFAULT_MODEL, main
-from dllm_trt.evaluate import harness
+from dllm_trt.evaluate import harness, outputs
 from dllm_trt.runtime.backends import onnxruntime_backend as ob
 from dllm_trt.runtime.backends.base import BackendError
 from dllm_trt.runtime.config import ModelError, load_config
@@ -57,8 +59,47 @@ def test_unwritable_out_is_refused_before_the_run(where, tmp_path, problems_file
 def test_existing_out_file_is_not_truncated_by_the_check(tmp_path):
     out = tmp_path / "r.json"
     out.write_text("keep")
-    cli.check_writable(str(out), "--out")
+    outputs.check_output(str(out), "--out")
     assert out.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_out_never_overwrites_an_input(tmp_path, problems_file, tiny_engines, capsys, no_decoding):
+    for args, out in ((["--model", str(DEFAULT_MODEL)], problems_file),
+                      (["--model", str(DEFAULT_MODEL)], DEFAULT_MODEL / "config.json"),
+                      (["--engines", str(tiny_engines)], tiny_engines / "manifest.json"),
+                      (["--engines", str(tiny_engines)], tiny_engines / "new.json")):
+        before = out.read_bytes() if out.exists() else None
+        code, err = run_cli(["eval", *args, "--data", str(problems_file), "--out", str(out)], capsys)
+        assert code == 2 and "would overwrite the input" in err and err.count("\n") == 1, err
+        assert (out.read_bytes() if out.exists() else None) == before
+
+
+@pytest.mark.parametrize("name", ["p.txt", "noext"])
+def test_plot_needs_a_file_type_matplotlib_writes(name, tmp_path, problems_file, capsys, no_decoding):
+    code, err = run_cli(["bench", "--model", str(DEFAULT_MODEL), "--data", str(problems_file), "--gamma-sweep", "0.9",
+                         "--plot", str(tmp_path / name)], capsys)
+    assert code == 2 and "must end in one of" in err and ".png" in err, err
+
+
+def test_a_failed_write_leaves_no_truncated_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "fallback"))
+    (tmp_path / "fallback").mkdir()
+    target = tmp_path / "out" / "r.json"
+    target.parent.mkdir()
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write("{partial")
+            if Path(path).parent == target.parent:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write("}")
+
+    assert outputs.save(str(target), "results", write) is False
+    assert list(target.parent.iterdir()) == []      # neither a 0-byte nor a half-written file
+    [saved] = (tmp_path / "fallback").iterdir()
+    assert saved.read_text() == "{partial}" and str(saved) in capsys.readouterr().err
 
 
 def test_results_survive_an_out_folder_that_vanishes_during_the_run(tiny_dir, tmp_path, problems_file, capsys,
@@ -73,11 +114,11 @@ def test_results_survive_an_out_folder_that_vanishes_during_the_run(tiny_dir, tm
         return summaries
 
     monkeypatch.setattr(harness, "evaluate", evaluate_then_remove)
-    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
-    main(["eval", "--model", str(tiny_dir), "--backend", "torch", "--layers-per-range", "4", "--data",
-          str(problems_file), "--gen-length", "16", "--cache", "elastic", "--no-llada-baseline",
-          "--out", str(folder / "r.json")])
-    err = capsys.readouterr().err
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code, err = run_cli(["eval", "--model", str(tiny_dir), "--backend", "torch", "--layers-per-range", "4",
+                         "--data", str(problems_file), "--gen-length", "16", "--cache", "elastic",
+                         "--no-llada-baseline", "--out", str(folder / "r.json")], capsys)
+    assert code == 1  # the table was printed and the results kept, but not where asked
     assert f"could not write {folder / 'r.json'}" in err
     saved = err.rsplit("saved to ", 1)[1].split(" instead")[0]
     assert saved.startswith(str(tmp_path)) and json.loads(open(saved).read())["meta"]["problems"] == 1
@@ -199,3 +240,26 @@ def test_a_changed_declared_length_exports_anew(tiny_dir, tmp_path):
     before = export_cache_dir(model, tmp_path / "engines", layers_per_range=1)
     (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 24}))
     assert export_cache_dir(model, tmp_path / "engines", layers_per_range=1) != before
+
+
+@pytest.mark.parametrize("command", [["generate", "--engines", "{long}", "--prompt", "hi"],
+                                     ["generate", "--model", "{long}", "--prompt", "hi"],
+                                     ["export", "--model", str(DEFAULT_MODEL), "--out", "{long}"],
+                                     ["check", "{long}"], ["eval", "--data", "{long}"]])
+def test_file_system_refusals_are_one_line(command, tmp_path, capsys):
+    """A name longer than the file system allows (ENAMETOOLONG) used to end in an OSError traceback."""
+    long = str(tmp_path / ("a" * 300))
+    code, err = run_cli([arg.replace("{long}", long) for arg in command], capsys)
+    assert code == 2 and err.count("\n") == 1 and "too long" in err, err
+
+
+def test_torch_canvas_beyond_memory_is_one_line(tiny_dir, tmp_path, capsys):
+    """A checkpoint may declare a million positions; a canvas that long used to end in torch's allocation
+    traceback (or, worse, in the machine's swap) instead of a refusal naming the sizes."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_sequence_length": 10 ** 6}))
+    code, err = run_cli(["generate", "--model", str(model), "--backend", "torch", "--layers-per-range", "4",
+                         "--prompt", "hi", "--gen-length", "300000"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "a canvas of 300" in err and "needs at least" in err, err

@@ -117,11 +117,13 @@ def test_an_engine_folder_with_tensorrt_plans_is_replaced_as_a_whole(small, eng,
         (eng / "trt" / name).write_bytes(b"cache")
     (eng.parent / "eng.partial").mkdir()
     (eng.parent / "eng.partial" / "keep.txt").write_text("mine")
+    (eng.parent / ".eng.lock").write_text("a user's lock file")
     code, err = export(capsys, "--model", str(small), "--out", str(eng), "--max-len", "24")
     assert code == 0, err
     assert not (eng / "trt").exists()
     assert load_manifest(eng).export["max_len"] == 24
-    assert sorted(p.name for p in eng.parent.iterdir()) == ["eng", "eng.partial"]
+    assert sorted(p.name for p in eng.parent.iterdir()) == [".eng.lock", "eng", "eng.partial"]
+    assert (eng.parent / ".eng.lock").read_text() == "a user's lock file"
     assert (eng.parent / "eng.partial" / "keep.txt").read_text() == "mine"
     assert oct(eng.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
 
@@ -202,6 +204,20 @@ def test_ctrl_c_stops_an_export_started_with_sigint_ignored(small, eng):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "dllm-trt: error: interrupted" and "Traceback" not in err
     assert snapshot(eng.parent) == before
+
+
+def test_ctrl_c_is_live_before_the_exporter_is_even_imported(small, eng, capsys, monkeypatch):
+    """torch's import alone takes seconds: SIGINT ignored at start must be undone before it, not after."""
+    from dllm_trt.export import out_folder
+
+    seen = []
+    monkeypatch.setattr(out_folder, "export_into", lambda *a, **k: seen.append(signal.getsignal(signal.SIGINT)))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        export(capsys, "--model", str(small), "--out", str(eng))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.default_int_handler]
 
 
 # ---- item 4: a full disk ----------------------------------------------------------------------------------------

@@ -202,6 +202,30 @@ def test_overlapping_safetensors_tensors(ckpt):
         Checkpoint(ckpt)
 
 
+def test_safetensors_with_a_gap_between_tensors(ckpt):
+    """A tensor shrunk to half its bytes (F32 -> F16 in place): offsets and shape agree, but the library's own
+    reader refuses the gap it leaves, with a traceback, when the tensor is read."""
+    def shrink(header):
+        key = next(k for k in header if k.endswith("attn_norm.weight"))
+        begin, end = header[key]["data_offsets"]
+        header[key]["dtype"], header[key]["data_offsets"] = "F16", [begin, begin + (end - begin) // 2]
+    edit_header(ckpt / "model-00001-of-00002.safetensors", shrink)
+    with pytest.raises(ModelError, match=r"leave a gap between them"):
+        Checkpoint(ckpt)
+
+
+def test_safetensors_header_naming_a_tensor_twice(ckpt):
+    path = ckpt / "model-00001-of-00002.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    twice = json.dumps(header)[:-1] + f", {json.dumps(key)}: {json.dumps(header[key])}}}"
+    path.write_bytes(len(twice).to_bytes(8, "little") + twice.encode() + data[8 + n:])
+    with pytest.raises(ModelError, match="appears twice"):
+        Checkpoint(ckpt)
+
+
 @pytest.mark.parametrize("dtype", ["I32", "U32"])
 def test_integer_weights_are_refused(ckpt, dtype):
     """The same bytes read as integers used to export a garbage model without a word."""

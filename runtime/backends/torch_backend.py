@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import buckets as bk
+from .. import memory
 from ..config import layer_ranges
 from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
 
@@ -99,6 +100,7 @@ class TorchBackend(Backend):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def _allocate(self, n: int) -> None:
+        self._check_room(n)
         if self.bucketed:
             return self._allocate_padded(n)
         c, t = self.config, self.torch
@@ -108,6 +110,15 @@ class TorchBackend(Backend):
         self.q = [t.zeros_like(x) for x in self.k]
         self.boundary = [t.zeros((n, c.d_model), dtype=self.dtype, device=self.device) for _ in self.ranges]
         self.positions = t.arange(n, device=self.device)
+
+    def _check_room(self, n: int) -> None:
+        """Refuse a canvas whose caches cannot fit (one line naming the sizes) before torch tries: a checkpoint may
+        declare a million positions, and torch's own answer is an allocation traceback."""
+        t = self.torch
+        dtype = {t.float32: "fp32", t.float16: "fp16", t.bfloat16: "bf16"}[self.dtype]
+        free = t.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        memory.require_memory(memory.canvas_bytes(self.config, dtype, len(self.ranges), n),
+                              f"a canvas of {n} positions", "ask for fewer positions (--gen-length, max_tokens)", free)
 
     def _store(self, r: int, positions, hidden) -> None:
         """Keep `hidden` as the current rows and as the input of range r (if it exists)."""
