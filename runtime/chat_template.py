@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from itertools import repeat
 
 from .config import ModelError
 
@@ -50,10 +54,124 @@ def _refuse_size(n: int, what: str) -> None:
         raise ChatTemplateError(f"chat template: {what} would have length {n}, over the limit of {_max_chars()}")
 
 
+_DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+_CONTAINERS = (dict, list, tuple, set, frozenset, *_DICT_VIEWS)
+
+
+def _int_weight(v: int) -> int:
+    return v.bit_length() // 3 + 1  # at least its decimal digits
+
+
+def _weight(value, limit: float = sys.maxsize) -> int:
+    """A bound, up to a small factor, on the text that anything can make of value (str, repr, JSON, join, pprint):
+    a string weighs its length, a container its length times 1 + its depth (pprint indents each item that far)
+    plus its items' weights, an item counted each time it appears ([x] * n holds n references, and its repr n
+    copies). Counting stops once past limit, so that it costs O(limit) at most: every item taken adds at least 1."""
+    return _measure(value, limit)[0]
+
+
+def _measure(value, limit: float = sys.maxsize) -> tuple[int, int]:
+    """(the weight of value, how many items its containers hold): at depth d, it weighs weight + d * items."""
+    known = getattr(_render_state, "known", None) or {}
+    total = items = 0
+    stack = [(value, 1, 0)]
+    while stack and total <= limit:
+        v, n, depth = stack.pop()
+        if isinstance(v, (str, bytes)):
+            total += len(v) * n
+        elif isinstance(v, int):
+            total += _int_weight(v) * n
+        elif id(v) in known:
+            w, c = known[id(v)]
+            total, items = total + (w + c * depth) * n, items + c * n
+        elif isinstance(v, _CONTAINERS):
+            total, items = total + len(v) * (1 + depth) * n, items + len(v) * n
+            for part in (v.keys(), v.values()) if isinstance(v, dict) else (v,):
+                if total > limit:
+                    break
+                if len(part) < 32:  # the bulk paths cost more than they save on a message or a pair
+                    stack += zip(part, repeat(n), repeat(depth + 1))
+                elif _all_leaves(part):
+                    total += _leaves(part) * n
+                else:
+                    stack += _counted(part, n, depth + 1)
+        elif isinstance(v, range):
+            digits = max(_int_weight(v.start), _int_weight(v.stop))
+            total, items = total + len(v) * (1 + depth + digits) * n, items + len(v) * n
+        elif isinstance(v, _namespace_type()):
+            stack.append((object.__getattribute__(v, "_Namespace__attrs"), n, depth))
+        else:
+            total += n
+    return total, items
+
+
+def _all_leaves(items) -> bool:
+    types = set(map(type, items))
+    return types <= {str} or types <= {int}
+
+
+def _leaves(items) -> int:
+    """The weight of items that are all strings or all ints, counted in C."""
+    if isinstance(next(iter(items)), str):
+        return sum(map(len, items))
+    return sum(map(int.bit_length, items)) // 3 + len(items)
+
+
+def _counted(items, n: int, depth: int) -> list:
+    """(item, n times how often it appears, depth) for each distinct item: [[0]] * 300000 is weighed as one [0]
+    taken 300000 times, and the counting runs in C."""
+    items = list(items)
+    counts = Counter(map(id, items))
+    if len(counts) == len(items):
+        return list(zip(items, repeat(n), repeat(depth)))
+    first = dict(zip(map(id, items), items))
+    return [(first[i], c * n, depth) for i, c in counts.items()]
+
+
+@functools.cache
+def _namespace_type():
+    from jinja2.utils import Namespace
+    return Namespace
+
+
+def _refuse_weight(value, what: str, times: int = 1) -> int:
+    """value (times over) refused when its weight is over the limit; its weight (times over) otherwise."""
+    limit = _max_chars()
+    weight = _weight(value, limit // times) * times if times > 0 else 0
+    if weight > limit:
+        raise ChatTemplateError(f"chat template: {what} would have a size over the limit of {limit} (items counted "
+                                f"each time they appear)")
+    return weight
+
+
+def _weighed(value):
+    """A value about to be turned into text (output, ~): refused when its text could be over the limit."""
+    if not isinstance(value, str):
+        _refuse_weight(value, f"the text of a {type(value).__name__}")
+    return value
+
+
+def _metered(items, what: str):
+    """An iterator's items, refused once their weights add up past the limit: a generator can make far more than
+    its input holds (map('center', 99999))."""
+    budget = _max_chars()
+    for item in items:
+        _tick()
+        budget -= 1 + _weight(item, budget)
+        if budget < 0:
+            raise ChatTemplateError(f"chat template: the items of {what} would have a size over the limit of "
+                                    f"{_max_chars()}")
+        yield item
+
+
 def _sized(value):
-    """A value a template built: refused when longer than the limit."""
-    if isinstance(value, (str, list, tuple, dict, set, frozenset, bytes)):
+    """A value a template built: refused when longer, or heavier, than the limit; an iterator is metered."""
+    if isinstance(value, (str, bytes)):
         _refuse_size(len(value), f"a {type(value).__name__}")
+    elif isinstance(value, Iterator) and type(value).__name__ != "LoopContext":
+        return _metered(value, f"a {type(value).__name__}")
+    else:
+        _refuse_weight(value, f"a {type(value).__name__}")
     return value
 
 
@@ -62,10 +180,11 @@ def _refuse_int(v, what: str) -> None:
         raise ChatTemplateError(f"chat template: {what} {v} is over the limit of {TEMPLATE_INT}")
 
 
-def _refuse_format(fmt: str) -> None:
-    """Widths and precisions written in a format string ('%0999999999d', '{:>999999999}')."""
-    for digits in re.findall(r"\d+", fmt):
-        _refuse_int(int(digits[:12]), "a number in a format string,")
+def _refuse_format(fmt: str) -> int:
+    """Widths and precisions written in a format string ('%0999999999d', '{:>999999999}'); the widest."""
+    widest = max((int(digits[:12]) for digits in re.findall(r"\d+", fmt)), default=0)
+    _refuse_int(widest, "a number in a format string,")
+    return widest
 
 
 def _checked_binop(op: str, a, b):
@@ -77,13 +196,48 @@ def _checked_binop(op: str, a, b):
         if ints and a.bit_length() + b.bit_length() > TEMPLATE_INT_BITS:
             raise ChatTemplateError(f"chat template: a product over the limit of {TEMPLATE_INT_BITS} bits")
         for seq, n in ((a, b), (b, a)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                _refuse_size(len(seq) * max(n, 0), f"{type(seq).__name__} * {n}")
+            if isinstance(seq, str) and isinstance(n, int):
+                _refuse_size(len(seq) * max(n, 0), f"str * {n}")
+            elif isinstance(seq, (list, tuple)) and isinstance(n, int):
+                _refuse_weight(seq, f"{type(seq).__name__} * {n}", times=n)
     if op == "%" and isinstance(a, str):
-        _refuse_format(a)
-        for v in b if isinstance(b, tuple) else (b,):
-            _refuse_int(v, "a width")
+        _refuse_percent_format(a, b, "the result of %")
     return _sized(_BINOPS[op](a, b))
+
+
+def _refuse_percent_format(fmt: str, args, what: str) -> None:
+    """fmt % args: a tuple's items are used once each; a mapping or a single value may be used by every field."""
+    items = args if isinstance(args, tuple) else (args,)
+    for v in items:
+        _refuse_int(v, "a width")
+    fields = fmt.count("%")
+    width = max([_refuse_format(fmt), *(v for v in items if isinstance(v, int) and not isinstance(v, bool))])
+    uses = 1 if isinstance(args, tuple) else fields
+    _refuse_size(len(fmt) + fields * width + _weight(args, _max_chars()) * uses, what)
+
+
+def _refuse_str_format(fmt: str, args: tuple, kwargs: dict, what: str) -> None:
+    """fmt.format(...): each field weighs as much as the argument it names (one may be named many times)."""
+    import _string
+
+    width = _refuse_format(fmt)
+    try:
+        fields = [(name, spec) for _, name, spec, _ in _string.formatter_parser(fmt) if name is not None]
+    except ValueError:
+        return  # the call itself fails on it
+    auto, weights = 0, {}
+    size = len(fmt)
+    for name, spec in fields:
+        key = re.match(r"[^.\[]*", name).group()
+        if key == "":
+            key, auto = auto, auto + 1
+        elif key.isdigit():
+            key = int(key)
+        arg = (args[key] if key < len(args) else None) if isinstance(key, int) else kwargs.get(key)
+        if id(arg) not in weights:
+            weights[id(arg)] = _weight(arg, _max_chars())
+        size += weights[id(arg)] + (TEMPLATE_INT if "{" in (spec or "") else width)
+        _refuse_size(size, what)
 
 
 _BINOPS = {"*": lambda a, b: a * b, "**": lambda a, b: a ** b, "%": lambda a, b: a % b, "+": lambda a, b: a + b}
@@ -95,7 +249,7 @@ def _predicted_size(name: str, value, args: tuple, kwargs: dict) -> int | None:
     if not isinstance(value, str):
         if name == "join" and hasattr(value, "__len__"):  # the join filter: value is the sequence
             sep = arg(0, "d", "")
-            return len(value) * len(sep) if isinstance(sep, str) else None
+            return _weight(value, _max_chars()) + len(value) * len(sep) if isinstance(sep, str) else None
         return None
     if name == "replace":
         old, new, count = arg(0, "old"), arg(1, "new"), arg(2, "count")
@@ -106,7 +260,7 @@ def _predicted_size(name: str, value, args: tuple, kwargs: dict) -> int | None:
             return len(value) + n * max(len(new) - len(old), 0)
     elif name == "join":  # str.join: value is the separator
         items = arg(0, "iterable")
-        return len(value) * len(items) if hasattr(items, "__len__") else None
+        return _weight(items, _max_chars()) + len(value) * len(items) if hasattr(items, "__len__") else None
     elif name == "expandtabs":
         size = arg(0, "tabsize", 8)
         return len(value) + value.count("\t") * size if isinstance(size, int) else None
@@ -122,15 +276,33 @@ def _predicted_size(name: str, value, args: tuple, kwargs: dict) -> int | None:
         if isinstance(table, dict):
             longest = max((len(v) for v in table.values() if isinstance(v, str)), default=1)
             return len(value) * longest
-    elif name in ("format", "format_map"):
-        _refuse_format(value)
+    elif name == "format":  # the format filter is value % args, str.format is told apart by its fields
+        if "{" in value:
+            _refuse_str_format(value, args, kwargs, "the result of format()")
+        if "%" in value:
+            _refuse_percent_format(value, kwargs or args, "the result of format()")
+    elif name == "format_map":
+        _refuse_str_format(value, (), arg(0, "mapping") or {}, "the result of format_map()")
     return None
+
+
+def _refuse_inputs(name: str, values: tuple) -> None:
+    limit, total = _max_chars(), 0
+    for v in values:
+        total += _weight(v, limit - total)
+        if total > limit:
+            raise ChatTemplateError(f"chat template: the input of {name}() would have a size over the limit of "
+                                    f"{limit} (items counted each time they appear)")
 
 
 def _check_call(name: str, value, args: tuple, kwargs: dict) -> None:
     _tick()
     for v in (*args, *kwargs.values()):
         _refuse_int(v, f"argument of {name}():")
+    _refuse_inputs(name, (value, *args, *kwargs.values()))
+    if name == "sum" and not isinstance(args[1] if len(args) > 1 else kwargs.get("start", 0), (int, float)):
+        raise ChatTemplateError("chat template: sum() adds numbers only (a sum of lists copies the partial sum "
+                                "at every step)")
     size = _predicted_size(name, value, args, kwargs)
     if size is not None:
         _refuse_size(size, f"the result of {name}()")
@@ -157,8 +329,9 @@ def _loop(iterable):
 def _emitted(value):
     """Every piece of output, buffered ones (macros, set blocks, filter blocks) included, counts here."""
     n = getattr(_render_state, "emitted", None)
+    size = len(value) if isinstance(value, str) else _refuse_weight(value, f"the text of a {type(value).__name__}")
     if n is not None:
-        n += len(value) if isinstance(value, str) else 0
+        n += size
         limit = _EMITTED_FACTOR * _max_chars()
         if n > limit:
             raise ChatTemplateError(f"chat template: it wrote more than the limit of {limit} characters")
@@ -194,7 +367,9 @@ def _bounded_environment():
                 return None
 
             def checked(*args, **kwargs):
-                _refuse_format(value.__self__)
+                fields = ((), args[0]) if value.__name__ == "format_map" and args and isinstance(args[0], dict) \
+                    else (args, kwargs)
+                _refuse_str_format(value.__self__, *fields, f"the result of {value.__name__}()")
                 return run(*args, **kwargs)
             return checked
 
@@ -209,7 +384,18 @@ def _bounded_environment():
 
         def visit_Concat(self, node):
             self.generic_visit(node)
+            node.nodes = [wrap(n, "dllm_weighed") for n in node.nodes]
             return wrap(node, "dllm_sized")
+
+        def visit_List(self, node):  # literals that repeat an item: [a, a, a, a]
+            self.generic_visit(node)
+            return wrap(node, "dllm_sized")
+
+        visit_Dict = visit_List
+
+        def visit_Tuple(self, node):
+            self.generic_visit(node)
+            return wrap(node, "dllm_sized") if node.ctx == "load" else node
 
         def visit_AssignBlock(self, node):
             self.generic_visit(node)
@@ -226,7 +412,7 @@ def _bounded_environment():
     env.globals["namespace"] = BoundedNamespace
     env.globals["raise_exception"] = _raise_exception
     env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
-    env.filters.update(dllm_loop=_loop, dllm_sized=_sized, dllm_emitted=_emitted)
+    env.filters.update(dllm_loop=_loop, dllm_sized=_sized, dllm_emitted=_emitted, dllm_weighed=_weighed)
     return env, Guard()
 
 
@@ -245,10 +431,20 @@ def compile_template(text: str, where: str):
         raise ModelError(f"{where}: chat_template is nested too deeply") from None
 
 
+def _input_weights(messages: list) -> dict[int, tuple[int, int]]:
+    """_measure of each message and of their list, by id: the template may weigh them at every step (messages
+    |length in a loop), and they cannot change while it runs (the sandbox is immutable; the caller holds them)."""
+    known = {id(m): _measure(m) for m in messages}
+    weights, items = zip(*(known[id(m)] for m in messages)) if messages else ((), ())
+    known[id(messages)] = (len(messages) + sum(weights) + sum(items), len(messages) + sum(items))
+    return known
+
+
 def render(template, messages: list[dict], **variables) -> str:
     """The template's output for these messages; ChatTemplateError (one line) past a limit or on any error."""
-    limit = TEMPLATE_CHARS + 2 * sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
     state = _render_state
+    state.known = _input_weights(messages)
+    limit = TEMPLATE_CHARS + 2 * state.known[id(messages)][0]
     state.deadline, state.chars, state.emitted = time.monotonic() + TEMPLATE_SECONDS, limit, 0
     out, size = [], 0
     chunks = None
@@ -270,4 +466,4 @@ def render(template, messages: list[dict], **variables) -> str:
     finally:
         if chunks is not None:
             chunks.close()
-        state.deadline = state.emitted = None
+        state.deadline = state.emitted = state.known = None

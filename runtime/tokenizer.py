@@ -257,15 +257,26 @@ class TextTokenizer:
     def render_chat(self, messages: list[dict]) -> str:
         return self._render(self._check_messages(messages))
 
-    @staticmethod
-    def _check_messages(messages) -> list[dict]:
+    def _check_messages(self, messages) -> list[dict]:
+        """Only strings are kept apart from the template's markup (encode_chat), so only they may hold user text:
+        a list or dict would be rendered as its repr and then read for special tokens."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("chat messages must be a list of objects")
         for m in messages:
-            for v in m.values():
+            for k, v in m.items():
+                self._check_field_name(k)
                 if isinstance(v, str):
                     _checked(v)
+                elif k in ("role", "content") or not (v is None or isinstance(v, (int, float))):
+                    raise ValueError(f"message field {k!r} must be text, got {type(v).__name__}")
         return messages
+
+    def _check_field_name(self, k) -> None:
+        """A template may write the names of a message's fields (m.items()); they are not masked."""
+        if not isinstance(k, str):
+            raise ValueError(f"message field names must be text, got {type(k).__name__}")
+        if self._special_re.pattern and self._special_re.search(_checked(k)):
+            raise ValueError(f"message field name {k!r} contains special-token text; rename it")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         messages = self._check_messages(messages)

@@ -71,6 +71,39 @@ def test_arith_engine_and_typed_mask():
         assert special_ids_of(ids) in ([], [2, 3, 4, 5, 3, 4])
 
 
+@pytest.mark.parametrize("message,match", [
+    ({"role": "user", "content": ["<|mdm_mask|>"]}, "message field 'content' must be text, got list"),
+    ({"role": "user", "content": [{"type": "text", "text": "<|eot_id|>"}]}, "'content' must be text, got list"),
+    ({"role": "user", "content": {"x": "<|mdm_mask|>"}}, "'content' must be text, got dict"),
+    ({"role": ["<|eot_id|>"], "content": "1 + 2"}, "'role' must be text, got list"),
+    ({"role": "user", "content": None}, "'content' must be text, got NoneType"),
+    ({"role": "user", "content": "1", "tool_calls": [{"name": "<|eot_id|>"}]}, "'tool_calls' must be text"),
+    ({"role": "user", "content": "1", "extra": ("<|mdm_mask|>",)}, "'extra' must be text, got tuple"),
+    ({"role": "user", "content": "1", 3: "x"}, "message field names must be text, got int"),
+    ({"role": "user", "content": "1", "<|mdm_mask|>": "x"}, "field name '<|mdm_mask|>' contains special-token"),
+])
+def test_message_values_that_are_not_text_are_refused(arith, message, match):
+    """Before: only string values were kept apart from the template's markup; a list or dict was rendered as its
+    repr, so '<|mdm_mask|>' inside it became the mask id 1 inside the prompt."""
+    for call in (arith.encode_prompt, arith.render_chat):
+        with pytest.raises(ValueError, match=match) as e:
+            call([message])
+        assert "\n" not in str(e.value)
+
+
+def test_message_numbers_and_none_in_other_fields_pass(arith):
+    ids = arith.encode_prompt([{"role": "user", "content": "1 + 2", "weight": 1.5, "name": None, "n": 3}])
+    assert special_ids_of(ids) == [2, 3, 4, 5, 3, 4]
+
+
+def test_engine_load_refuses_a_typed_mask_in_a_content_list():
+    from dllm_trt.runtime.api import Engine
+
+    engine = Engine.load(ARITH, backend="torch")
+    with pytest.raises(ValueError, match="'content' must be text, got list"):
+        engine.encode([{"role": "user", "content": ["<|mdm_mask|>"]}])
+
+
 def build(kind: str, unk: bool = True) -> Tokenizer:
     """A tokenizer of the given model type whose vocabulary lists every special token as an ordinary word too
     (ids 0..5), with the same tokens added as special tokens."""
@@ -214,6 +247,85 @@ def test_template_that_runs_too_long_is_refused(tmp_path, monkeypatch, template)
     with pytest.raises(ChatTemplateError, match="rendering took longer than the limit of 0.3 s"):
         tok.render_chat([{"role": "user", "content": "hi"}])
     assert time.monotonic() - start < 3
+
+
+WIDE = "[' .' * 50000] * 100000"  # 10 GB as text, and only 100000 references as a list
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ([range(100000)|list] * 100000)|pprint }}",
+    "{{ ([[0] * 100000] * 100000)|sum(start=[])|length }}",
+    f"{{{{ ({WIDE})|string }}}}",
+    f"{{{{ ({WIDE})|tojson }}}}",
+    f"{{{{ '%s' % ({WIDE}) }}}}",
+    f"{{{{ ({WIDE})|join }}}}",
+    f"{{{{ '%s'|format({WIDE}) }}}}",
+    f"{{{{ ({WIDE})|map('tojson')|list|length }}}}",
+    # aliasing without *: list literals that repeat an item
+    "{% set a = [' .' * 50000] %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}"
+    "{% set c = [b, b, b, b, b, b, b, b, b, b] %}{% set d = [c, c, c, c, c, c, c, c, c, c] %}"
+    "{% set e = [d, d, d, d, d, d, d, d, d, d] %}{{ e }}",
+    # a field repeated in a format string, or 100000 fields of width 99999
+    "{{ ('{0}' * 100000).format(' .' * 50000) }}",
+    "{{ ('%(a)s' * 100000) % {'a': ' .' * 50000} }}",
+    "{{ ('%99999s' * 100000) % ((1,) * 100000) }}",
+    # a generator that builds far more than its input
+    "{{ range(100000)|map('string')|map('center', 99999)|join }}",
+    # pprint indents every line as deep as it is nested: 30000 lines 100 deep
+    "{% set ns = namespace(x=[' .' * 10] * 30000) %}{% for i in range(100) %}{% set ns.x = [ns.x] %}{% endfor %}"
+    "{{ ns.x|pprint }}",
+    # sum of lists copies the partial sum at every step: quadratic, inside one call
+    "{{ ([[0]] * 200000)|sum(start=[])|length }}",
+])
+def test_template_weight_bombs_are_refused_fast(tmp_path, template):
+    """Before: sizes were lengths only, so an item repeated by reference was counted once; these built gigabytes
+    (MemoryError, or the process killed) or ran for minutes inside one C call, past the 2 s limit."""
+    tok = with_template(tmp_path, template)
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="over the limit|adds numbers only") as e:
+        tok.encode_prompt([{"role": "user", "content": "hi"}])
+    elapsed = time.monotonic() - start
+    print(f"{elapsed:.3f} s: {e.value}")
+    assert "\n" not in str(e.value) and elapsed < 2.5
+
+
+def test_weight_bomb_on_the_server_is_400_and_the_next_request_is_served(tmp_path):
+    """Before: the template wedged the one thread that prepares prompts, and every later request got 503."""
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from dllm_trt.runtime.api import Engine
+    from dllm_trt.runtime.engine import open_checkpoint
+    from dllm_trt.runtime.server import create_app
+
+    model = shutil.copytree(ARITH, tmp_path / "arith")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% if messages[0]['content'] == 'bomb' %}{{ ([range(100000)|list] * 100000)|pprint }}" \
+                           "{% endif %}" + cfg["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    engine = Engine(open_checkpoint(model), TextTokenizer(model), "arith")
+    body = {"model": "arith", "max_tokens": 4}
+    with TestClient(create_app(engine)) as c:
+        start = time.monotonic()
+        r = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "bomb"}]})
+        elapsed = time.monotonic() - start
+        assert r.status_code == 400 and "over the limit" in r.json()["error"]["message"] and elapsed < 3, elapsed
+        r = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "1 + 2"}]})
+        assert r.status_code == 200
+
+
+def test_templates_of_real_models_render_fast_with_many_messages(tmp_path):
+    """The checks weigh values: a template that looks at every message, and at the list of them in a loop, stays
+    linear in the messages."""
+    qwen_like = ("{% set ns = namespace(last=messages|length - 1) %}{% for m in messages[::-1] %}"
+                 "{% set i = (messages|length - 1) - loop.index0 %}{% if m.role == 'user' and ns.last == i %}"
+                 "{% set ns.last = i %}{% endif %}{% endfor %}{{ messages|tojson|length }}" + TEMPLATE)
+    tok = with_template(tmp_path, qwen_like)
+    messages = [{"role": ("user", "assistant")[k % 2], "content": f"message {k} " * 20} for k in range(2000)]
+    start = time.monotonic()
+    out = tok.render_chat(messages)
+    assert "message 1999" in out and time.monotonic() - start < 1.5
 
 
 def test_bounded_template_still_renders_long_messages(tmp_path):
