@@ -8,6 +8,7 @@ import fcntl
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -122,11 +123,12 @@ def _cwd() -> Path | None:
 
 
 class _Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM during an export raise KeyboardInterrupt, even where the process was started with
-    SIGINT ignored (a background job of a script). They are also remembered: one that lands inside torch's exporter
-    can come out as another error (a lazy import left half done) or be swallowed when the exporter retries with its
-    next capture strategy, so the export checks after each piece and before replacing anything. Inside held()
-    (cleanup, the final swap) they are only remembered. Handlers can only be set from the main thread."""
+    """Ctrl-C (SIGINT) and SIGTERM stop an export, even where the process was started with SIGINT ignored (a
+    background job of a script). The first one is remembered and the export stops at the next piece boundary (it
+    checks after each piece and before replacing anything): raised inside torch's exporter, a KeyboardInterrupt can
+    come out as another error (a lazy import left half done), be swallowed when the exporter retries with its next
+    capture strategy, or be printed as a traceback from a weakref callback. A second one raises at once, except
+    inside held() (cleanup, the final swap). Handlers can only be set from the main thread."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -144,8 +146,10 @@ class _Interrupts:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
     def _handle(self, signum, frame):
-        self.received = True
-        if not self.holding:
+        if not self.received:
+            self.received = True
+            print("\nstopping after the current piece (Ctrl-C again to stop at once)", file=sys.stderr)
+        elif not self.holding:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager

@@ -130,7 +130,7 @@ def test_results_survive_an_out_folder_that_vanishes_during_the_run(tiny_dir, tm
     ('{"question": "q", "answer": ' + "9" * 5000 + "}\n", "expected a JSON object"),
     (b"\xff\xfe not text\n", "not UTF-8"),
     ("x" * (harness.MAX_LINE_BYTES + 10), "line longer than"),
-])
+], ids=["deep", "digits", "bytes", "long-line"])
 def test_malformed_problem_files_are_one_line(content, message, tmp_path, capsys, no_decoding):
     path = tmp_path / "data.jsonl"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

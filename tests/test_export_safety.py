@@ -51,8 +51,9 @@ def export(capsys, *args):
 
 
 def one_line(err: str) -> str:
-    """The one line left on stderr besides the progress bar."""
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("export:")]
+    """The one line left on stderr besides the progress bar (and the notice that a Ctrl-C was heard)."""
+    lines = [line for line in err.splitlines()
+             if line.strip() and not line.startswith(("export:", "stopping after the current piece"))]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -203,6 +204,22 @@ def test_ctrl_c_stops_an_export_started_with_sigint_ignored(small, eng):
         proc.wait()
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "dllm-trt: error: interrupted" and "Traceback" not in err
+    assert snapshot(eng.parent) == before
+
+
+def test_a_second_ctrl_c_stops_inside_a_piece(small, eng, capsys, monkeypatch):
+    """The first Ctrl-C waits for the piece under way (see _Interrupts); a second one does not wait."""
+    reached = []
+
+    def twice(out):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        reached.append("the rest of the piece")
+    before_piece(monkeypatch, 1, twice)
+    before = snapshot(eng.parent)
+    code, err = export(capsys, "--model", str(small), "--out", str(eng), "--max-len", "24")
+    assert code == 130 and one_line(err) == "dllm-trt: error: interrupted" and reached == []
     assert snapshot(eng.parent) == before
 
 

@@ -112,7 +112,7 @@ def test_lone_surrogate_is_a_value_error(tok):
     ("[1, 2]", "must hold a JSON object"),
     (json.dumps({"chat_template": ["a"]}), "chat_template must be a string"),
     ("[" * 100_000, "not valid JSON"),
-])
+], ids=["broken", "list", "template-list", "deep"])
 def test_corrupt_config_is_one_model_error(tmp_path, config, match):
     with pytest.raises(ModelError, match=match):
         TextTokenizer(write_dir(tmp_path, config=config))
