@@ -352,8 +352,6 @@ def cmd_calibrate(a) -> None:
         cal = calibrate(backend, tok, problems, a.objective, target, base, gen_length, grid, a.bisect_steps)
     except OptionError as e:
         raise flag_error(e) from None
-    except ValueError as e:  # no candidate meets the target
-        raise UsageError(str(e)) from None
     print(f"calibration on {len(problems)} prompts from {a.data}, gen length {gen_length}, backend "
           f"{backend.describe()}\n")
     print(table(cal))
@@ -361,7 +359,8 @@ def cmd_calibrate(a) -> None:
     goal = (f"answer tokens equal to the same schedule without cache on >= {100 * target:g}% of prompts"
             if a.objective == "agreement" else f"accuracy at most {target:g} point{'s' * (target != 1)} below the best gamma found")
     print(f"objective optimised: {a.objective} ({goal}); chosen: "
-          + ", ".join(f"{m} {p.gamma:g} (refresh fraction {p.refresh_fraction:.3f})" for m, p in cal.chosen.items()))
+          + ", ".join(f"{m} {p.gamma:g} (refresh fraction {p.refresh_fraction:.3f})" if p else f"{m} none"
+                      for m, p in cal.chosen.items()))
     other = "accuracy" if a.objective == "agreement" else "agreement"
     if any(cal.other.values()):
         print(f"the {other} objective (default target {DEFAULT_TARGET[other]:g}) would have picked: "
@@ -372,6 +371,11 @@ def cmd_calibrate(a) -> None:
     print(f"decodes: {cal.decodes_per_prompt} per prompt (1 reference + {len(cal.points)} drift metrics x at most "
           f"({len(grid)} grid points + {a.bisect_steps} bisection steps)), {cal.decodes_per_prompt * len(problems)} "
           f"in all, plus one warm-up")
+    missed = [m for m, p in cal.chosen.items() if p is None]
+    if missed:  # the table above says what was measured; the engine folder stays as it was
+        best = ", ".join(f"{m} {max(p.score(a.objective) or 0 for p in cal.points[m]):.3f}" for m in missed)
+        raise UsageError(f"no gamma meets the {a.objective} target {target:g} for drift metric "
+                         f"{' and '.join(missed)} (best score: {best}); nothing recorded; lower --target")
     write_calibration(a.engines, record(cal, a.data, len(problems)))
     print(f"recorded in {Path(a.engines) / 'manifest.json'}: the default gamma of generate, eval, bench, serve and "
           f"the Python API for this engine (--gamma, or gamma in a request, still wins)", file=sys.stderr)

@@ -195,6 +195,25 @@ def test_calibrate_errors_leave_the_folder_untouched(eng, tmp_path, capsys, rows
     assert (eng / "manifest.json").read_bytes() == before
 
 
+def test_no_gamma_meeting_the_target_still_reports_what_was_measured(eng, tmp_path, capsys, monkeypatch):
+    """Random weights drift a lot: a search that finds nothing must show its table for every metric (it used to
+    stop at the first metric with one line, after all the decoding), and record nothing."""
+    from dllm_trt.evaluate import calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "passes", lambda objective, target: lambda p, points: False)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"question": f"prompt {i}"} for i in range(2)])
+    before = (eng / "manifest.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", str(eng), "--data", str(data), "--prompts", "2", "--grid", "0.5,0.9", "--bisect-steps", "0",
+              "--gen-length", "16"])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "chosen: heads none, keys none" in captured.out
+    assert all(f"| {m} | {g} |" in captured.out for m in ("heads", "keys") for g in ("0.5", "0.9"))
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("dllm-trt: error: no gamma meets the agreement target 0.99 for drift metric heads and keys")
+    assert (eng / "manifest.json").read_bytes() == before
+
+
 def test_gamma_sweep_gains_the_calibrated_point(eng, tmp_path, capsys):
     write_calibration(eng, block())
     data = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "answer": "#### 1"}])
