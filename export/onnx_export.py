@@ -1,4 +1,4 @@
-"""Export a LLaDA checkpoint as ONNX pieces (embedding, each layer range in window and refresh mode, head) plus
+"""Export a LLaDA checkpoint as ONNX pieces (embedding, one piece per layer range serving both modes, head) plus
 manifest.json and the tokenizer files.
 
 Each piece is traced on the meta device (no weights in memory), then only that piece's tensors are read from the
@@ -21,16 +21,18 @@ from tqdm import tqdm
 from dllm_trt.runtime import buckets
 from dllm_trt.runtime.checkpoint import PREFIX, Checkpoint, layer_keys
 from dllm_trt.runtime.config import ModelError, layer_ranges
-from dllm_trt.runtime.manifest import (DTYPES, Manifest, PieceSpec, dims_for, piece_specs, range_name,
-                                       sha256_file)
-from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, RefreshMode, WindowMode, range_state_dict
+from dllm_trt.runtime.manifest import (DTYPES, RANGE_INPUTS, Manifest, PieceSpec, dims_for, piece_specs,
+                                       profiles_for, sha256_file)
+from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, range_state_dict
 
 from .quantize import (DEFAULT_BLOCK, QuantizeError, check_scheme, embedding_bits, quantize_file,
                        scheme_record)
 
 MAX_ACTIVE = 256  # default largest window pass (query rows), or the whole canvas when that is shorter
+MAX_BATCH = 8     # default largest batch of sequences per piece call
+MAX_BATCH_LIMIT = 1024
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZED_KINDS = ("window", "refresh", "head")  # and the embedding with int4 (see quantize.embedding_bits)
+QUANTIZED_KINDS = ("layers", "head")  # and the embedding with int4 (see quantize.embedding_bits)
 
 
 def quantized_kinds(scheme: str | None) -> tuple[str, ...]:
@@ -40,8 +42,8 @@ def quantized_kinds(scheme: str | None) -> tuple[str, ...]:
 
 
 # Preferred example sizes for tracing (see example_sizes).
-EXAMPLE = {"seq_len": 37, "active_len": 13, "track_len": 3, "window_len": 5, "n_tokens": 11, "n_hidden": 19,
-           "n_rows": 7}
+EXAMPLE = {"seq_len": 37, "rows": 13, "track_len": 3, "window_len": 5, "n_tokens": 11, "n_hidden": 19,
+           "n_rows": 7, "batch": 4}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -106,8 +108,7 @@ def _module_and_weights(spec: PieceSpec, ckpt: Checkpoint, dtype: torch.dtype):
         elif spec.kind == "head":
             module = Head(cfg, dtype)
         else:
-            layers = LayerRange(cfg, spec.layers[0], spec.layers[1], dtype)
-            module = WindowMode(layers) if spec.kind == "window" else RefreshMode(layers)
+            module = LayerRange(cfg, spec.layers[0], spec.layers[1], dtype)
     if spec.kind == "embed":
         weights = {"weight": ckpt.read([PREFIX + "wte.weight"], dtype)[PREFIX + "wte.weight"]}
     elif spec.kind == "head":
@@ -116,8 +117,8 @@ def _module_and_weights(spec: PieceSpec, ckpt: Checkpoint, dtype: torch.dtype):
     else:
         a, b = spec.layers
         raw = ckpt.read(layer_keys(a, b), dtype)
-        weights = {"layers." + k: v for k, v in range_state_dict(raw, a, b).items()}
-        weights["layers.inv_freq"] = LayerRange(cfg, 0, 0).inv_freq  # a computed constant, not a checkpoint tensor
+        weights = range_state_dict(raw, a, b)
+        weights["inv_freq"] = LayerRange(cfg, 0, 0).inv_freq  # a computed constant, not a checkpoint tensor
     return module.eval(), weights
 
 
@@ -126,8 +127,8 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
     tdtype = TORCH_DTYPES[dtype]
     module, weights = _module_and_weights(spec, ckpt, tdtype)
     shapes = _dynamic_shapes(spec, dims)
-    if spec.kind in ("window", "refresh"):  # these modules take *args, which torch.export sees as one tuple
-        shapes = (shapes,)
+    if spec.kind == "layers":  # its forward takes *caches, which torch.export sees as one tuple
+        shapes = (*shapes[:len(RANGE_INPUTS)], shapes[len(RANGE_INPUTS):])
     used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
     sizes = example_sizes(dims, static_sizes(ckpt.config), used)
     program = torch.onnx.export(
@@ -156,47 +157,10 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
         spec.data_sha256 = sha256_file(out / spec.data_file)
 
 
-def share_weights(owner: PieceSpec, other: PieceSpec, out: Path) -> None:
-    """Point `other`'s external tensors at identical tensors (same name, type, shape and bytes) already stored in
-    `owner`'s data file, so a range's weights are on disk once although two graphs (window, refresh) use them."""
-    if not owner.data_file or not other.data_file:
-        return
-    src = onnx.load(str(out / owner.file), load_external_data=False)
-    stored = {t.name: t for t in src.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    model = onnx.load(str(out / other.file))  # this piece's tensors in memory: one range at a time
-    with open(out / owner.data_file, "rb") as f:
-        for t in model.graph.initializer:
-            s = stored.get(t.name)
-            if s is None or s.data_type != t.data_type or list(s.dims) != list(t.dims):
-                continue
-            info = {e.key: e.value for e in s.external_data}
-            f.seek(int(info.get("offset", 0)))
-            if f.read(int(info["length"])) != t.raw_data:
-                continue
-            t.ClearField("raw_data")
-            del t.external_data[:]
-            for key in ("location", "offset", "length"):
-                if key in info:
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, info[key]
-            t.data_location = onnx.TensorProto.EXTERNAL
-    (out / other.data_file).unlink()
-    onnx.save_model(model, str(out / other.file), save_as_external_data=True, location=other.data_file,
-                    size_threshold=1024)
-    onnx.checker.check_model(str(out / other.file), full_check=not _has_contrib_ops(model))
-    other.sha256 = sha256_file(out / other.file)
-    other.shares_data_of = owner.name
-    if (out / other.data_file).is_file():
-        other.data_size = (out / other.data_file).stat().st_size
-        other.data_sha256 = sha256_file(out / other.data_file)
-    else:
-        other.data_file, other.data_size, other.data_sha256 = "", 0, ""
-
-
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
                  opset: int = 20, max_len: int | None = None, max_active: int | None = None, quiet: bool = False,
                  shown_as: str | Path | None = None, quantize: str | None = None,
-                 quant_block: int = DEFAULT_BLOCK, after_piece=None) -> Manifest:
+                 quant_block: int = DEFAULT_BLOCK, after_piece=None, max_batch: int = MAX_BATCH) -> Manifest:
     """after_piece: called after each piece (export_into stops an interrupted export there)."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
@@ -220,6 +184,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
     max_active = min(MAX_ACTIVE, max_len) if max_active is None else max_active
     if not 1 <= max_active <= max_len:
         raise ModelError(f"--max-active must be in 1..{max_len}, got {max_active}")
+    if not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise ModelError(f"--max-batch must be in 1..{MAX_BATCH_LIMIT}, got {max_batch}")
     try:
         ranges = layer_ranges(cfg.n_layers, layers_per_range)
     except ValueError as e:
@@ -228,7 +194,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ModelError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    dims = dims_for(max_len, max_active)
+    dims = dims_for(max_len, max_active, max_batch)
     pieces = piece_specs(cfg, ranges, dtype)
     t0 = time.perf_counter()
     bar = tqdm(pieces, desc="export", unit="piece", disable=quiet, file=sys.stderr)
@@ -238,8 +204,6 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
             _quietly(export_piece, spec, ckpt, out, dtype, opset, dims, quantize, quant_block)
         except QuantizeError as e:
             raise ModelError(str(e)) from None
-        if spec.kind == "refresh":  # exported right after the window piece of the same range
-            share_weights(manifest_piece(pieces, f"{range_name(*spec.layers)}.window"), spec, out)
         if after_piece is not None:
             after_piece()
     tokenizer_files = []
@@ -249,15 +213,15 @@ def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: i
             tokenizer_files.append(name)
     manifest = Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, {
         "source": str(ckpt.dir.resolve()), "source_fingerprint": ckpt.fingerprint(), "layers_per_range": layers_per_range, "opset": opset,
-        "max_len": max_len, "max_active": max_active, "buckets": buckets.manifest_entry(max_len, max_active),
+        "max_len": max_len, "max_active": max_active, "max_batch": max_batch, "buckets": buckets.manifest_entry(max_len, max_active),
         "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": _version("onnxscript")},
         "seconds": round(time.perf_counter() - t0, 1),
-    }, out)
+    }, out, profiles=profiles_for(max_len, max_active))
     if quantize:
         manifest.quantization = scheme_record(quantize, quant_block)
     manifest.save(out)
     if not quiet:
-        total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)  # shared data counted once
+        total = sum((out / p.file).stat().st_size + p.data_size for p in pieces)
         what = f"{dtype}, {quantize} weights (block {quant_block})" if quantize else dtype
         ranges_text = f"{len(ranges)} layer range" + ("s" if len(ranges) > 1 else "")
         print(f"exported {len(pieces)} pieces ({what}, opset {opset}, {ranges_text}) to {shown_as or out}: "

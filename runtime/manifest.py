@@ -18,7 +18,7 @@ from .config import MAX_SIZE, ModelConfig, ModelError, config_from_manifest, is_
 from .paths import inside
 
 FORMAT = "dllm-trt-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                  # 1: a window and a refresh graph per range, batch 1
 READ_BY_NAME = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 QUANT_SCHEMES = ("int8", "int4")   # weight-only, MatMulNBits; older manifests without "quantization" are float
@@ -35,8 +35,8 @@ class TensorSpec:
 @dataclass
 class PieceSpec:
     name: str
-    kind: str                  # embed | window | refresh | head
-    layers: list[int]          # [first, last) for window/refresh, [] otherwise
+    kind: str                  # embed | layers | head
+    layers: list[int]          # [first, last) for a layer range, [] otherwise
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     file: str = ""
@@ -44,7 +44,6 @@ class PieceSpec:
     data_file: str = ""
     data_size: int = 0
     data_sha256: str = ""
-    shares_data_of: str = ""   # piece whose data file also holds some of this piece's weights (same range)
 
 
 @dataclass
@@ -57,11 +56,13 @@ class Manifest:
     tokenizer_files: list[str] = field(default_factory=list)
     export: dict = field(default_factory=dict)
     directory: Path | None = None
-    # weight-only quantization of the window/refresh/head graphs ({} = float weights): scheme (int8 | int4),
+    # weight-only quantization of the layer-range and head graphs ({} = float weights): scheme (int8 | int4),
     # bits, block_size, symmetric, accuracy_level, op, tool and tool versions
     quantization: dict = field(default_factory=dict)
     # the drift thresholds `dllm-trt calibrate` measured ({} = not calibrated): runtime/calibration.py
     calibration: dict = field(default_factory=dict)
+    # the shapes each mode of a layer-range piece runs at: {mode: {dim: {"min", "max"}}} (narrowing dims)
+    profiles: dict = field(default_factory=dict)
 
     def piece(self, name: str) -> PieceSpec:
         for p in self.pieces:
@@ -69,16 +70,24 @@ class Manifest:
                 return p
         raise ModelError(f"manifest has no piece named {name!r}")
 
+    @property
+    def max_active(self) -> int:
+        """The most query rows of a window pass."""
+        return self.profiles["window"]["rows"]["max"]
+
+    def range_piece(self, r: int) -> PieceSpec:
+        return self.piece(range_name(*self.layer_ranges[r]))
+
     def weight_bytes(self) -> int:
-        """Bytes of the data files (each counted once: a refresh piece shares its window piece's file)."""
+        """Bytes of the data files."""
         return sum({p.data_file: p.data_size for p in self.pieces if p.data_file}.values())
 
     def to_json(self) -> dict:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "model": self.config.to_dict(), "dtype": self.dtype, "layer_ranges": self.layer_ranges,
-            "dims": self.dims, "tokenizer_files": self.tokenizer_files, "export": self.export,
-            "pieces": [asdict(p) for p in self.pieces],
+            "dims": self.dims, "profiles": self.profiles, "tokenizer_files": self.tokenizer_files,
+            "export": self.export, "pieces": [asdict(p) for p in self.pieces],
         } | ({"quantization": self.quantization} if self.quantization else {}) \
           | ({"calibration": self.calibration} if self.calibration else {})
 
@@ -91,70 +100,99 @@ def range_name(first: int, last: int) -> str:
     return f"layers_{first:02d}_{last:02d}"
 
 
+@dataclass(frozen=True)
+class LayerNames:
+    """Names of one layer's tensors in a layer-range piece (inputs, then outputs)."""
+    past_key: str
+    past_value: str
+    track_queries: str
+    new_key: str
+    new_value: str
+    new_queries: str
+    drift: str
+    colsum: str
+
+
+def layer_names(layer: int) -> LayerNames:
+    return LayerNames(f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", f"track_queries.{layer}",
+                      f"new_key_values.{layer}.key", f"new_key_values.{layer}.value", f"new_queries.{layer}",
+                      f"drift.{layer}", f"attn_colsum.{layer}")
+
+
+# inputs of a layer-range piece before the per-layer caches, in order
+RANGE_INPUTS = ("hidden_states", "position_ids", "canvas_lengths", "key_is_mask", "track_rows", "window_rows")
+MODES = ("window", "refresh")   # the two profiles of a layer-range piece
+
+
 def piece_specs(cfg: ModelConfig, ranges: list[tuple[int, int]], dtype: str) -> list[PieceSpec]:
     act = DTYPES[dtype]
     H, hd, D = cfg.n_heads, cfg.head_dim, cfg.d_model
     pieces = [PieceSpec("embed", "embed", [],
-                        [TensorSpec("input_ids", "int64", ["n_tokens"], "token ids to embed")],
-                        [TensorSpec("hidden_states", act, ["n_tokens", D], "embeddings of input_ids")])]
+                        [TensorSpec("input_ids", "int64", ["batch", "n_tokens"], "token ids to embed (pad with any "
+                                    "id below embedding_size)")],
+                        [TensorSpec("hidden_states", act, ["batch", "n_tokens", D], "embeddings of input_ids")])]
     for a, b in ranges:
         ins = [
-            TensorSpec("hidden_states", act, ["active_len", D], f"input of layer {a} for the query rows"),
-            TensorSpec("position_ids", "int64", ["active_len"], "canvas slot of each query row (distinct)"),
-            TensorSpec("track_rows", "int64", ["track_len"], "rows (into the query rows) of the tracked tokens"),
-            TensorSpec("window_rows", "int64", ["window_len"], "rows (into the query rows) of the decoding window"),
-            TensorSpec("key_is_mask", "bool", ["seq_len"], "true where the canvas slot still holds MASK"),
+            TensorSpec("hidden_states", act, ["batch", "rows", D], f"input of layer {a} for the query rows"),
+            TensorSpec("position_ids", "int64", ["batch", "rows"], "canvas slot of each query row, distinct within "
+                       "a sequence; -1 = padding row"),
+            TensorSpec("canvas_lengths", "int64", ["batch"], "slots of each sequence's canvas; the slots beyond "
+                       "are padding (never attended)"),
+            TensorSpec("key_is_mask", "bool", ["batch", "seq_len"], "true where the canvas slot still holds MASK"),
+            TensorSpec("track_rows", "int64", ["batch", "track_len"], "rows (into the query rows) of the tracked "
+                       "tokens; -1 = padding"),
+            TensorSpec("window_rows", "int64", ["batch", "window_len"], "rows (into the query rows) of the decoding "
+                       "window; -1 = padding"),
         ]
-        outs = [TensorSpec("hidden_states_out", act, ["active_len", D], f"output of layer {b - 1} for the query rows")]
+        outs = [TensorSpec("hidden_states_out", act, ["batch", "rows", D], f"output of layer {b - 1} for the query "
+                           f"rows")]
         for L in range(a, b):
+            n = layer_names(L)
             ins += [
-                TensorSpec(f"past_key_values.{L}.key", act, [H, "seq_len", hd], "post-RoPE key cache before this step"),
-                TensorSpec(f"past_key_values.{L}.value", act, [H, "seq_len", hd], "value cache before this step"),
-                TensorSpec(f"track_queries.{L}", act, [H, "track_len", hd], "cached post-RoPE queries of tracked tokens"),
+                TensorSpec(n.past_key, act, ["batch", H, "seq_len", hd], "post-RoPE key cache before this step "
+                           "(read at slots that are not query rows)"),
+                TensorSpec(n.past_value, act, ["batch", H, "seq_len", hd], "value cache before this step"),
+                TensorSpec(n.track_queries, act, ["batch", H, "track_len", hd], "cached post-RoPE queries of the "
+                           "tracked tokens"),
             ]
             outs += [
-                TensorSpec(f"new_key_values.{L}.key", act, [H, "active_len", hd], "write to key cache at position_ids"),
-                TensorSpec(f"new_key_values.{L}.value", act, [H, "active_len", hd], "write to value cache at position_ids"),
-                TensorSpec(f"new_queries.{L}", act, [H, "active_len", hd], "write to query cache at position_ids"),
-                TensorSpec(f"drift.{L}", "float32", [2], "similarity of the tracked tokens' old and new attention: "
-                           "[0] cosine across heads (reference code), [1] cosine across keys (paper); mean"),
-                TensorSpec(f"attn_colsum.{L}", "float32", ["seq_len"], "attention of the window rows received by "
-                           "each canvas slot, summed over heads and rows; 0 for MASK slots"),
+                TensorSpec(n.new_key, act, ["batch", H, "rows", hd], "write to the key cache at position_ids"),
+                TensorSpec(n.new_value, act, ["batch", H, "rows", hd], "write to the value cache at position_ids"),
+                TensorSpec(n.new_queries, act, ["batch", H, "rows", hd], "write to the query cache at position_ids"),
+                TensorSpec(n.drift, "float32", ["batch", 2], "similarity of the tracked tokens' old and new "
+                           "attention: [0] cosine across heads (reference code), [1] cosine across keys (paper); "
+                           "mean over tracked rows (window mode; meaningless in refresh mode)"),
+                TensorSpec(n.colsum, "float32", ["batch", "seq_len"], "attention of the window rows received by "
+                           "each canvas slot, summed over heads and rows; 0 for MASK and padding slots"),
             ]
-        pieces.append(PieceSpec(f"{range_name(a, b)}.window", "window", [a, b], ins, outs))
-        ins = [
-            TensorSpec("hidden_states", act, ["seq_len", D], f"input of layer {a} for every canvas slot"),
-            TensorSpec("position_ids", "int64", ["seq_len"], "0 .. seq_len-1"),
-            TensorSpec("window_positions", "int64", ["window_len"], "canvas slots of the decoding window"),
-            TensorSpec("key_is_mask", "bool", ["seq_len"], "true where the canvas slot still holds MASK"),
-        ]
-        outs = [TensorSpec("hidden_states_out", act, ["seq_len", D], f"output of layer {b - 1}")]
-        for L in range(a, b):
-            outs += [
-                TensorSpec(f"key_values.{L}.key", act, [H, "seq_len", hd], "the whole key cache of layer L"),
-                TensorSpec(f"key_values.{L}.value", act, [H, "seq_len", hd], "the whole value cache of layer L"),
-                TensorSpec(f"queries.{L}", act, [H, "seq_len", hd], "the whole query cache of layer L"),
-                TensorSpec(f"attn_colsum.{L}", "float32", ["seq_len"], "as in window mode"),
-            ]
-        pieces.append(PieceSpec(f"{range_name(a, b)}.refresh", "refresh", [a, b], ins, outs))
+        pieces.append(PieceSpec(range_name(a, b), "layers", [a, b], ins, outs))
     pieces.append(PieceSpec("head", "head", [],
-                            [TensorSpec("hidden_states", act, ["n_hidden", D], "output of the last layer"),
-                             TensorSpec("rows", "int64", ["n_rows"], "rows of hidden_states to decode")],
-                            [TensorSpec("tokens", "int64", ["n_rows"], "argmax token (never MASK)"),
-                             TensorSpec("probs", "float32", ["n_rows"], "its softmax probability")]))
+                            [TensorSpec("hidden_states", act, ["batch", "n_hidden", D], "output of the last layer"),
+                             TensorSpec("rows", "int64", ["batch", "n_rows"], "rows of hidden_states to decode; "
+                                        "-1 = padding")],
+                            [TensorSpec("tokens", "int64", ["batch", "n_rows"], "argmax token (never MASK)"),
+                             TensorSpec("probs", "float32", ["batch", "n_rows"], "its softmax probability")]))
     return pieces
 
 
-def dims_for(max_len: int, max_active: int) -> dict[str, dict[str, int]]:
+def dims_for(max_len: int, max_active: int, max_batch: int = 1) -> dict[str, dict[str, int]]:
     return {
-        "seq_len": {"min": 2, "max": max_len},          # canvas length: prompt + gen length
-        "active_len": {"min": 1, "max": max_active},    # query rows of a window pass
+        "batch": {"min": 1, "max": max_batch},          # sequences decoded together
+        "seq_len": {"min": 2, "max": max_len},          # canvas length: prompt + gen length (longest in a batch)
+        "rows": {"min": 1, "max": max_len},             # query rows: few in window mode, seq_len in refresh mode
         "track_len": {"min": 1, "max": max_active},
         "window_len": {"min": 1, "max": max_active},
         "n_tokens": {"min": 1, "max": max_len},
         "n_hidden": {"min": 1, "max": max_len},
         "n_rows": {"min": 1, "max": max_active},
     }
+
+
+def profiles_for(max_len: int, max_active: int) -> dict[str, dict[str, dict[str, int]]]:
+    """The two modes of a layer-range piece as shape profiles: window mode runs up to max_active query rows,
+    refresh mode one query row per canvas slot (rows = seq_len)."""
+    return {"window": {"rows": {"min": 1, "max": max_active}},
+            "refresh": {"rows": {"min": 2, "max": max_len}}}
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -175,9 +213,18 @@ def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
     raw = read_json(path, f"export a model first: dllm-trt export --model DIR --out {d}")
     if raw.get("format") != FORMAT:
         raise ModelError(f"{path}: not a dllm-trt manifest")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path}: manifest format version {raw.get('format_version')!r} is not supported by this "
-                         f"runtime (it reads version {FORMAT_VERSION}); re-export with this version of dllm-trt")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        source = raw.get("export", {}).get("source") if isinstance(raw.get("export"), dict) else None
+        again = (f"dllm-trt export --model {source if isinstance(source, str) and source else 'CHECKPOINT'} "
+                 f"--out {d}")
+        if version == 1:
+            raise ModelError(f"{path}: exported by an older dllm-trt (manifest format 1: a window and a refresh "
+                             f"graph per layer range, batch 1); this runtime reads format {FORMAT_VERSION}: "
+                             f"re-export it ({again})")
+        raise ModelError(f"{path}: manifest format version {str(version)[:40]!r} is not supported by this "
+                         f"runtime (it reads version {FORMAT_VERSION}); re-export with this version of dllm-trt "
+                         f"({again})")
     m = _parse(raw, path, d)
     check_memory(m, path)
     for p in m.pieces:
@@ -229,15 +276,15 @@ def _parse(raw: dict, path: Path, d: Path) -> Manifest:
     ranges = raw.get("layer_ranges")
     if not _is_ranges(ranges, cfg.n_layers):
         raise bad(f"layer_ranges must split 0..{cfg.n_layers} into consecutive [first, last) pairs, got {ranges!r}")
-    dims = raw.get("dims")
-    want_dims = dims_for(2, 1)
-    if not isinstance(dims, dict) or set(dims) != set(want_dims):
-        raise bad(f"dims must name exactly {', '.join(want_dims)}")
-    for name, r in dims.items():
-        if not (isinstance(r, dict) and is_int(r.get("min")) and is_int(r.get("max"))
-                and 1 <= r["min"] <= r["max"] <= MAX_SIZE):
-            raise bad(f"dims.{name} must be {{\"min\": m, \"max\": n}} with 1 <= m <= n <= {MAX_SIZE}, "
-                      f"got {repr(r)[:80]}")
+    dims = _dims(raw.get("dims"), set(dims_for(2, 1)), "dims", bad)
+    profiles = raw.get("profiles")
+    if not isinstance(profiles, dict) or set(profiles) != set(MODES):
+        raise bad(f"profiles must name exactly {', '.join(MODES)}")
+    profiles = {mode: _dims(p, set(dims), f"profiles.{mode}", bad, subset=True) for mode, p in profiles.items()}
+    for mode, p in profiles.items():
+        for name, r in p.items():
+            if not dims[name]["min"] <= r["min"] <= r["max"] <= dims[name]["max"]:
+                raise bad(f"profiles.{mode}.{name} must lie inside dims.{name}")
     pieces = raw.get("pieces")
     if not isinstance(pieces, list) or not pieces:
         raise bad("pieces must be a non-empty list")
@@ -259,7 +306,19 @@ def _parse(raw: dict, path: Path, d: Path) -> Manifest:
         raise bad(f"quantization must be {{}} or name a scheme ({', '.join(QUANT_SCHEMES)}) and a block_size")
     calibration = check_calibration(raw["calibration"], bad) if "calibration" in raw else {}
     return Manifest(cfg, dtype, [list(r) for r in ranges], dims, pieces, tokenizer_files, export, d, quantization,
-                    calibration)
+                    calibration, profiles)
+
+
+def _dims(raw, names: set[str], where: str, bad, subset: bool = False) -> dict[str, dict[str, int]]:
+    """{name: {"min": m, "max": n}} with 1 <= m <= n <= MAX_SIZE, naming exactly `names` (some of them: subset)."""
+    if not isinstance(raw, dict) or (set(raw) - names if subset else set(raw) != names):
+        raise bad(f"{where} must name {'some' if subset else 'exactly'} of {', '.join(sorted(names))}")
+    for name, r in raw.items():
+        if not (isinstance(r, dict) and is_int(r.get("min")) and is_int(r.get("max"))
+                and 1 <= r["min"] <= r["max"] <= MAX_SIZE):
+            raise bad(f"{where}.{name} must be {{\"min\": m, \"max\": n}} with 1 <= m <= n <= {MAX_SIZE}, "
+                      f"got {repr(r)[:80]}")
+    return raw
 
 
 def _is_ranges(ranges, n_layers: int) -> bool:
@@ -274,7 +333,7 @@ def _is_ranges(ranges, n_layers: int) -> bool:
 
 
 _PIECE_TYPES = {"name": str, "kind": str, "layers": list, "inputs": list, "outputs": list, "file": str,
-                "sha256": str, "data_file": str, "data_size": int, "data_sha256": str, "shares_data_of": str}
+                "sha256": str, "data_file": str, "data_size": int, "data_sha256": str}
 
 
 def _piece(p, i: int, bad) -> PieceSpec:

@@ -1,7 +1,9 @@
-"""LLaDA in PyTorch, expressed as the pieces that get exported: embedding, layer ranges (window / refresh), head.
+"""LLaDA in PyTorch, expressed as the pieces that get exported: embedding, layer ranges, head.
 
-This is the reference used by the torch backend and by the exporter. Every piece takes and returns plain tensors
-(no batch dimension: decoding is batch 1), so the same modules export to ONNX unchanged.
+LayerRange.forward is the exported layer-range piece (docs/CONTRACT.md): batched, one graph for both modes (a
+refresh is a window pass whose query rows are every slot). LayerRange.window and LayerRange.refresh are the
+reference the torch backend runs and `dllm-trt check` compares the exported pieces with: one sequence, written
+separately, the two modes as two functions.
 
 Layouts: hidden states [S, d_model]; per-layer K/V/Q [n_heads, S, head_dim] after RoPE; positions are absolute
 canvas indices. Numerics follow LLaDA: RMSNorm statistics, RoPE, softmax and every statistic in float32, matmuls in
@@ -27,9 +29,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE at absolute positions, in float32. x: [H, S, hd], position_ids: [S]."""
-    freqs = position_ids.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
+    """Rotate-half RoPE at absolute positions, in float32. x: [..., H, S, hd], position_ids: [..., S]."""
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(-3)   # [..., 1, S, hd]: the same for every head
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -75,6 +77,19 @@ def key_axis_cosine(a: torch.Tensor, b: torch.Tensor, row_valid=None) -> torch.T
     """Mean over (head, row) of the cosine between two attention rows taken across key positions (paper formula).
     Pad keys hold zero attention on both sides, so they need no mask here."""
     return masked_mean(cosine(a, b, -1), None if row_valid is None else row_valid[None, :])
+
+
+def batched_head_axis_cosine(a, b, row_valid, key_valid) -> torch.Tensor:
+    """Per sequence: mean over valid (row, key) of the cosine across heads. a, b [B, H, T, N] -> [B]."""
+    valid = row_valid[:, :, None] & key_valid[:, None, :]
+    c = torch.where(valid, cosine(a, b, 1), 0.0)
+    return c.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+
+
+def batched_key_axis_cosine(a, b, row_valid) -> torch.Tensor:
+    """Per sequence: mean over (head, valid row) of the cosine across keys. a, b [B, H, T, N] -> [B]."""
+    c = torch.where(row_valid[:, None, :], cosine(a, b, -1), 0.0)
+    return c.sum(dim=(1, 2)) / (row_valid.sum(-1) * a.shape[1]).clamp_min(1)
 
 
 def sdpa(q, k, v, allowed=None):
@@ -126,7 +141,7 @@ class Block(nn.Module):
 
 
 class LayerRange(nn.Module):
-    """Layers [first, last) of LLaDA. `window` and `refresh` are the two exported modes (see docs/CONTRACT.md)."""
+    """Layers [first, last) of LLaDA: forward() is the exported piece; window() and refresh() the reference."""
 
     def __init__(self, cfg: ModelConfig, first: int, last: int, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -143,6 +158,50 @@ class LayerRange(nn.Module):
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+
+    def forward(self, hidden, position_ids, canvas_lengths, key_is_mask, track_rows, window_rows, *caches):
+        """The layer-range piece, for a batch of sequences padded to a common canvas of N slots and R query rows.
+
+        hidden [B, R, D]; position_ids [B, R] (canvas slot of each query row, -1 = padding row); canvas_lengths
+        [B] (slots at or beyond are padding); key_is_mask [B, N]; track_rows [B, T] and window_rows [B, W] (rows
+        into the query rows, -1 = padding); per layer past_key, past_value [B, H, N, hd] and track_query
+        [B, H, T, hd]. Returns hidden_out [B, R, D], then per layer new_key, new_value, new_query [B, H, R, hd],
+        drift [B, 2], attn_colsum [B, N].
+
+        Each query row attends to every slot of its canvas: to its fresh key/value at the slots of query rows and
+        to the cache at the others. With every slot a query row (refresh mode) no cached key/value is used at
+        all, so a backend may bind a range's cache as both past_key and new_key there. Cached values are only
+        ever selected (torch.where), never multiplied by a zero, so whatever unused slots hold cannot leak in.
+        """
+        n_heads, head_dim = self.cfg.n_heads, self.cfg.head_dim
+        n_keys = key_is_mask.shape[-1]
+        slots = torch.arange(n_keys, device=hidden.device)
+        key_valid = slots[None, :] < canvas_lengths[:, None]                          # [B, N]
+        at_slot = position_ids[:, :, None] == slots[None, None, :]                   # [B, R, N]
+        # slots whose key/value come from this pass: query rows' slots, and padding (any finite value will do)
+        fresh = (at_slot.any(1) | ~key_valid)[:, None, :, None]                      # [B, 1, N, 1]
+        row_of_slot = at_slot.float().argmax(1)[:, None, :, None].expand(-1, n_heads, -1, head_dim)
+        allowed = key_valid[:, None, None, :]
+        positions = position_ids.clamp_min(0)
+        track_valid, window_valid = track_rows >= 0, window_rows >= 0
+        track_at = track_rows.clamp_min(0)[:, None, :, None].expand(-1, n_heads, -1, n_keys)
+        window_at = window_rows.clamp_min(0)[:, None, :, None].expand(-1, n_heads, -1, n_keys)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            past_k, past_v, track_q = caches[3 * i], caches[3 * i + 1], caches[3 * i + 2]
+            q, k, v = block.qkv(hidden, positions, self.inv_freq)                    # [B, H, R, hd]
+            keys = torch.where(fresh, k.gather(2, row_of_slot), past_k)              # [B, H, N, hd], slot order
+            values = torch.where(fresh, v.gather(2, row_of_slot), past_v)
+            probs = torch.softmax(torch.where(allowed, self.scores(q, keys), float("-inf")), dim=-1)
+            hidden = block.finish(hidden, torch.matmul(probs.to(values.dtype), values))
+            window_probs = torch.where(window_valid[:, None, :, None], probs.gather(2, window_at), 0.0)
+            colsum = torch.where(key_is_mask, 0.0, window_probs.sum(dim=(1, 2)))
+            old = torch.softmax(torch.where(allowed, self.scores(track_q, past_k), float("-inf")), dim=-1)
+            new = probs.gather(2, track_at)                                           # [B, H, T, N]
+            drift = torch.stack([batched_head_axis_cosine(old, new, track_valid, key_valid),
+                                 batched_key_axis_cosine(old, new, track_valid)], dim=-1)
+            outputs += [k, v, q, drift, colsum]
+        return (hidden, *outputs)
 
     def window(self, hidden, position_ids, track_rows, window_rows, key_is_mask, *caches,
                query_valid=None, key_valid=None, track_valid=None, window_valid=None):
@@ -261,26 +320,6 @@ def range_state_dict(weights: dict, first: int, last: int) -> dict:
     return out
 
 
-class WindowMode(nn.Module):
-    """Adapter so that each mode of a LayerRange is its own forward() for export and tracing."""
-
-    def __init__(self, layers: LayerRange):
-        super().__init__()
-        self.layers = layers
-
-    def forward(self, *args):
-        return self.layers.window(*args)
-
-
-class RefreshMode(nn.Module):
-    def __init__(self, layers: LayerRange):
-        super().__init__()
-        self.layers = layers
-
-    def forward(self, *args):
-        return self.layers.refresh(*args)
-
-
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -307,7 +346,9 @@ class Head(nn.Module):
         self.eps, self.vocab, self.mask_id = cfg.rms_norm_eps, cfg.vocab_size, cfg.mask_token_id
 
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor):
-        x = rms_norm(hidden.index_select(0, rows), self.norm, self.eps)
+        """hidden [S, D], rows [n] (one sequence), or hidden [B, S, D], rows [B, n] (-1 = padding row)."""
+        picked = rows.clamp_min(0)[..., None].expand(*rows.shape, hidden.shape[-1])
+        x = rms_norm(hidden.gather(-2, picked), self.norm, self.eps)
         logits = torch.matmul(x, self.weight[: self.vocab].t()).float()
         banned = torch.arange(self.vocab, device=logits.device) == self.mask_id
         logits = torch.where(banned, float("-inf"), logits)

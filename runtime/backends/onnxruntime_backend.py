@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelError
-from ..manifest import load_manifest, range_name
+from ..manifest import layer_names, load_manifest, range_name
 from ..memory import SharedWeights
 from .base import Backend, BackendError, RangeStats
 from .ort_arrays import DeviceArrays, HostArrays, as_ortvalue
@@ -163,7 +163,7 @@ class OnnxRuntimeBackend(Backend):
         # so running every window pass before reading the statistics would save no wait, only cost the window
         # passes a drift makes useless
         self.max_len = self.manifest.dims["seq_len"]["max"]
-        self.max_active = self.manifest.dims["active_len"]["max"]
+        self.max_active = self.manifest.max_active
 
     @property
     def device_caches(self) -> bool:
@@ -298,20 +298,25 @@ class OnnxRuntimeBackend(Backend):
                 + [v.numpy() for v in outputs[len(kept_outputs):]])
 
     # ---- the backend primitives ----------------------------------------------------------------------------------
+    # Every piece has a leading batch axis; this backend decodes one sequence, so every array has batch 1.
     def _allocate(self, n: int) -> None:
         if n > self.max_len:
             raise ModelError(f"the canvas needs {n} positions but the engines were exported for at most "
                              f"{self.max_len} (re-export with a larger --max-len)")
         c, buffer = self.config, self.arrays.buffer
-        shape = (c.n_heads, n, c.head_dim)
+        shape, hidden = (1, c.n_heads, n, c.head_dim), (1, n, c.d_model)
         previous = [*self.k, *self.v, *self.q, *self.boundary, self.final] if hasattr(self, "k") else []
-        self.arrays.recycle(previous, {shape, (n, c.d_model)})
+        self.arrays.recycle(previous, {shape, hidden})
         self.k = [buffer(shape) for _ in range(c.n_layers)]
         self.v = [buffer(shape) for _ in range(c.n_layers)]
         self.q = [buffer(shape) for _ in range(c.n_layers)]
-        self.boundary = [buffer((n, c.d_model)) for _ in self.ranges]
-        self.final = buffer((n, c.d_model))
-        self.positions = np.arange(n, dtype=np.int64)
+        self.boundary = [buffer(hidden) for _ in self.ranges]
+        self.final = buffer(hidden)
+        self.positions = np.arange(n, dtype=np.int64)[None]
+        self.canvas_lengths = np.array([n], dtype=np.int64)
+        # refresh mode tracks nothing (its drift output is not used): one query row of any content per layer
+        self.no_track_rows = np.zeros((1, 1), dtype=np.int64)
+        self.no_track_queries = buffer((1, c.n_heads, 1, c.head_dim))
         self.filled = False   # device caches start uninitialised; the first full refresh of a generation fills them
 
     def _check_active(self, count: int, what: str) -> None:
@@ -321,67 +326,63 @@ class OnnxRuntimeBackend(Backend):
 
     def _embed(self, ids, positions):
         if positions is None:
-            self._run("embed", {"input_ids": ids}, {"hidden_states": self.boundary[0]}, [])
+            self._run("embed", {"input_ids": ids[None]}, {"hidden_states": self.boundary[0]}, [])
             self.current = self.boundary[0]
             self.filled = True   # the start of a full refresh (every policy's first step is one)
         else:
             self._check_active(len(ids), "a window pass")
-            (hidden,) = self._run("embed", {"input_ids": ids}, {}, ["hidden_states"])
-            (self.boundary[0],) = self.arrays.put_rows([self.boundary[0]], [0], positions, [hidden])
+            (hidden,) = self._run("embed", {"input_ids": ids[None]}, {}, ["hidden_states"])
+            (self.boundary[0],) = self.arrays.put_rows([self.boundary[0]], [1], positions, [hidden])
             self.current = hidden
 
     def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
         if not self.filled:
             raise ValueError("window mode needs caches filled by a full refresh (every policy starts with one)")
-        a, b = self.ranges[r]
-        layers = range(a, b)
-        inputs = {"hidden_states": self.current, "position_ids": positions, "track_rows": track_rows,
-                  "window_rows": window_rows, "key_is_mask": key_is_mask}
-        tracked = self.arrays.take_rows([self.q[L] for L in layers], 1, track_positions)
-        names = []
-        for L, track_queries in zip(layers, tracked):
-            inputs[f"past_key_values.{L}.key"] = self.k[L]
-            inputs[f"past_key_values.{L}.value"] = self.v[L]
-            inputs[f"track_queries.{L}"] = track_queries
-            names += [f"new_key_values.{L}.key", f"new_key_values.{L}.value", f"new_queries.{L}"]
-        stats = [n for L in layers for n in (f"drift.{L}", f"attn_colsum.{L}")]
-        out = self._run(f"{range_name(a, b)}.window", inputs, {}, ["hidden_states_out"] + names, stats)
-        per_layer = [out[1 + 3 * i: 4 + 3 * i] for i in range(b - a)]
-        drift, colsum = out[1 + 3 * (b - a)::2], out[2 + 3 * (b - a)::2]
+        layers = [layer_names(L) for L in range(*self.ranges[r])]
+        first = self.ranges[r][0]
+        inputs = {"hidden_states": self.current, "position_ids": positions[None],
+                  "canvas_lengths": self.canvas_lengths, "key_is_mask": key_is_mask[None],
+                  "track_rows": track_rows[None], "window_rows": window_rows[None]}
+        tracked = self.arrays.take_rows([self.q[first + i] for i in range(len(layers))], 2, track_positions)
+        for i, (n, track_queries) in enumerate(zip(layers, tracked)):
+            inputs |= {n.past_key: self.k[first + i], n.past_value: self.v[first + i], n.track_queries: track_queries}
+        kept = ["hidden_states_out"] + [name for n in layers for name in (n.new_key, n.new_value, n.new_queries)]
+        stats = [name for n in layers for name in (n.drift, n.colsum)]
+        out = self._run(range_name(*self.ranges[r]), inputs, {}, kept, stats)
+        hidden, new_rows, stat_values = out[0], out[1:len(kept)], out[len(kept):]
         # the range's new K/V/Q rows and its output hidden states, written in one go (one helper run on a device)
-        caches, axes, rows = [], [], []
-        for L, (k, v, q) in zip(layers, per_layer):
-            caches += [self.k[L], self.v[L], self.q[L]]
-            axes += [1, 1, 1]
-            rows += [k, v, q]
+        caches = [cache[first + i] for i in range(len(layers)) for cache in (self.k, self.v, self.q)]
+        axes, rows = [2] * len(caches), list(new_rows)
         if r + 1 < len(self.ranges):
-            caches.append(self.boundary[r + 1])
-            axes.append(0)
-            rows.append(out[0])
+            caches, axes, rows = caches + [self.boundary[r + 1]], axes + [1], rows + [hidden]
         written = self.arrays.put_rows(caches, axes, positions, rows)
-        for i, L in enumerate(layers):
-            self.k[L], self.v[L], self.q[L] = written[3 * i: 3 * i + 3]
+        for i in range(len(layers)):
+            self.k[first + i], self.v[first + i], self.q[first + i] = written[3 * i: 3 * i + 3]
         if r + 1 < len(self.ranges):
             self.boundary[r + 1] = written[-1]
-        self.current = out[0]
-        return RangeStats(colsum=np.stack(colsum), drift=np.stack(drift))
+        self.current = hidden
+        return RangeStats(colsum=np.concatenate(stat_values[1::2]), drift=np.concatenate(stat_values[0::2]))
 
     def _refresh(self, r, window_positions, key_is_mask):
-        a, b = self.ranges[r]
+        # a window pass whose query rows are every slot; no cached key/value is read then (see
+        # LayerRange.forward), so each layer's key/value cache is bound as both input and output
+        layers = [layer_names(L) for L in range(*self.ranges[r])]
+        first = self.ranges[r][0]
         target = self.boundary[r + 1] if r + 1 < len(self.ranges) else self.final
+        inputs = {"hidden_states": self.boundary[r], "position_ids": self.positions,
+                  "canvas_lengths": self.canvas_lengths, "key_is_mask": key_is_mask[None],
+                  "track_rows": self.no_track_rows, "window_rows": window_positions[None]}
         bound = {"hidden_states_out": target}
-        names = []
-        for L in range(a, b):
-            bound |= {f"key_values.{L}.key": self.k[L], f"key_values.{L}.value": self.v[L],
-                      f"queries.{L}": self.q[L]}
-            names.append(f"attn_colsum.{L}")
-        colsum = self._run(f"{range_name(a, b)}.refresh",
-                           {"hidden_states": self.boundary[r], "position_ids": self.positions,
-                            "window_positions": window_positions, "key_is_mask": key_is_mask}, bound, [], names)
+        for i, n in enumerate(layers):
+            L = first + i
+            inputs |= {n.past_key: self.k[L], n.past_value: self.v[L], n.track_queries: self.no_track_queries}
+            bound |= {n.new_key: self.k[L], n.new_value: self.v[L], n.new_queries: self.q[L]}
+        stats = self._run(range_name(*self.ranges[r]), inputs, bound, [],
+                          [name for n in layers for name in (n.drift, n.colsum)])
         self.current = target
-        return RangeStats(colsum=np.stack(colsum))
+        return RangeStats(colsum=np.concatenate(stats[1::2]))
 
     def _head(self, rows):
-        tokens, probs = self._run("head", {"hidden_states": self.current, "rows": rows}, {}, [],
+        tokens, probs = self._run("head", {"hidden_states": self.current, "rows": rows[None]}, {}, [],
                                   ["tokens", "probs"])
-        return tokens, probs
+        return tokens[0], probs[0]
