@@ -126,6 +126,9 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
                  quantize: str | None = None, quant_block: int = DEFAULT_BLOCK) -> None:
     tdtype = TORCH_DTYPES[dtype]
     module, weights = _module_and_weights(spec, ckpt, tdtype)
+    # traced at a batch of at least 2 (a size-1 dim would be specialised to a constant); --max-batch 1 is then a
+    # limit of the manifest's profiles, not of the graph
+    dims = dims | {"batch": {"min": 1, "max": max(2, dims["batch"]["max"])}}
     shapes = _dynamic_shapes(spec, dims)
     if spec.kind == "layers":  # its forward takes *caches, which torch.export sees as one tuple
         shapes = (*shapes[:len(RANGE_INPUTS)], shapes[len(RANGE_INPUTS):])

@@ -5,8 +5,7 @@ the embedding lookup into com.microsoft GatherBlockQuantized (4-bit rows, blocks
 
 The torch exporter writes the projections as Gemm(x, W, transB=1) with W stored [N, K], and the head as
 MatMul(x, Transpose(W)); the quantizer only takes MatMul with a [K, N] initializer, so `weights_as_matmul` first
-rewrites both forms into MatMul on a transposed copy of W (same name: the window and refresh graphs of a range then
-quantize to identical tensors, which share_weights stores once).
+rewrites both forms into MatMul on a transposed copy of W (same name).
 """
 from __future__ import annotations
 

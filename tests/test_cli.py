@@ -137,4 +137,4 @@ def test_model_shorter_than_the_default_window_limit_exports_without_flags(tmp_p
           "--gen-length", "8", "--json"])
     assert json.loads(capsys.readouterr().out)["steps"] > 0
     (engines,) = (tmp_path / "engines").iterdir()
-    assert json.loads((engines / "manifest.json").read_text())["dims"]["active_len"]["max"] == 48
+    assert json.loads((engines / "manifest.json").read_text())["profiles"]["window"]["rows"]["max"] == 48

@@ -47,8 +47,9 @@ def test_manifest_records_the_bucket_shapes(engines):
 
     raw = json.loads((engines / "manifest.json").read_text())
     entry = raw["export"]["buckets"]
-    assert entry == buckets.manifest_entry(raw["dims"]["seq_len"]["max"], raw["dims"]["active_len"]["max"])
-    assert entry["rows"][-1] == raw["dims"]["active_len"]["max"]
+    max_active = raw["profiles"]["window"]["rows"]["max"]
+    assert entry == buckets.manifest_entry(raw["dims"]["seq_len"]["max"], max_active)
+    assert entry["rows"][-1] == max_active
 
 
 def test_external_locations_match_onnx(engines):
@@ -94,7 +95,7 @@ def test_external_locations_inside_nodes_and_subgraphs_are_found():
     (lambda m: m["pieces"][0].pop("sha256"), r"pieces\[0\] has no 'sha256'"),
     (lambda m: m["pieces"][1].update(data_size="12"), r"pieces\[1\].data_size must be int"),
     (lambda m: m["pieces"].pop(1), r"pieces do not match the model and layer ranges"),
-    (lambda m: m["pieces"][1]["inputs"][0].update(name="x"), r"first difference: layers_00_02.window"),
+    (lambda m: m["pieces"][1]["inputs"][0].update(name="x"), r"first difference: layers_00_02"),
     (lambda m: m["model"].update(d_model="64"), r"key 'd_model' must be a positive integer"),
     (lambda m: m["model"].update(n_heads=0), r"key 'n_heads' must be a positive integer"),
     (lambda m: m["model"].update(end_token_ids=[999]), r"end_token_ids \[999\] must start with eos_token_id"),
@@ -193,8 +194,8 @@ def scribble(path):
 
 
 def test_overwritten_data_file_is_refused(eng):
-    scribble(eng / "layers_00_02.window.onnx.data")
-    with pytest.raises(ModelError, match=r"layers_00_02.window.onnx.data: weights do not match manifest.json "
+    scribble(eng / "layers_00_02.onnx.data")
+    with pytest.raises(ModelError, match=r"layers_00_02.onnx.data: weights do not match manifest.json "
                                          r"\(sha256 differs"):
         load_manifest(eng)
 
@@ -209,8 +210,8 @@ def count_hashes(monkeypatch):
 def test_verified_data_files_are_remembered(eng, cache_dir, monkeypatch):
     calls = count_hashes(monkeypatch)
     load_manifest(eng)
-    assert sorted(calls) == ["embed.onnx.data", "head.onnx.data", "layers_00_02.window.onnx.data",
-                            "layers_02_04.window.onnx.data"]
+    assert sorted(calls) == ["embed.onnx.data", "head.onnx.data", "layers_00_02.onnx.data",
+                            "layers_02_04.onnx.data"]
     assert (cache_dir / "verified.json").is_file()
     monkeypatch.setattr(manifest_module, "_IN_MEMORY", {})  # as a new process would: only the cache file
     calls.clear()

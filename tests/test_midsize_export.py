@@ -13,15 +13,12 @@ from dllm_trt.runtime.schedule import WindowSchedule
 def test_midsize_export_runs_and_matches_torch(tmp_path):
     model = write_tiny_checkpoint(tmp_path / "mid", seed=3, n_layers=8, d_model=1024, n_heads=16, max_len=256)
     manifest = export_model(model, tmp_path / "eng", layers_per_range=4, max_len=96, max_active=48, quiet=True)
-    assert [p.name for p in manifest.pieces] == ["embed", "layers_00_04.window", "layers_00_04.refresh",
-                                                 "layers_04_08.window", "layers_04_08.refresh", "head"]
-    # each range's weights are stored once, in the window piece's data file, and the refresh graph points there
+    assert [p.name for p in manifest.pieces] == ["embed", "layers_00_04", "layers_04_08", "head"]
+    # one graph per range (both modes): each range's weights are on disk once
     weights_per_range = 4 * (4 * 1024 * 1024 + 3 * 1024 * 2080) * 4
     for p in manifest.pieces:
-        if p.kind == "window":
-            assert p.data_size >= weights_per_range
-        if p.kind == "refresh":
-            assert p.shares_data_of == p.name.replace("refresh", "window") and p.data_size < weights_per_range / 100
+        if p.kind == "layers":
+            assert weights_per_range <= p.data_size < 1.01 * weights_per_range
     total = sum(f.stat().st_size for f in (tmp_path / "eng").iterdir())
     assert total < 1.2 * (2 * weights_per_range + 2 * 262 * 1024 * 4)
     prompt = np.random.default_rng(0).integers(32, 127, 20).tolist()

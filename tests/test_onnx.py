@@ -41,11 +41,14 @@ def test_manifest_matches_onnx_graphs(engines):
 
 
 @pytest.mark.parametrize("sizes", [
-    {"seq_len": 2, "active_len": 1, "track_len": 1, "window_len": 1, "n_tokens": 1, "n_hidden": 1, "n_rows": 1},
-    {"seq_len": 50, "active_len": 20, "track_len": 4, "window_len": 16, "n_tokens": 50, "n_hidden": 50, "n_rows": 16},
-    {"seq_len": 128, "active_len": 64, "track_len": 7, "window_len": 9, "n_tokens": 3, "n_hidden": 64, "n_rows": 9},
-    {"seq_len": 320, "active_len": 33, "track_len": 5, "window_len": 16, "n_tokens": 320, "n_hidden": 320, "n_rows": 16},
-])
+    {"seq_len": 2, "rows": 1, "track_len": 1, "window_len": 1, "n_tokens": 1, "n_hidden": 1, "n_rows": 1, "batch": 1},
+    {"seq_len": 50, "rows": 20, "track_len": 4, "window_len": 16, "n_tokens": 50, "n_hidden": 50, "n_rows": 16,
+     "batch": 2},
+    {"seq_len": 128, "rows": 64, "track_len": 7, "window_len": 9, "n_tokens": 3, "n_hidden": 64, "n_rows": 9,
+     "batch": 3},
+    {"seq_len": 320, "rows": 33, "track_len": 5, "window_len": 16, "n_tokens": 320, "n_hidden": 320, "n_rows": 16,
+     "batch": 5},
+], ids=["smallest", "b2", "b3", "b5"])
 def test_every_piece_matches_torch_at_other_sizes(engines, tiny_dir, sizes):
     rows = check_engines(engines, tiny_dir, seed=sizes["seq_len"], sizes=sizes)
     bad = [r for r in rows if not r.ok]
@@ -152,30 +155,31 @@ def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tiny_bf16_engines
     import torch
     from onnx.reference import ReferenceEvaluator
 
-    from dllm_trt.export.check import random_inputs
+    from dllm_trt.export.check import _valid, piece_cases
     from dllm_trt.export.onnx_export import _module_and_weights
 
     m = load_manifest(tiny_bf16_engines)
-    spec = m.piece("layers_00_04.window")
-    sizes = {"seq_len": 12, "active_len": 5, "track_len": 2, "window_len": 3}
-    inputs = random_inputs(spec, m.config, sizes, np.random.default_rng(0))
-    feeds = {k: (v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v) for k, v in inputs.items()}
-    got = ReferenceEvaluator(str(tiny_bf16_engines / spec.file)).run(None, feeds)
+    spec = m.piece("layers_00_04")
+    sizes = {"seq_len": 12, "rows": 5, "track_len": 2, "window_len": 3}
     from dllm_trt.runtime.checkpoint import Checkpoint
 
     module, weights = _module_and_weights(spec, Checkpoint(tiny_dir), torch.bfloat16)
     module = module.to_empty(device="cpu")
     module.load_state_dict(weights, strict=False, assign=True)
-    module.layers.inv_freq = weights["layers.inv_freq"]
-    with torch.no_grad():
-        want = module(*[torch.from_numpy(inputs[t.name]).to(torch.bfloat16) if inputs[t.name].dtype == np.float32
-                        else torch.from_numpy(inputs[t.name]) for t in spec.inputs])
-    for t, g, w in zip(spec.outputs, got, want):
-        g = np.asarray(g).astype(np.float32)
-        w = w.float().numpy()
-        # bf16 keeps 8 significant bits: compare relative to the output's scale
-        err = np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))
-        assert err < (2e-2 if t.dtype == "float32" else 5e-2), (t.name, err)
+    module.inv_freq = weights["inv_freq"]
+    evaluator = ReferenceEvaluator(str(tiny_bf16_engines / spec.file))
+    cases = piece_cases(spec, module, m.config, sizes, 2, np.random.default_rng(0), torch.bfloat16)
+    for case in cases:
+        feeds = {k: (v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v) for k, v in case.inputs.items()}
+        got = evaluator.run(None, feeds)
+        for b in range(2):
+            for t, g, w in zip(spec.outputs, got, case.want[b]):
+                if w is None:
+                    continue
+                g = _valid(np.asarray(g)[b].astype(np.float32), t.shape[1:], case.extents[b])
+                # bf16 keeps 8 significant bits: compare relative to the output's scale
+                err = np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))
+                assert err < (2e-2 if t.dtype == "float32" else 5e-2), (case.label, t.name, err)
     graph = onnx.load(str(tiny_bf16_engines / spec.file), load_external_data=False).graph
     softmax_inputs = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
     value_types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
@@ -187,10 +191,10 @@ def test_example_sizes_fit_small_export_ranges():
     from dllm_trt.export.onnx_export import example_sizes
     from dllm_trt.runtime.manifest import dims_for
 
-    window_dims = {"seq_len", "active_len", "track_len", "window_len"}
+    window_dims = {"seq_len", "rows", "track_len", "window_len"}
     sizes = example_sizes(dims_for(max_len=16, max_active=7), {64, 4, 16, 2}, window_dims)
     assert set(sizes) == window_dims and len(set(sizes.values())) == len(sizes)
-    assert all(2 <= v for v in sizes.values()) and sizes["seq_len"] <= 15 and sizes["active_len"] <= 7
+    assert all(2 <= v for v in sizes.values()) and sizes["seq_len"] <= 16 and sizes["track_len"] <= 7
     with pytest.raises(ModelError, match="too small to export"):
         example_sizes(dims_for(max_len=16, max_active=3), {64, 4, 16, 2}, window_dims)
 
@@ -198,7 +202,7 @@ def test_example_sizes_fit_small_export_ranges():
 def test_opset_23_export_runs_and_matches(tiny_dir, tmp_path, prompts):
     m = export_model(tiny_dir, tmp_path / "o23", layers_per_range=4, opset=23, max_len=96, max_active=32, quiet=True)
     assert m.export["opset"] == 23
-    graph = onnx.load(str(tmp_path / "o23" / m.piece("layers_00_04.window").file), load_external_data=False)
+    graph = onnx.load(str(tmp_path / "o23" / m.piece("layers_00_04").file), load_external_data=False)
     assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {23}
     ort_backend, torch_backend = OnnxRuntimeBackend(tmp_path / "o23", threads=1), TorchBackend(tiny_dir, 4)
     for prompt in prompts[:3]:
@@ -218,7 +222,7 @@ def test_drift_output_matches_torch_cosine_on_tiny_attention(engines):
 
     m = load_manifest(engines)
     spec = m.pieces[1]
-    assert spec.kind == "window"
+    assert spec.kind == "layers"
     cfg, (a, b) = m.config, spec.layers
     rng = np.random.default_rng(5)
     n, active = 96, 12
@@ -233,7 +237,8 @@ def test_drift_output_matches_torch_cosine_on_tiny_attention(engines):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(engines / spec.file), providers=["CPUExecutionProvider"])
-    out = dict(zip([o.name for o in spec.outputs], session.run(None, feeds)))
+    batched = {k: v[None] for k, v in feeds.items()} | {"canvas_lengths": np.array([n])}
+    out = dict(zip([o.name for o in spec.outputs], (o[0] for o in session.run(None, batched))))
     scale = cfg.head_dim ** -0.5
     tiny_pairs = 0
     for L in range(a, b):

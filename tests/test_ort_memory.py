@@ -24,23 +24,20 @@ def generate(backend, prompts, gen=24):
             for p in prompts]
 
 
-def test_both_sessions_of_a_range_get_one_buffer_per_tensor(engines):
+def test_each_range_session_reads_its_weights_from_the_mapped_file(engines):
     backend = OnnxRuntimeBackend(engines, threads=1)
     assert backend.share_weights and not backend.prepack
     m = load_manifest(engines)
     for a, b in m.layer_ranges:
-        window = backend.initializer_addresses[f"layers_{a:02d}_{b:02d}.window"]
-        refresh = backend.initializer_addresses[f"layers_{a:02d}_{b:02d}.refresh"]
-        assert window and window == refresh   # same names, same addresses
-        mapping = backend.shared.maps[(engines / f"layers_{a:02d}_{b:02d}.window.onnx.data").resolve()]
+        addresses = backend.initializer_addresses[f"layers_{a:02d}_{b:02d}"]
+        mapping = backend.shared.maps[(engines / f"layers_{a:02d}_{b:02d}.onnx.data").resolve()]
         start = mapping.ctypes.data
-        assert all(start <= addr < start + mapping.nbytes for addr in window.values())
-    assert len(backend.shared.values) == sum(len(external_initializers(engines / p.file)) for p in m.pieces
-                                             if p.kind != "refresh")
+        assert addresses and all(start <= addr < start + mapping.nbytes for addr in addresses.values())
+    assert len(backend.shared.values) == sum(len(external_initializers(engines / p.file)) for p in m.pieces)
 
 
 def test_sessions_read_the_shared_pages(engines, monkeypatch, prompts):
-    """Writing into the (copy-on-write) mapping changes what both sessions of a range compute: no private copy."""
+    """Writing into the (copy-on-write) mapping changes what a range computes in both modes: no private copy."""
     monkeypatch.setattr(SharedWeights, "file_mode", "c")
     backend = OnnxRuntimeBackend(engines, threads=1)
     before = generate(backend, prompts[:2])
@@ -80,7 +77,7 @@ def test_warmup_runs_and_leaves_no_state(engines, prompts):
 
 def test_weight_bytes_is_the_data_files_counted_once(engines):
     files = sorted(engines.glob("*.onnx.data"))
-    assert not any("refresh" in f.name for f in files)   # refresh graphs point into the window's data file
+    assert len(files) == len(load_manifest(engines).pieces)   # one graph per range: no second copy to share
     total = sum(f.stat().st_size for f in files)
     assert OnnxRuntimeBackend(engines, threads=1).weight_bytes == total
     assert OnnxRuntimeBackend(engines, threads=1, share_weights=False).weight_bytes == total
@@ -104,10 +101,10 @@ def test_bf16_tensors_become_bf16_values(tiny_bf16_engines):
 
     out = tiny_bf16_engines
     weights = SharedWeights(ort.OrtValue)
-    names, values = weights.initializers(out / "layers_00_04.refresh.onnx")
+    names, values = weights.initializers(out / "layers_00_04.onnx")
     assert names and all(v.data_type() == "tensor(bfloat16)" for v in values)
-    table = {t.name: t for t in external_initializers(out / "layers_00_04.refresh.onnx")}
-    raw = (out / "layers_00_04.window.onnx.data").read_bytes()
+    table = {t.name: t for t in external_initializers(out / "layers_00_04.onnx")}
+    raw = (out / "layers_00_04.onnx.data").read_bytes()
     t = table[names[-1]]
     assert weights.arrays[next(k for k in weights.arrays if k[1] == t.offset)].tobytes() == \
         raw[t.offset:t.offset + t.length]

@@ -111,10 +111,8 @@ def test_quantized_export_records_the_scheme_and_shares_weights(quantized, schem
         assert ("MatMulNBits" in ops) == (p.kind != "embed"), p.name
         assert ("GatherBlockQuantized" in ops) == (p.kind == "embed" and scheme == "int4"), p.name
         assert not ops & {"Gemm"}
-        if p.kind == "refresh":   # every weight is read from the window piece's data file
-            assert p.shares_data_of == p.name.replace("refresh", "window") and not p.data_file
-    window = {p.name: p.data_size for p in m.pieces if p.kind == "window"}
-    window32 = {p.name: p.data_size for p in fp32.pieces if p.kind == "window"}
+    window = {p.name: p.data_size for p in m.pieces if p.kind == "layers"}
+    window32 = {p.name: p.data_size for p in fp32.pieces if p.kind == "layers"}
     for name, size in window.items():
         assert size < window32[name] / {"int8": 2.5, "int4": 4}[scheme]
 
@@ -148,10 +146,7 @@ def test_quantized_engine_runs_on_shared_weights(quantized, prompts):
     assert backend.share_weights and backend.prepack and "int4 weights" in backend.describe()
     m = backend.manifest
     for a, b in m.layer_ranges:
-        window = backend.initializer_addresses[f"layers_{a:02d}_{b:02d}.window"]
-        refresh = backend.initializer_addresses[f"layers_{a:02d}_{b:02d}.refresh"]
-        assert window and window == refresh
-        assert any(name.endswith("_Q4") for name in window)
+        assert any(name.endswith("_Q4") for name in backend.initializer_addresses[f"layers_{a:02d}_{b:02d}"])
     runs = [Decoder(b, make_policy("elastic"), WindowSchedule(24, 8, 0.1)).generate(prompts[0])
             for b in (backend, OnnxRuntimeBackend(quantized["int4"], threads=1, share_weights=False))]
     assert runs[0].canvas_ids == runs[1].canvas_ids and runs[0].tokens > 0
