@@ -81,16 +81,10 @@ def add_threads_arg(p) -> None:
                                                 "the physical cores this process may use)")
 
 
-def apply_threads(a) -> None:
-    """--threads reaches every ONNX Runtime session this process opens, the server's included, through the
-    environment variable the backend reads."""
-    if getattr(a, "threads", None) is None:
-        return
-    if a.threads < 1:
+def check_threads(a) -> None:
+    """--threads before anything starts; the commands hand it to the backend they open."""
+    if getattr(a, "threads", None) is not None and a.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {a.threads}")
-    from .runtime.backends.onnxruntime_backend import THREADS_ENV
-
-    os.environ[THREADS_ENV] = str(a.threads)
 
 
 def run_inputs(a) -> tuple:
@@ -124,7 +118,7 @@ def open_backend(a):
 
     check_backend_name(a.backend)
     if getattr(a, "engines", None):
-        return open_engines(a.engines, a.backend), Path(a.engines)
+        return open_engines(a.engines, a.backend, a.threads), Path(a.engines)
     if a.backend == "torch":
         return open_checkpoint(a.model, a.layers_per_range, a.device, a.dtype, a.cuda_graphs), Path(a.model)
     from .runtime.config import layer_ranges, load_config
@@ -147,14 +141,19 @@ def open_backend(a):
                                ) from None
         print(f"exporting {a.model} to {engines} (once; later runs reuse it)", file=sys.stderr)
         export_into(a.model, engines, layers_per_range=a.layers_per_range)
-    return open_engines(engines, a.backend), engines
+    return open_engines(engines, a.backend, a.threads), engines
+
+
+def engine_on(backend, source: Path):
+    """The Engine (runtime/api.py) over an opened backend, with the tokenizer found in `source`."""
+    from .runtime.api import Engine
+    from .runtime.tokenizer import TextTokenizer
+
+    return Engine(backend, TextTokenizer(source), source.name)
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
 def cmd_generate(a) -> bool:
-    from .runtime.decoder import Decoder
-    from .runtime.tokenizer import TextTokenizer
-
     if not a.prompt or not a.prompt.strip():
         raise UsageError("--prompt is empty")
     opts = decode_options(a)
@@ -163,31 +162,30 @@ def cmd_generate(a) -> bool:
             build(replace(opts, gamma=None if opts.gamma == CALIBRATED else opts.gamma), opts.gen_length)
         except OptionError as e:
             raise flag_error(e) from None
-    backend, source_dir = open_backend(a)
-    tok = TextTokenizer(source_dir)
-    tok.check_embedding(backend.config.embedding_size)
+    engine = engine_on(*open_backend(a))
+    prompt = [{"role": "user", "content": a.prompt}] if a.chat else a.prompt
     try:
-        prompt_ids = tok.encode_prompt(a.prompt, chat=a.chat)
+        prompt_ids = engine.encode(prompt)
     except ValueError as e:  # e.g. text that is not valid Unicode, a chat template that raises
         raise UsageError(f"--prompt: {e}") from None
-    limit = min(backend.config.max_sequence_length, getattr(backend, "max_len", backend.config.max_sequence_length))
     try:
-        gen_length = opts.fit_gen_length(len(prompt_ids), limit, backend.config.default_gen_length)
-        schedule, policy = build(opts, gen_length, backend.calibration)
-        gamma, gamma_source = resolve_gamma(opts, backend.calibration)
+        decoder, _, _ = engine.plan(prompt_ids, opts)
+        gamma, gamma_source = resolve_gamma(opts, engine.backend.calibration)
     except OptionError as e:
         raise flag_error(e) from None
     except PromptTooLong as e:
         raise UsageError(f"{e} (--gen-length)") from None
-    if opts.gen_length is None and gen_length != (backend.config.default_gen_length or DEFAULT_GEN_LENGTH):
-        print(f"gen length {gen_length}: what fits in the {limit} positions after the {len(prompt_ids)}-token "
-              f"prompt (--gen-length to choose)", file=sys.stderr)
-    result = Decoder(backend, policy, schedule, detokenize=tok.decode).generate(prompt_ids)
-    nothing_to_save = backend.name == "onnxruntime"  # TensorRT for RTX saves its runtime cache at exit
+    schedule, policy = decoder.schedule, decoder.policy
+    if opts.gen_length is None and schedule.gen_length != (engine.backend.config.default_gen_length
+                                                           or DEFAULT_GEN_LENGTH):
+        print(f"gen length {schedule.gen_length}: what fits in the {engine.max_positions} positions after the "
+              f"{len(prompt_ids)}-token prompt (--gen-length to choose)", file=sys.stderr)
+    result = engine.generate(prompt, prepared=(decoder, prompt_ids, opts))
+    nothing_to_save = engine.backend.name == "onnxruntime"  # TensorRT for RTX saves its runtime cache at exit
     if a.json:
         from .runtime.memory import peak_rss_bytes
 
-        print(json.dumps(result.to_dict() | {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": backend.weight_bytes,
+        print(json.dumps(result.to_dict() | {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": engine.weight_bytes,
                                              "gamma": gamma, "gamma_source": gamma_source}))
         return nothing_to_save
     print(result.text)
@@ -201,7 +199,6 @@ def cmd_generate(a) -> bool:
 
 def _eval_inputs(a):
     from .evaluate.harness import load_problems, standard_configs
-    from .runtime.tokenizer import TextTokenizer
 
     if a.limit is not None and a.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {a.limit}")
@@ -224,9 +221,8 @@ def _eval_inputs(a):
         configs = configs_for(backend.calibration)
     except OptionError as e:  # --gamma calibrated on an engine without a calibration
         raise flag_error(e) from None
-    tok = TextTokenizer(source)
-    tok.check_embedding(backend.config.embedding_size)
-    return problems, configs, backend, tok
+    engine = engine_on(backend, source)
+    return problems, configs, engine.backend, engine.tokenizer
 
 
 def cmd_eval(a) -> None:
@@ -302,10 +298,9 @@ def cmd_bench(a) -> None:
 def cmd_calibrate(a) -> None:
     from .evaluate.calibrate import DEFAULT_TARGET, calibrate, record, table
     from .evaluate.harness import load_problems
+    from .runtime.api import Engine
     from .runtime.calibration import write_calibration
-    from .runtime.engine import open_engines
     from .runtime.options import GAMMA_RANGE
-    from .runtime.tokenizer import TextTokenizer
 
     target = DEFAULT_TARGET[a.objective] if a.target is None else a.target
     top = 1.0 if a.objective == "agreement" else 100.0
@@ -339,10 +334,8 @@ def cmd_calibrate(a) -> None:
     if not (Path(a.engines) / "manifest.json").is_file():
         raise UsageError(f"{a.engines}: not an engine folder (no manifest.json); calibrate records its result "
                          f"there: export first (dllm-trt export --model DIR --out {a.engines})")
-    backend = open_engines(a.engines, a.backend)
-    tok = TextTokenizer(a.engines)
-    tok.check_embedding(backend.config.embedding_size)
-    limit = min(backend.config.max_sequence_length, getattr(backend, "max_len", backend.config.max_sequence_length))
+    engine = Engine.load(a.engines, a.backend, a.threads)
+    backend, tok, limit = engine.backend, engine.tokenizer, engine.max_positions
     gen_length = a.gen_length or backend.config.default_gen_length or DEFAULT_GEN_LENGTH
     longest = max(len(tok.encode_prompt(p["question"], chat=True)) for p in problems)
     if longest + gen_length > limit:
@@ -395,7 +388,7 @@ def cmd_serve(a) -> None:
         raise UsageError(f"--max-queue must be at least 1, got {a.max_queue}")
     if a.max_body < 1:
         raise UsageError(f"--max-body must be at least 1, got {a.max_body}")
-    engine = Engine.load(a.engines, a.backend)
+    engine = Engine.load(a.engines, a.backend, a.threads)
     print(f"serving {engine.name} ({engine.backend.describe()}) on http://{a.host}:{a.port}/v1", file=sys.stderr)
     serve(engine, a.host, a.port, a.max_queue, a.max_body)
 
@@ -568,7 +561,7 @@ def main(argv: list[str] | None = None) -> bool:
     if getattr(args, "model", None) is None and getattr(args, "engines", None) is None:
         args.model = str(DEFAULT_MODEL)
     try:
-        apply_threads(args)
+        check_threads(args)
         return bool(args.func(args))
     except (UsageError, ModelError, BackendError, OutputError) as e:
         fail(str(e))

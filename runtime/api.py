@@ -38,13 +38,14 @@ class Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto") -> "Engine":
-        """An exported engine directory (manifest.json), or a checkpoint directory with backend='torch'."""
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "Engine":
+        """An exported engine directory (manifest.json), or a checkpoint directory with backend='torch'.
+        `threads`: ONNX Runtime threads per piece (None: $DLLM_TRT_THREADS, else the physical cores)."""
         from .engine import open_checkpoint, open_engines
 
         path = Path(path)
         if (path / "manifest.json").is_file():
-            be = open_engines(path, backend)
+            be = open_engines(path, backend, threads)
         elif backend == "torch":
             be = open_checkpoint(path)
         else:
@@ -75,7 +76,11 @@ class Engine:
             raise OptionError(unknown[0], "is not a decoding option")
         defaults = DecodeOptions()
         opts = DecodeOptions(**{k: getattr(defaults, k) if v is None else v for k, v in options.items()}).validate()
-        prompt_ids = self.encode(prompt)
+        return self.plan(self.encode(prompt), opts)
+
+    def plan(self, prompt_ids: list[int], opts: DecodeOptions) -> tuple[Decoder, list[int], DecodeOptions]:
+        """prepare() for a prompt already encoded and options already validated: the generation length that fits
+        (PromptTooLong), then the schedule and policy (OptionError)."""
         gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions,
                                           self.backend.config.default_gen_length)
         schedule, policy = build(opts, gen_length, self.backend.calibration)

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import FastAPI, Request
@@ -280,59 +281,178 @@ def json_faults(app):
     return guarded
 
 
-def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
-               admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> FastAPI:
-    if max_queue < 1:
-        raise ValueError(f"max_queue must be at least 1, got {max_queue}")
-    if max_body < 1:
-        raise ValueError(f"max_body must be at least 1, got {max_body}")
-    if not admit_timeout > 0:
-        raise ValueError(f"admit_timeout must be positive, got {admit_timeout}")
-    app = FastAPI(title="dllm-trt", docs_url=None, redoc_url=None)
-    app.add_middleware(json_faults)
-    executor = ThreadPoolExecutor(max_workers=max_queue + 1, thread_name_prefix="decode")
+def error_response(e: ApiError, request: Request | None = None) -> JSONResponse:
+    """e as an OpenAI-style JSON response; a client's error (given its request) also gets one line in the log."""
+    if request is not None and e.status < 500:
+        log.info("%d %s %s: %s", e.status, request.method, request.url.path, one_line(e.message))
+    return JSONResponse(error_body(e), status_code=e.status)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and methods, in the same error format."""
+    return error_response(ApiError(exc.status_code, str(exc.detail)), request)
+
+
+async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A backstop behind json_faults: never a traceback to the client."""
+    rid = f"req-{uuid.uuid4().hex[:24]}"
+    log.error("%s: unexpected error in %s %s", rid, request.method, request.url.path,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return error_response(internal_error(rid))
+
+
+def decoding_failed(rid: str, exc: BaseException) -> ApiError:
+    log.error("%s: decoding failed", rid, exc_info=(type(exc), exc, exc.__traceback__))
+    return internal_error(rid)
+
+
+def usage(res) -> dict:
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.tokens,
+            "total_tokens": res.prompt_tokens + res.tokens}
+
+
+@dataclass
+class Reply:
+    """What every response body for one request shares."""
+    id: str
+    chat: bool
+    created: int
+    model: str
+
+    def chunk(self, delta: dict | None = None, text: str | None = None, reason=None, use=None) -> str:
+        """One server-sent event in OpenAI's chunk format."""
+        choice = ({"index": 0, "delta": delta or {}, "finish_reason": reason} if self.chat else
+                  {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None})
+        out = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+               "created": self.created, "model": self.model, "choices": [choice]}
+        if use is not None:
+            out["usage"] = use
+        return f"data: {json.dumps(out)}\n\n"
+
+    def completion(self, res) -> dict:
+        """The whole response body of a request that did not stream."""
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": res.text},
+                      "finish_reason": res.finish_reason}
+        else:
+            choice = {"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None}
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice], "usage": usage(res),
+                "dllm_trt": {"steps": res.steps, "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
+                             "refresh_fraction": res.refresh_fraction, "cache": res.policy}}
+
+
+@dataclass
+class Decoding:
+    """One request's decoding in a worker thread. It puts events on the event loop's queue: text as it becomes final
+    (when streaming), then the result or the exception it failed with. Setting `stop` ends it at its next step."""
+    engine: Engine
+    prompt: object
+    prepared: object
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future | None = None  # run()'s, once started
+
+    def send(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def run(self):
+        """The result, or the exception it failed with (returned, so that an unread future never logs it). Any
+        BaseException: a Rust panic while decoding text must end the stream too, and nothing raised in a worker thread
+        could stop the process anyway."""
+        try:
+            res = self.engine.generate(self.prompt, on_text=self.send if self.stream else None,
+                                       cancelled=self.stop.is_set, prepared=self.prepared)
+        except BaseException as e:
+            res = e
+        self.send(res)
+        return res
+
+
+async def stream_events(reply: Reply, decoding: Decoding):
+    """The server-sent events of a streamed request, until the result, an error event, or the client leaving."""
+    finished = False
+    try:
+        if reply.chat:
+            yield reply.chunk({"role": "assistant", "content": ""})
+        while True:
+            item = await decoding.events.get()
+            if isinstance(item, str):
+                yield reply.chunk({"content": item}, text=item)
+            elif isinstance(item, BaseException):
+                e = decoding_failed(reply.id, item)
+                finished = True
+                yield f"data: {json.dumps(error_body(e))}\n\n"
+                return
+            else:
+                finished = True
+                yield reply.chunk({}, text="", reason=item.finish_reason, use=usage(item))
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        if not finished:
+            log.info("%s: client disconnected; decoding stopped", reply.id)
+        decoding.stop.set()  # client gone or stream over: a decoding still running stops at its next step
+
+
+async def complete(request: Request, reply: Reply, decoding: Decoding):
+    """The response to a request that did not stream, once its decoding ends; a client that leaves stops it."""
+    future = decoding.future
+    while not future.done():
+        done, _ = await asyncio.wait({future}, timeout=0.25)
+        if not done and await request.is_disconnected():
+            decoding.stop.set()
+    res = future.result()
+    if isinstance(res, Cancelled):
+        log.info("%s: client disconnected; decoding stopped", reply.id)
+        return error_response(ApiError(499, "client closed the request"))
+    if isinstance(res, BaseException):
+        return error_response(decoding_failed(reply.id, res))
+    return reply.completion(res)
+
+
+@dataclass
+class Server:
+    """What the handlers share: one engine, its limits, the two thread pools, and the requests in progress. The
+    route methods carry no docstrings or return annotations: FastAPI would put those into /openapi.json and the
+    response handling."""
+    engine: Engine
+    max_queue: int
+    max_body: int
+    admit_timeout: float
+    token_bytes: int | None  # the longest token's UTF-8 bytes: prompts over positions times this are refused unread
+    decoder: ThreadPoolExecutor
     # One thread prepares requests (parse, render, tokenize: mostly work that holds the GIL): more would only take
     # turns at the GIL with each other and with the event loop, and stretch every /health answer.
-    admitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit")
-    token_bytes = longest_token_bytes(engine)  # once, at start-up
-    state = {"active": 0}
+    admitter: ThreadPoolExecutor
+    active: int = 0
 
-    def error(e: ApiError, request: Request | None = None) -> JSONResponse:
-        if request is not None and e.status < 500:
-            log.info("%d %s %s: %s", e.status, request.method, request.url.path, one_line(e.message))
-        return JSONResponse(error_body(e), status_code=e.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc):  # unknown paths and methods, in the same error format
-        return error(ApiError(exc.status_code, str(exc.detail)), request)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request, exc):  # a backstop behind json_faults: never a traceback to the client
-        rid = f"req-{uuid.uuid4().hex[:24]}"
-        log.error("%s: unexpected error in %s %s", rid, request.method, request.url.path,
-                  exc_info=(type(exc), exc, exc.__traceback__))
-        return error(internal_error(rid))
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": engine.name, "backend": engine.backend.describe(),
-                "active_requests": state["active"], "weight_bytes": engine.weight_bytes,
+    async def health(self):
+        return {"status": "ok", "model": self.engine.name, "backend": self.engine.backend.describe(),
+                "active_requests": self.active, "weight_bytes": self.engine.weight_bytes,
                 "peak_rss_bytes": peak_rss_bytes()}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0,
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.engine.name, "object": "model", "created": 0,
                                             "owned_by": "dllm-trt"}]}
 
-    def admit(raw: bytes, chat: bool, began: list):
+    async def chat_completions(self, request: Request):
+        return await self.respond(request, chat=True)
+
+    async def completions(self, request: Request):
+        return await self.respond(request, chat=False)
+
+    def admit(self, raw: bytes, chat: bool, began: list):
         """Parse, validate, render and tokenize: everything that can fail before any response starts. Runs in the
         admitting thread, so a large or hostile body never stalls the event loop; `began` gets the start time."""
         began.append(time.monotonic())
         try:
-            prompt, opts, stream = parse_request(parse_json(raw), engine, chat)
-            if token_bytes is not None:
-                check_text_size(prompt, engine.max_positions, token_bytes)
-            return prompt, engine.prepare(prompt, **opts), stream
+            prompt, opts, stream = parse_request(parse_json(raw), self.engine, chat)
+            if self.token_bytes is not None:
+                check_text_size(prompt, self.engine.max_positions, self.token_bytes)
+            return prompt, self.engine.prepare(prompt, **opts), stream
         except PromptTooLong as e:
             raise ApiError(413, str(e).replace("gen length", "max_tokens"), "max_tokens") from None
         except OptionError as e:  # named as the request field is
@@ -347,131 +467,82 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
                 raise
             raise InternalFault(f"{type(e).__name__} while preparing the request") from e
 
-    async def admitted(raw: bytes, chat: bool):
+    async def admitted(self, raw: bytes, chat: bool):
         """admit()'s result within the deadline, which counts the wait for the admitting thread. Past it the client
         gets 400 if its own preparation ran for most of that time (a chat template or tokenizer too slow for this
         input: retrying would not help), else 503; the thread finishes its work unobserved (it cannot be stopped)."""
         began: list = []
-        future = asyncio.get_running_loop().run_in_executor(admitter, admit, raw, chat, began)
+        future = asyncio.get_running_loop().run_in_executor(self.admitter, self.admit, raw, chat, began)
         try:
-            return await asyncio.wait_for(future, admit_timeout)
+            return await asyncio.wait_for(future, self.admit_timeout)
         except asyncio.TimeoutError:
-            if began and time.monotonic() - began[0] >= admit_timeout / 2:
+            if began and time.monotonic() - began[0] >= self.admit_timeout / 2:
                 raise ApiError(400, f"preparing the prompt (chat template and tokenizer) took longer than "
-                                    f"{admit_timeout:g} s") from None
-            raise ApiError(503, f"server busy: the request could not be prepared within {admit_timeout:g} s; "
+                                    f"{self.admit_timeout:g} s") from None
+            raise ApiError(503, f"server busy: the request could not be prepared within {self.admit_timeout:g} s; "
                                 f"retry later", kind="server_busy") from None
 
-    async def handle(request: Request, chat: bool):
+    async def accept(self, request: Request, chat: bool):
+        """(prompt, prepared, stream) of a request this server takes on, or ApiError."""
+        require_json(request)
+        raw = await read_body(request, self.max_body)
+        prompt, prepared, stream = await self.admitted(raw, chat)
+        # no await between this check and start_decoding() counting the request: the queue bound holds
+        if self.active >= self.max_queue:
+            raise ApiError(503, f"server busy: {self.max_queue} requests already in progress; retry later",
+                           kind="server_busy")
+        return prompt, prepared, stream
+
+    def start_decoding(self, prompt, prepared, stream: bool) -> Decoding:
+        self.active += 1
+        loop = asyncio.get_running_loop()
+        decoding = Decoding(self.engine, prompt, prepared, stream, loop)
+        decoding.future = loop.run_in_executor(self.decoder, decoding.run)
+        decoding.future.add_done_callback(self.finished)
+        return decoding
+
+    def finished(self, _future) -> None:
+        self.active -= 1
+
+    async def respond(self, request: Request, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
-            require_json(request)
-            raw = await read_body(request, max_body)
-            prompt, prepared, stream = await admitted(raw, chat)
-            if state["active"] >= max_queue:
-                raise ApiError(503, f"server busy: {max_queue} requests already in progress; retry later",
-                               kind="server_busy")
+            prompt, prepared, stream = await self.accept(request, chat)
         except ApiError as e:
-            return error(e, request)
+            return error_response(e, request)
         except ClientDisconnect:
             log.info("%s %s: client disconnected while sending the body", request.method, request.url.path)
-            return error(ApiError(499, "client closed the request"))
+            return error_response(ApiError(499, "client closed the request"))
         except Exception:
             log.exception("%s: unexpected error while admitting the request", rid)
-            return error(internal_error(rid))
-        state["active"] += 1
-        created = int(time.time())
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def work():
-            """The result, or the exception it failed with (returned, so that an unread future never logs it).
-            Any BaseException: a Rust panic while decoding text must end the stream too, and nothing raised in a
-            worker thread could stop the process anyway."""
-            try:
-                on_text = (lambda t: loop.call_soon_threadsafe(events.put_nowait, t)) if stream else None
-                res = engine.generate(prompt, on_text=on_text, cancelled=stop.is_set, prepared=prepared)
-            except BaseException as e:
-                res = e
-            loop.call_soon_threadsafe(events.put_nowait, res)
-            return res
-
-        future = loop.run_in_executor(executor, work)
-        future.add_done_callback(lambda _: state.__setitem__("active", state["active"] - 1))
-
-        def failed(exc: BaseException) -> ApiError:
-            log.error("%s: decoding failed", rid, exc_info=(type(exc), exc, exc.__traceback__))
-            return internal_error(rid)
-
-        def usage(res):
-            return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.tokens,
-                    "total_tokens": res.prompt_tokens + res.tokens}
-
-        def chunk(delta: dict | None = None, text: str | None = None, reason=None, use=None):
-            choice = ({"index": 0, "delta": delta or {}, "finish_reason": reason} if chat else
-                      {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None})
-            out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                   "model": engine.name, "choices": [choice]}
-            if use is not None:
-                out["usage"] = use
-            return f"data: {json.dumps(out)}\n\n"
-
+            return error_response(internal_error(rid))
+        decoding = self.start_decoding(prompt, prepared, stream)
+        reply = Reply(rid, chat, created=int(time.time()), model=self.engine.name)
         if stream:
-            async def sse():
-                finished = False
-                try:
-                    if chat:
-                        yield chunk({"role": "assistant", "content": ""})
-                    while True:
-                        item = await events.get()
-                        if isinstance(item, str):
-                            yield chunk({"content": item}, text=item)
-                        elif isinstance(item, BaseException):
-                            e = failed(item)
-                            finished = True
-                            yield f"data: {json.dumps(error_body(e))}\n\n"
-                            return
-                        else:
-                            finished = True
-                            yield chunk({}, text="", reason=item.finish_reason, use=usage(item))
-                            yield "data: [DONE]\n\n"
-                            return
-                finally:
-                    if not finished:
-                        log.info("%s: client disconnected; decoding stopped", rid)
-                    stop.set()  # client gone or stream over: a decoding still running stops at its next step
+            return StreamingResponse(stream_events(reply, decoding), media_type="text/event-stream")
+        return await complete(request, reply, decoding)
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
 
-        while not future.done():
-            done, _ = await asyncio.wait({future}, timeout=0.25)
-            if not done and await request.is_disconnected():
-                stop.set()
-        res = future.result()
-        if isinstance(res, Cancelled):
-            log.info("%s: client disconnected; decoding stopped", rid)
-            return error(ApiError(499, "client closed the request"))
-        if isinstance(res, BaseException):
-            return error(failed(res))
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": res.text},
-                      "finish_reason": res.finish_reason}
-        else:
-            choice = {"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None}
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": engine.name, "choices": [choice], "usage": usage(res),
-                "dllm_trt": {"steps": res.steps, "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
-                             "refresh_fraction": res.refresh_fraction, "cache": res.policy}}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, chat=False)
-
+def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
+               admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> FastAPI:
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+    if max_body < 1:
+        raise ValueError(f"max_body must be at least 1, got {max_body}")
+    if not admit_timeout > 0:
+        raise ValueError(f"admit_timeout must be positive, got {admit_timeout}")
+    app = FastAPI(title="dllm-trt", docs_url=None, redoc_url=None)
+    app.add_middleware(json_faults)
+    server = Server(engine, max_queue, max_body, admit_timeout,
+                    decoder=ThreadPoolExecutor(max_workers=max_queue + 1, thread_name_prefix="decode"),
+                    admitter=ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit"),
+                    token_bytes=longest_token_bytes(engine))  # once, at start-up
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+    app.get("/health")(server.health)
+    app.get("/v1/models")(server.models)
+    app.post("/v1/chat/completions")(server.chat_completions)
+    app.post("/v1/completions")(server.completions)
     return app
 
 

@@ -1,6 +1,7 @@
 """TensorRT plan bookkeeping that needs no TensorRT: which flavour to use (TensorRT or TensorRT for RTX), which
-GPUs each supports, optimization profiles from the manifest, the plan fingerprint, and whether existing plans can be
-used, must be rebuilt, or must be refused.
+GPUs each supports, the plan fingerprint, and whether existing plans can be used, must be rebuilt, or must be
+refused. What only building needs (precision checks, optimization profiles, RTX targets, writing build.json) is in
+export/tensorrt_build.py.
 
 Plans live in <engines>/trt/<fingerprint>/: one <piece>.plan per ONNX piece, plus build.json recording the
 fingerprint's inputs, the sha256 of each source ONNX file and each plan's size and sha256. "Built once per
@@ -25,11 +26,10 @@ import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .manifest import Manifest, PieceSpec
+from .manifest import Manifest
 
 BUILD_RECORD = "build.json"
 RECORD_LIMIT = 1 << 22  # a build.json is a few KiB; anything near this is not one
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 # flavour -> Python module. TensorRT proper needs the GPU it builds for; TensorRT for RTX compiles ahead of time
 # without a GPU, for compute-capability targets, and finishes kernels just in time on the user's GPU.
@@ -90,30 +90,6 @@ def gpu_support(flavor: str, cc: str) -> tuple[bool, str]:
     return False, f"TensorRT 10/11 needs Turing (sm75) or newer, not sm{major}{minor}"
 
 
-def rtx_targets(target_cc: str | None, device_cc: str | None) -> str:
-    """The compute-capability targets of an RTX build, normalised: 'ampere+' (RTX's default portable set),
-    'current' (this machine's GPU, which must exist), or a sorted comma list such as '7.5' or '8.6,8.9'.
-    Without --target-cc: this GPU's compute capability if there is a supported one, else 'ampere+'."""
-    if target_cc is None:
-        return device_cc if device_cc in RTX_CCS else RTX_DEFAULT
-    if target_cc == RTX_DEFAULT:
-        return RTX_DEFAULT
-    if target_cc == "current":
-        if device_cc not in RTX_CCS:
-            raise ValueError(f"--target-cc current needs a GPU TensorRT for RTX supports (this machine: "
-                             f"{'no GPU' if device_cc is None else 'sm' + device_cc.replace('.', '')}); "
-                             "name targets instead (e.g. --target-cc 8.6,8.9)")
-        return device_cc
-    ccs = {c.strip() for c in target_cc.split(",") if c.strip()}
-    if RTX_TURING in ccs:
-        raise ValueError(gpu_support("rtx", RTX_TURING)[1])
-    if not ccs or not ccs <= set(RTX_CCS):
-        raise ValueError(f"--target-cc {target_cc!r}: TensorRT for RTX builds for {', '.join(RTX_CCS)}, "
-                         f"'{RTX_DEFAULT}' or 'current'")
-    ccs = sorted(ccs, key=lambda c: tuple(map(int, c.split("."))))
-    return ",".join(ccs)
-
-
 def covered_ccs(flavor: str, compute_capability: str) -> tuple[str, ...]:
     """The compute capabilities a plan built for this target runs on."""
     if flavor == "rtx" and compute_capability == RTX_DEFAULT:
@@ -150,49 +126,6 @@ class Target:
         if flavor == "rtx":
             return device_cc in covered_ccs(flavor, self.compute_capability)
         return (self.gpu_name, self.compute_capability) == (gpu_name, device_cc)
-
-
-def check_buildable(manifest: Manifest) -> None:
-    """Weight-only quantized pieces use ONNX Runtime's own operators (com.microsoft MatMulNBits,
-    GatherBlockQuantized), which TensorRT's ONNX parser does not know."""
-    if manifest.quantization:
-        raise ValueError(f"these engines hold {manifest.quantization['scheme']} weight-only pieces for ONNX Runtime "
-                         f"(MatMulNBits), which TensorRT cannot build: export without --quantize for TensorRT")
-
-
-def check_precision(manifest: Manifest, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if manifest.dtype != precision:
-        # TensorRT 11 networks are strongly typed: the precision is whatever the ONNX graphs carry
-        raise ValueError(f"the engines were exported as {manifest.dtype}; TensorRT builds strongly typed networks, "
-                         f"so --precision {precision} needs an export with --dtype {precision}")
-
-
-def dim_ranges(manifest: Manifest, max_len: int | None = None, max_active: int | None = None) -> dict:
-    """(min, opt, max) per symbolic dimension, clipped to the requested maxima. One entry per dim name, so every
-    input that shares a dim gets identical ranges (TensorRT rejects profiles that disagree on a tied dim)."""
-    out = {}
-    for name, r in manifest.dims.items():
-        lo, hi = r["min"], r["max"]
-        cap = max_len if name in ("seq_len", "n_tokens", "n_hidden") else max_active
-        if cap is not None:
-            if cap < lo or cap > hi:
-                raise ValueError(f"--max-{'len' if cap is max_len else 'active'} {cap} is outside the exported "
-                                 f"range {lo}..{hi} of {name}")
-            hi = cap
-        opt = min(hi, max(lo, 512 if name in ("seq_len", "n_tokens", "n_hidden") else 32))
-        out[name] = (lo, opt, hi)
-    return out
-
-
-def profile_for(piece: PieceSpec, ranges: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """input name -> (min shape, opt shape, max shape) for one optimization profile."""
-    profile = {}
-    for t in piece.inputs:
-        shapes = tuple(tuple(ranges[d][i] if isinstance(d, str) else d for d in t.shape) for i in range(3))
-        profile[t.name] = shapes
-    return profile
 
 
 def plan_dir(engine_dir: str | Path, target: Target) -> Path:
@@ -404,26 +337,6 @@ def replace_file(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
-                 build_seconds: dict[str, float] | None = None, plan_sha256: dict[str, str] | None = None) -> None:
-    """Record the plans now in the target's folder. build_seconds and plan_sha256 are of the pieces just built;
-    the other pieces' entries are kept from the previous record."""
-    d = plan_dir(engine_dir, target)
-    old = read_record(engine_dir, target)
-    if old.get("target") != asdict(target):
-        old = {}
-    build_seconds = {**old.get("build_seconds", {}), **(build_seconds or {})}
-    plan_sha256 = {**old.get("plan_sha256", {}), **(plan_sha256 or {})}
-    record = {
-        "target": asdict(target), "fingerprint": target.fingerprint(),
-        "onnx_sha256": {p.name: p.sha256 for p in manifest.pieces},
-        "plan_size": {p.name: (d / f"{p.name}.plan").stat().st_size for p in manifest.pieces},
-        "plan_sha256": {p.name: plan_sha256[p.name] for p in manifest.pieces if p.name in plan_sha256},
-        "build_seconds": build_seconds,
-    }
-    replace_file(d / BUILD_RECORD, json.dumps(record, indent=2).encode())
 
 
 def cache_bytes(manifest: Manifest, seq_len: int, dtype_bytes: int) -> dict[str, int]:

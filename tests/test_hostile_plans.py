@@ -16,11 +16,13 @@ import pytest
 
 from dllm_trt.cli import main
 from dllm_trt.runtime import manifest as manifest_module
+from dllm_trt.export import tensorrt_build
+from dllm_trt.export.tensorrt_build import dim_ranges, write_record
 from dllm_trt.runtime.backends import tensorrt_backend
 from dllm_trt.runtime.backends.base import BackendError
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import load_manifest
-from dllm_trt.runtime.trt_plans import Target, dim_ranges, find_built, plan_dir, stale_pieces, write_record
+from dllm_trt.runtime.trt_plans import Target, find_built, plan_dir, stale_pieces
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx is not installed (pip install -e '.[tensorrt-rtx]')")
@@ -56,7 +58,7 @@ def build_cli_target(eng):
 
     m = load_manifest(eng)
     _, gpu_name, device_cc = tensorrt_backend.cuda_device()
-    return tensorrt_backend.build_target(tensorrt_rtx, "rtx", m.dtype, dim_ranges(m), 3, None, gpu_name, device_cc)
+    return tensorrt_build.build_target(tensorrt_rtx, "rtx", m.dtype, dim_ranges(m), 3, None, gpu_name, device_cc)
 
 
 def cli_build(eng, capsys):

@@ -12,9 +12,10 @@ import pytest
 from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime.manifest import load_manifest
 from dllm_trt.runtime.doctor import tensorrt_usable
-from dllm_trt.runtime.trt_plans import (Target, cache_bytes, check_buildable, check_precision, choose_flavor,
-                                        dim_ranges, find_built, gpu_support, plan_dir, plan_status, profile_for,
-                                        rtx_targets, stale_pieces, write_record)
+from dllm_trt.export.tensorrt_build import (check_buildable, check_precision, dim_ranges, profile_for, rtx_targets,
+                                            write_record)
+from dllm_trt.runtime.trt_plans import (Target, cache_bytes, choose_flavor, find_built, gpu_support, plan_dir,
+                                        plan_status, stale_pieces)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 # Runs the CLI as if neither TensorRT flavour were installed (find_spec and import both see None).
@@ -221,7 +222,8 @@ def test_old_records_without_flavour_are_tensorrt(target):
 
 
 def test_without_tensorrt(engines):
-    import dllm_trt.runtime.backends.tensorrt_backend  # imports cleanly without TensorRT  # noqa: F401
+    import dllm_trt.export.tensorrt_build  # imports cleanly without TensorRT  # noqa: F401
+    import dllm_trt.runtime.backends.tensorrt_backend  # noqa: F401
 
     def cli(*args):
         return subprocess.run([sys.executable, "-c", WITHOUT_TRT, *args], capture_output=True, text=True)
@@ -238,7 +240,8 @@ def test_without_tensorrt(engines):
 
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed here (it is not available in this workplace)")
 def test_tensorrt_build_and_generate(engines):
-    from dllm_trt.runtime.backends.tensorrt_backend import TensorRTBackend, build_plans
+    from dllm_trt.export.tensorrt_build import build_plans
+    from dllm_trt.runtime.backends.tensorrt_backend import TensorRTBackend
 
     build_plans(engines, precision="fp32", progress=False, flavor="tensorrt")
     assert TensorRTBackend(engines, flavor="tensorrt").describe().startswith("tensorrt")

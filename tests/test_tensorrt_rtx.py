@@ -16,7 +16,8 @@ from dllm_trt.runtime.manifest import load_manifest
 if importlib.util.find_spec("tensorrt_rtx") is None:
     pytest.skip("tensorrt_rtx is not installed (pip install -e '.[tensorrt-rtx]')", allow_module_level=True)
 
-from dllm_trt.runtime.backends.tensorrt_backend import build_plans, cuda_device  # noqa: E402
+from dllm_trt.export.tensorrt_build import build_plans  # noqa: E402
+from dllm_trt.runtime.backends.tensorrt_backend import cuda_device  # noqa: E402
 from dllm_trt.runtime.trt_plans import gpu_support  # noqa: E402
 
 _, GPU_NAME, DEVICE_CC = cuda_device()

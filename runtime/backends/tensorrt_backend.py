@@ -1,31 +1,27 @@
-"""TensorRT: build plans from the ONNX pieces and run them. The only module that touches the TensorRT API, in
-either flavour: TensorRT proper (`tensorrt`, 10.x/11.x: plans built on and for one GPU) or TensorRT for RTX
-(`tensorrt_rtx`, 1.x: plans compiled ahead of time without a GPU for compute-capability targets, finished just in
-time on the user's GPU). Both share the API used here (strongly typed networks, named I/O tensors,
-execute_async_v3); their differences are the few lines marked "flavour:". Device memory comes from torch CUDA
-tensors so caches sit at fixed addresses; only the small statistics and the head's tokens/probabilities are copied to
-(pinned) host memory.
+"""TensorRT: load the plans `dllm-trt build` made (export/tensorrt_build.py) and run them, in either flavour:
+TensorRT proper (`tensorrt`, 10.x/11.x: plans built on and for one GPU) or TensorRT for RTX (`tensorrt_rtx`, 1.x:
+plans compiled ahead of time without a GPU for compute-capability targets, finished just in time on the user's GPU).
+Both share the API used here (named I/O tensors, execute_async_v3); their differences are the few lines marked
+"flavour:". Device memory comes from torch CUDA tensors so caches sit at fixed addresses; only the small statistics
+and the head's tokens/probabilities are copied to (pinned) host memory. Importing a flavour and its logger are here
+too, and shared with the builder.
 
-Everything that needs no TensorRT (flavour choice, GPU support, profiles, fingerprints, plan cache decisions) is in
+Everything that needs no TensorRT (flavour choice, GPU support, fingerprints, plan cache decisions) is in
 runtime/trt_plans.py.
 """
 from __future__ import annotations
 
 import atexit
-import hashlib
 import importlib
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelError
 from ..manifest import load_manifest, range_name
-from ..trt_plans import (FLAVOR_NAMES, FLAVORS, RTX_DEFAULT, PlanError, StalePlan, Target, check_buildable,
-                         check_precision, choose_flavor, dim_ranges, find_built, gpu_support, plan_dir, profile_for,
-                         read_plan, read_record, replace_file, rtx_targets, stale_pieces, write_record)
+from ..trt_plans import (FLAVOR_NAMES, FLAVORS, PlanError, StalePlan, choose_flavor, find_built, gpu_support,
+                         plan_dir, read_plan, read_record, replace_file)
 from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
@@ -73,125 +69,6 @@ def make_logger(trt):
                 print(f"[TensorRT] {msg}", file=sys.stderr)
 
     return Logger()
-
-
-def build_target(trt, flavor: str, precision: str, ranges: dict, opt_level: int, target_cc: str | None,
-                 gpu_name: str | None, device_cc: str | None) -> Target:
-    common = dict(trt_version=trt.__version__, precision=precision, max_len=ranges["seq_len"][2],
-                  max_active=ranges["active_len"][2], opt_level=opt_level, flavor=flavor)
-    if flavor == "rtx":  # flavour: ahead-of-time builds for compute-capability targets, not for one GPU
-        return Target(gpu_name="", compute_capability=rtx_targets(target_cc, device_cc), **common)
-    if device_cc is None:
-        raise BackendError("TensorRT builds plans on the GPU they are for, and CUDA reports none "
-                           "(TensorRT for RTX builds without one: pip install tensorrt-rtx)")
-    if target_cc not in (None, "current", device_cc):
-        raise BackendError(f"TensorRT builds for this GPU (sm{device_cc.replace('.', '')}) only; "
-                           "--target-cc is for TensorRT for RTX")
-    return Target(gpu_name=gpu_name, compute_capability=device_cc, **common)
-
-
-def configure(trt, flavor: str, config, target: Target, cache_path: Path):
-    """Flavour-specific builder settings; returns the timing cache to save after each plan (or None)."""
-    config.builder_optimization_level = target.opt_level
-    if target.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 plans should compute like ONNX Runtime's
-    if flavor == "rtx":
-        # flavour: RTX has no precision flags either, takes explicit compute-capability targets, and a timing
-        # cache would make it query the GPU (so GPU-less builds could not use one; RTX ignores it anyway).
-        if target.compute_capability != RTX_DEFAULT:
-            ccs = target.compute_capability.split(",")
-            config.num_compute_capabilities = len(ccs)
-            for i, cc in enumerate(ccs):
-                config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
-        return None
-    blob = cache_path.read_bytes() if cache_path.is_file() else b""
-    timing_cache = config.create_timing_cache(blob)
-    config.set_timing_cache(timing_cache, False)
-    return timing_cache
-
-
-def network_flags(trt) -> int:
-    creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
-    if creation is not None and hasattr(creation, "STRONGLY_TYPED"):
-        return 1 << int(creation.STRONGLY_TYPED)  # required on TensorRT 10.x; implied on 11.x and RTX
-    return 0
-
-
-def build_piece(trt, builder, logger, onnx_path: Path, profile_shapes: dict, setup):
-    """(plan bytes, what setup(config) returned) for one ONNX piece with one optimization profile."""
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile_shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    extra = setup(config)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ModelError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
-    return bytes(plan), extra
-
-
-def build_plans(engine_dir, precision: str | None = None, max_len: int | None = None, max_active: int | None = None,
-                opt_level: int = 3, progress: bool = True, flavor: str = "auto",
-                target_cc: str | None = None) -> Path:
-    """Build every piece into <engine_dir>/trt/<fingerprint>/; a no-op when up-to-date plans exist.
-    precision defaults to the export's dtype; target_cc (RTX only): 'ampere+', 'current' or e.g. '7.5,8.6'."""
-    manifest = load_manifest(engine_dir)
-    try:
-        check_buildable(manifest)
-    except ValueError as e:
-        raise ModelError(str(e)) from None
-    torch, gpu_name, device_cc = cuda_device()
-    trt, flavor = import_tensorrt(flavor, device_cc)
-    precision = precision or manifest.dtype
-    try:
-        check_precision(manifest, precision)
-        ranges = dim_ranges(manifest, max_len, max_active)
-        target = build_target(trt, flavor, precision, ranges, opt_level, target_cc, gpu_name, device_cc)
-    except ValueError as e:
-        raise ModelError(str(e)) from None
-    out = plan_dir(engine_dir, target)
-    try:  # the runtime's own decision (plans hashed too), so "up to date" means the runtime will load them
-        stale, why = stale_pieces(engine_dir, manifest, target)
-    except PlanError as e:
-        raise ModelError(str(e)) from None
-    if not stale:
-        print(f"plans in {out} are up to date", file=sys.stderr)
-        return out
-    print(f"building {len(stale)} of {len(manifest.pieces)} {FLAVOR_NAMES[flavor]} {trt.__version__} plans into "
-          f"{out} ({why})", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    logger = make_logger(trt)
-    builder = trt.Builder(logger)
-    cache_path = out.parent / f"timing-{target.fingerprint()}.cache"
-    from tqdm import tqdm
-
-    seconds, hashes, start = {}, {}, time.perf_counter()
-    pieces = [p for p in manifest.pieces if p.name in stale]
-    bar = tqdm(pieces, desc="build", unit="piece", disable=not progress, file=sys.stderr)
-    for piece in bar:
-        bar.set_postfix_str(piece.name)
-        t0 = time.perf_counter()
-        plan, timing_cache = build_piece(trt, builder, logger, Path(engine_dir) / piece.file,
-                                         profile_for(piece, ranges),
-                                         lambda config: configure(trt, flavor, config, target, cache_path))
-        replace_file(out / f"{piece.name}.plan", plan)  # an interrupted build leaves no torn plan
-        if timing_cache is not None:
-            replace_file(cache_path, bytes(timing_cache.serialize()))
-        seconds[piece.name] = round(time.perf_counter() - t0, 3)
-        hashes[piece.name] = hashlib.sha256(plan).hexdigest()
-    write_record(engine_dir, manifest, target, seconds, hashes)
-    total = sum((out / f"{p.name}.plan").stat().st_size for p in manifest.pieces)
-    where = "targets " + target.compute_capability if flavor == "rtx" else target.gpu_name
-    print(f"built {len(pieces)} plan{'s' if len(pieces) != 1 else ''} ({len(manifest.pieces)} in all, "
-          f"{total / 2**20:.1f} MiB, {precision}, {where}) in {time.perf_counter() - start:.1f} s into {out}",
-          file=sys.stderr)
-    return out
 
 
 def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None, size: int | None = None):
