@@ -170,8 +170,9 @@ class LayerRange(nn.Module):
 
         Each query row attends to every slot of its canvas: to its fresh key/value at the slots of query rows and
         to the cache at the others. With every slot a query row (refresh mode) no cached key/value is used at
-        all, so a backend may bind a range's cache as both past_key and new_key there. Cached values are only
-        ever selected (torch.where), never multiplied by a zero, so whatever unused slots hold cannot leak in.
+        all, so a backend may bind any buffer of cache shape as past_key / past_value there. Cached values are
+        only ever selected (torch.where), never multiplied by a zero, so whatever unused slots hold (NaN
+        included) cannot leak in.
         """
         n_heads, head_dim = self.cfg.n_heads, self.cfg.head_dim
         n_keys = key_is_mask.shape[-1]

@@ -305,7 +305,8 @@ class OnnxRuntimeBackend(Backend):
                              f"{self.max_len} (re-export with a larger --max-len)")
         c, buffer = self.config, self.arrays.buffer
         shape, hidden = (1, c.n_heads, n, c.head_dim), (1, n, c.d_model)
-        previous = [*self.k, *self.v, *self.q, *self.boundary, self.final] if hasattr(self, "k") else []
+        previous = [*self.k, *self.v, *self.q, *self.boundary, self.final, self.unread_cache] if hasattr(self, "k") \
+            else []
         self.arrays.recycle(previous, {shape, hidden})
         self.k = [buffer(shape) for _ in range(c.n_layers)]
         self.v = [buffer(shape) for _ in range(c.n_layers)]
@@ -314,7 +315,9 @@ class OnnxRuntimeBackend(Backend):
         self.final = buffer(hidden)
         self.positions = np.arange(n, dtype=np.int64)[None]
         self.canvas_lengths = np.array([n], dtype=np.int64)
-        # refresh mode tracks nothing (its drift output is not used): one query row of any content per layer
+        # refresh mode reads no cached key/value and tracks nothing (its drift output is not used): every layer's
+        # past key/value input is bound to one scratch buffer of cache shape, its tracked query to one query row
+        self.unread_cache = buffer(shape)
         self.no_track_rows = np.zeros((1, 1), dtype=np.int64)
         self.no_track_queries = buffer((1, c.n_heads, 1, c.head_dim))
         self.filled = False   # device caches start uninitialised; the first full refresh of a generation fills them
@@ -364,8 +367,7 @@ class OnnxRuntimeBackend(Backend):
         return RangeStats(colsum=np.concatenate(stat_values[1::2]), drift=np.concatenate(stat_values[0::2]))
 
     def _refresh(self, r, window_positions, key_is_mask):
-        # a window pass whose query rows are every slot; no cached key/value is read then (see
-        # LayerRange.forward), so each layer's key/value cache is bound as both input and output
+        # a window pass whose query rows are every slot: no cached key/value is read (see LayerRange.forward)
         layers = [layer_names(L) for L in range(*self.ranges[r])]
         first = self.ranges[r][0]
         target = self.boundary[r + 1] if r + 1 < len(self.ranges) else self.final
@@ -375,7 +377,8 @@ class OnnxRuntimeBackend(Backend):
         bound = {"hidden_states_out": target}
         for i, n in enumerate(layers):
             L = first + i
-            inputs |= {n.past_key: self.k[L], n.past_value: self.v[L], n.track_queries: self.no_track_queries}
+            inputs |= {n.past_key: self.unread_cache, n.past_value: self.unread_cache,
+                       n.track_queries: self.no_track_queries}
             bound |= {n.new_key: self.k[L], n.new_value: self.v[L], n.new_queries: self.q[L]}
         stats = self._run(range_name(*self.ranges[r]), inputs, bound, [],
                           [name for n in layers for name in (n.drift, n.colsum)])
