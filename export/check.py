@@ -77,7 +77,8 @@ def _shrunk(sizes: dict[str, int], b: int) -> dict[str, int]:
     s = dict(sizes)
     s["seq_len"] = max(2, sizes["seq_len"] - 5 * b)
     s["rows"] = max(1, min(sizes["rows"] - b, s["seq_len"]))
-    s["track_len"], s["window_len"] = max(1, min(sizes["track_len"] - b, s["rows"])), max(1, min(sizes["window_len"] - b, s["rows"]))
+    s["track_len"] = max(1, min(sizes["track_len"] - b, s["rows"]))
+    s["window_len"] = max(1, min(sizes["window_len"] - b, s["rows"]))
     s["n_tokens"], s["n_hidden"] = max(1, sizes["n_tokens"] - 2 * b), max(1, sizes["n_hidden"] - 2 * b)
     s["n_rows"] = max(1, min(sizes["n_rows"] - b, s["n_hidden"]))
     return s

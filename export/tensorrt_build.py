@@ -1,6 +1,7 @@
 """TensorRT plans from the ONNX pieces: `dllm-trt build`, export-time work. Decides what to build for (the
-precision, the dimension ranges and their optimization profiles, TensorRT for RTX's compute-capability targets),
-builds each stale piece with the TensorRT builder of either flavour, and records the result in build.json.
+precision, the dimension ranges and the optimization profiles: a window and a refresh profile for a layer range's
+plan, one for embed and head; TensorRT for RTX's compute-capability targets), builds each stale piece with the
+TensorRT builder of either flavour, and records the result in build.json.
 
 Loading and running plans is runtime/backends/tensorrt_backend.py; the bookkeeping both sides share (flavours,
 targets, fingerprints, plan-folder checks, stale_pieces) is runtime/trt_plans.py. Whether a plan folder is up to date
@@ -18,9 +19,10 @@ from pathlib import Path
 from dllm_trt.runtime.backends.base import BackendError
 from dllm_trt.runtime.backends.tensorrt_backend import cuda_device, import_tensorrt, make_logger
 from dllm_trt.runtime.config import ModelError
-from dllm_trt.runtime.manifest import Manifest, PieceSpec, load_manifest
-from dllm_trt.runtime.trt_plans import (BUILD_RECORD, FLAVOR_NAMES, RTX_CCS, RTX_DEFAULT, RTX_TURING, PlanError,
-                                        Target, gpu_support, plan_dir, read_record, replace_file, stale_pieces)
+from dllm_trt.runtime.manifest import MODES, Manifest, PieceSpec, load_manifest
+from dllm_trt.runtime.trt_plans import (BUILD_RECORD, FLAVOR_NAMES, ONE_PROFILE, RTX_CCS, RTX_DEFAULT, RTX_TURING,
+                                        PlanError, Target, gpu_support, plan_dir, profile_modes, read_record,
+                                        replace_file, stale_pieces)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -66,19 +68,34 @@ def check_precision(manifest: Manifest, precision: str) -> None:
                          f"so --precision {precision} needs an export with --dtype {precision}")
 
 
-def dim_ranges(manifest: Manifest, max_len: int | None = None, max_active: int | None = None) -> dict:
-    """(min, opt, max) per symbolic dimension, clipped to the requested maxima. One entry per dim name, so every
+# Which --max-* limit caps a dimension: the canvas (--max-len) or the query rows of a window pass (--max-active).
+# batch is not capped (its opt is its minimum: one sequence). `rows` is a whole canvas in refresh mode but a window
+# pass's rows in window mode.
+CAPS = {"seq_len": "len", "n_tokens": "len", "n_hidden": "len", "rows": "len",
+        "track_len": "active", "window_len": "active", "n_rows": "active"}
+MODE_CAPS = {"window": {"rows": "active"}}
+OPT = {"len": 512, "active": 32}   # opt shapes: a typical canvas, a typical window pass
+
+
+def dim_ranges(manifest: Manifest, max_len: int | None = None, max_active: int | None = None,
+               mode: str = ONE_PROFILE) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) per dimension for the optimization profile of `mode`: manifest.dims, narrowed by
+    manifest.profiles[mode] for a layer-range mode, clipped to the requested maxima. One entry per dim name, so every
     input that shares a dim gets identical ranges (TensorRT rejects profiles that disagree on a tied dim)."""
+    spans = {name: (r["min"], r["max"]) for name, r in manifest.dims.items()}
+    if mode != ONE_PROFILE:
+        spans |= {name: (r["min"], r["max"]) for name, r in manifest.profiles[mode].items()}
+    caps = {"len": max_len, "active": max_active}
     out = {}
-    for name, r in manifest.dims.items():
-        lo, hi = r["min"], r["max"]
-        cap = max_len if name in ("seq_len", "n_tokens", "n_hidden") else max_active
+    for name, (lo, hi) in spans.items():
+        kind = MODE_CAPS.get(mode, {}).get(name, CAPS.get(name))
+        cap = caps.get(kind)
         if cap is not None:
             if cap < lo or cap > hi:
-                raise ValueError(f"--max-{'len' if cap is max_len else 'active'} {cap} is outside the exported "
-                                 f"range {lo}..{hi} of {name}")
+                raise ValueError(f"--max-{kind} {cap} is outside the exported range {lo}..{hi} of {name}"
+                                 + (f" in {mode} mode" if mode != ONE_PROFILE else ""))
             hi = cap
-        opt = min(hi, max(lo, 512 if name in ("seq_len", "n_tokens", "n_hidden") else 32))
+        opt = min(hi, max(lo, OPT.get(kind, lo)))
         out[name] = (lo, opt, hi)
     return out
 
@@ -92,22 +109,34 @@ def profile_for(piece: PieceSpec, ranges: dict) -> dict[str, tuple[tuple[int, ..
     return profile
 
 
+def piece_profiles(manifest: Manifest, piece: PieceSpec, max_len: int | None = None,
+                   max_active: int | None = None) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """mode -> (min, opt, max) of each dimension the piece's inputs use, one entry per optimization profile of its
+    plan, in profile-index order (trt_plans.profile_modes)."""
+    used = {d for t in piece.inputs for d in t.shape if isinstance(d, str)}
+    return {mode: {name: r for name, r in dim_ranges(manifest, max_len, max_active, mode).items() if name in used}
+            for mode in profile_modes(piece.kind)}
+
 
 def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
-                 build_seconds: dict[str, float] | None = None, plan_sha256: dict[str, str] | None = None) -> None:
-    """Record the plans now in the target's folder. build_seconds and plan_sha256 are of the pieces just built;
-    the other pieces' entries are kept from the previous record."""
+                 build_seconds: dict[str, float] | None = None, plan_sha256: dict[str, str] | None = None,
+                 profiles: dict[str, dict] | None = None) -> None:
+    """Record the plans now in the target's folder. build_seconds, plan_sha256 and profiles (piece_profiles) are
+    of the pieces just built; the other pieces' entries are kept from the previous record."""
     d = plan_dir(engine_dir, target)
     old = read_record(engine_dir, target)
     if old.get("target") != asdict(target):
         old = {}
     build_seconds = {**old.get("build_seconds", {}), **(build_seconds or {})}
     plan_sha256 = {**old.get("plan_sha256", {}), **(plan_sha256 or {})}
+    profiles = {**old.get("profiles", {}), **(profiles or {})}
+    names = [p.name for p in manifest.pieces]
     record = {
         "target": asdict(target), "fingerprint": target.fingerprint(),
         "onnx_sha256": {p.name: p.sha256 for p in manifest.pieces},
-        "plan_size": {p.name: (d / f"{p.name}.plan").stat().st_size for p in manifest.pieces},
-        "plan_sha256": {p.name: plan_sha256[p.name] for p in manifest.pieces if p.name in plan_sha256},
+        "plan_size": {name: (d / f"{name}.plan").stat().st_size for name in names},
+        "plan_sha256": {name: plan_sha256[name] for name in names if name in plan_sha256},
+        "profiles": {name: profiles[name] for name in names if name in profiles},
         "build_seconds": build_seconds,
     }
     replace_file(d / BUILD_RECORD, json.dumps(record, indent=2).encode())
@@ -116,7 +145,8 @@ def write_record(engine_dir: str | Path, manifest: Manifest, target: Target,
 def build_target(trt, flavor: str, precision: str, ranges: dict, opt_level: int, target_cc: str | None,
                  gpu_name: str | None, device_cc: str | None) -> Target:
     common = dict(trt_version=trt.__version__, precision=precision, max_len=ranges["seq_len"][2],
-                  max_active=ranges["active_len"][2], opt_level=opt_level, flavor=flavor)
+                  max_active=ranges["window_len"][2], max_batch=ranges["batch"][2], opt_level=opt_level,
+                  flavor=flavor)
     if flavor == "rtx":  # flavour: ahead-of-time builds for compute-capability targets, not for one GPU
         return Target(gpu_name="", compute_capability=rtx_targets(target_cc, device_cc), **common)
     if device_cc is None:
@@ -155,18 +185,20 @@ def network_flags(trt) -> int:
     return 0
 
 
-def build_piece(trt, builder, logger, onnx_path: Path, profile_shapes: dict, setup):
-    """(plan bytes, what setup(config) returned) for one ONNX piece with one optimization profile."""
+def build_piece(trt, builder, logger, onnx_path: Path, profiles: list[dict], setup):
+    """(plan bytes, what setup(config) returned) for one ONNX piece with its optimization profiles, in order
+    (each input name -> (min, opt, max) shape)."""
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile_shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     extra = setup(config)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -190,6 +222,8 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     try:
         check_precision(manifest, precision)
         ranges = dim_ranges(manifest, max_len, max_active)
+        for mode in MODES:  # the mode profiles' own limits are checked before anything is built
+            dim_ranges(manifest, max_len, max_active, mode)
         target = build_target(trt, flavor, precision, ranges, opt_level, target_cc, gpu_name, device_cc)
     except ValueError as e:
         raise ModelError(str(e)) from None
@@ -209,21 +243,22 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     cache_path = out.parent / f"timing-{target.fingerprint()}.cache"
     from tqdm import tqdm
 
-    seconds, hashes, start = {}, {}, time.perf_counter()
+    seconds, hashes, profiles, start = {}, {}, {}, time.perf_counter()
     pieces = [p for p in manifest.pieces if p.name in stale]
     bar = tqdm(pieces, desc="build", unit="piece", disable=not progress, file=sys.stderr)
     for piece in bar:
         bar.set_postfix_str(piece.name)
         t0 = time.perf_counter()
+        profiles[piece.name] = piece_profiles(manifest, piece, max_len, max_active)
         plan, timing_cache = build_piece(trt, builder, logger, Path(engine_dir) / piece.file,
-                                         profile_for(piece, ranges),
+                                         [profile_for(piece, r) for r in profiles[piece.name].values()],
                                          lambda config: configure(trt, flavor, config, target, cache_path))
         replace_file(out / f"{piece.name}.plan", plan)  # an interrupted build leaves no torn plan
         if timing_cache is not None:
             replace_file(cache_path, bytes(timing_cache.serialize()))
         seconds[piece.name] = round(time.perf_counter() - t0, 3)
         hashes[piece.name] = hashlib.sha256(plan).hexdigest()
-    write_record(engine_dir, manifest, target, seconds, hashes)
+    write_record(engine_dir, manifest, target, seconds, hashes, profiles)
     total = sum((out / f"{p.name}.plan").stat().st_size for p in manifest.pieces)
     where = "targets " + target.compute_capability if flavor == "rtx" else target.gpu_name
     print(f"built {len(pieces)} plan{'s' if len(pieces) != 1 else ''} ({len(manifest.pieces)} in all, "

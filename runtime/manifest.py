@@ -222,7 +222,8 @@ def load_manifest(directory: str | Path, verify_data: bool = False) -> Manifest:
             raise ModelError(f"{path}: exported by an older dllm-trt (manifest format 1: a window and a refresh "
                              f"graph per layer range, batch 1); this runtime reads format {FORMAT_VERSION}: "
                              f"re-export it ({again})")
-        raise ModelError(f"{path}: manifest format version {str(version)[:40]!r} is not supported by this "
+        shown = version if is_int(version) and abs(version) < 10 ** 12 else repr(str(version)[:40])
+        raise ModelError(f"{path}: manifest format version {shown} is not supported by this "
                          f"runtime (it reads version {FORMAT_VERSION}); re-export with this version of dllm-trt "
                          f"({again})")
     m = _parse(raw, path, d)

@@ -4,7 +4,9 @@ refused. What only building needs (precision checks, optimization profiles, RTX 
 export/tensorrt_build.py.
 
 Plans live in <engines>/trt/<fingerprint>/: one <piece>.plan per ONNX piece, plus build.json recording the
-fingerprint's inputs, the sha256 of each source ONNX file and each plan's size and sha256. "Built once per
+fingerprint's inputs, the sha256 of each source ONNX file, each plan's size and sha256, and the dimension ranges of
+each plan's optimization profiles. A layer range's plan has two profiles, one per mode (window, refresh: the
+order is profile_modes'); embed and head have one. "Built once per
 target": the same flavour, version, GPU (TensorRT) or compute-capability targets (TensorRT for RTX), precision and
 profiles give the same folder, and a complete folder whose sources and plans still match is reused as is. Plans of
 one flavour are never loaded by the other.
@@ -26,7 +28,7 @@ import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .manifest import Manifest
+from .manifest import MODES, Manifest
 
 BUILD_RECORD = "build.json"
 RECORD_LIMIT = 1 << 22  # a build.json is a few KiB; anything near this is not one
@@ -109,6 +111,7 @@ class Target:
     max_active: int
     opt_level: int = 3
     flavor: str = "tensorrt"      # records written before flavours existed are TensorRT's
+    max_batch: int = 1            # sequences per call; records written before batched pieces were batch 1
 
     def fingerprint(self) -> str:
         key = json.dumps(asdict(self), sort_keys=True)
@@ -126,6 +129,23 @@ class Target:
         if flavor == "rtx":
             return device_cc in covered_ccs(flavor, self.compute_capability)
         return (self.gpu_name, self.compute_capability) == (gpu_name, device_cc)
+
+
+ONE_PROFILE = "all"   # the single profile of embed and head
+
+
+def profile_modes(kind: str) -> tuple[str, ...]:
+    """The optimization profiles of a piece's plan, in profile-index order: a layer range runs in window mode (few
+    query rows) and refresh mode (a query row per canvas slot), embed and head at any length with one profile."""
+    return MODES if kind == "layers" else (ONE_PROFILE,)
+
+
+def profile_index(kind: str, mode: str) -> int:
+    """The index of the optimization profile a piece of this kind runs `mode` on."""
+    modes = profile_modes(kind)
+    if mode not in modes:
+        raise ValueError(f"a {kind} piece has no {mode!r} profile (it has {', '.join(modes)})")
+    return modes.index(mode)
 
 
 def plan_dir(engine_dir: str | Path, target: Target) -> Path:
@@ -211,7 +231,8 @@ def plan_size(path: Path) -> int | None:
 
 
 _TARGET_FIELDS = {f.name: (f.type, f.default is MISSING) for f in fields(Target)}
-_RECORD_MAPS = {"onnx_sha256": (str,), "plan_size": (int,), "plan_sha256": (str,), "build_seconds": (int, float)}
+_RECORD_MAPS = {"onnx_sha256": (str,), "plan_size": (int,), "plan_sha256": (str,), "build_seconds": (int, float),
+                "profiles": (dict,)}
 
 
 def parse_record(path: Path) -> dict:

@@ -53,9 +53,9 @@ PIECE_DIMS = [WINDOW, {"batch", "n_tokens"}, {"batch", "n_hidden", "n_rows"}]
 
 
 def test_example_sizes_search_upwards_past_static_sizes():
-    # 3 heads of 32: the preferred track_len 3 and every size below it are taken
+    # 3 heads of 32: the preferred track_len 3 and every size below it are taken (4 by the batch)
     sizes = example_sizes(dims_for(256, 256), {2, 96, 3, 32, 16}, WINDOW)
-    assert sizes["track_len"] == 4 and len(set(sizes.values())) == 5
+    assert sizes["batch"] == 4 and sizes["track_len"] == 5 and len(set(sizes.values())) == 5
 
 
 @pytest.mark.parametrize("heads,head_dim,max_len,max_active",

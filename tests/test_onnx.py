@@ -155,12 +155,12 @@ def test_bf16_export_checks_with_reference_evaluator(tiny_dir, tiny_bf16_engines
     import torch
     from onnx.reference import ReferenceEvaluator
 
-    from dllm_trt.export.check import _valid, piece_cases
+    from dllm_trt.export.check import _valid, check_sizes, piece_cases
     from dllm_trt.export.onnx_export import _module_and_weights
 
     m = load_manifest(tiny_bf16_engines)
     spec = m.piece("layers_00_04")
-    sizes = {"seq_len": 12, "rows": 5, "track_len": 2, "window_len": 3}
+    sizes = check_sizes(m.dims) | {"seq_len": 12, "rows": 5, "track_len": 2, "window_len": 3}
     from dllm_trt.runtime.checkpoint import Checkpoint
 
     module, weights = _module_and_weights(spec, Checkpoint(tiny_dir), torch.bfloat16)

@@ -1,10 +1,12 @@
 """TensorRT: load the plans `dllm-trt build` made (export/tensorrt_build.py) and run them, in either flavour:
 TensorRT proper (`tensorrt`, 10.x/11.x: plans built on and for one GPU) or TensorRT for RTX (`tensorrt_rtx`, 1.x:
 plans compiled ahead of time without a GPU for compute-capability targets, finished just in time on the user's GPU).
-Both share the API used here (named I/O tensors, execute_async_v3); their differences are the few lines marked
-"flavour:". Device memory comes from torch CUDA tensors so caches sit at fixed addresses; only the small statistics
-and the head's tokens/probabilities are copied to (pinned) host memory. Importing a flavour and its logger are here
-too, and shared with the builder.
+One plan per piece; a layer range's plan has a window and a refresh optimization profile, and the backend holds one
+execution context per profile, switched to it once at load, so a call picks its mode's context and never switches
+profiles. Every binding has the leading batch axis (batch 1 here). Both flavours share the API used here (named
+I/O tensors, execute_async_v3); their differences are the few lines marked "flavour:". Device memory comes from
+torch CUDA tensors so caches sit at fixed addresses; only the small statistics and the head's tokens/probabilities
+are copied to (pinned) host memory. Importing a flavour and its logger are here too, and shared with the builder.
 
 Everything that needs no TensorRT (flavour choice, GPU support, fingerprints, plan cache decisions) is in
 runtime/trt_plans.py.
@@ -19,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import load_manifest, range_name
-from ..trt_plans import (FLAVOR_NAMES, FLAVORS, PlanError, StalePlan, choose_flavor, find_built, gpu_support,
-                         plan_dir, read_plan, read_record, replace_file)
+from ..config import ModelError
+from ..manifest import TensorSpec, layer_names, load_manifest
+from ..trt_plans import (FLAVOR_NAMES, FLAVORS, ONE_PROFILE, PlanError, StalePlan, choose_flavor, find_built,
+                         gpu_support, plan_dir, profile_index, profile_modes, read_plan, read_record, replace_file)
 from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
@@ -92,6 +95,27 @@ def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None, size: i
     return engine
 
 
+def layer_dims(mode: str, n_positions: int, n_rows: int, n_track: int, n_window: int) -> dict[str, int]:
+    """The dimensions a layer-range call binds in `mode`, at batch 1. Window mode: the step's query rows and tracked
+    rows. Refresh mode: one query row per canvas slot (rows = seq_len) and one tracked row, whose drift is ignored."""
+    if mode == "refresh":
+        n_rows, n_track = n_positions, 1
+    return {"batch": 1, "seq_len": n_positions, "rows": n_rows, "track_len": n_track, "window_len": n_window}
+
+
+def shape_of(t: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
+    """A manifest tensor's shape with its named dimensions filled in."""
+    return tuple(dims[d] if isinstance(d, str) else d for d in t.shape)
+
+
+def check_profiles(path: Path, engine, kind: str) -> None:
+    """A plan must have the optimization profiles this runtime selects by index (profile_modes)."""
+    modes = profile_modes(kind)
+    if engine.num_optimization_profiles != len(modes):
+        raise BackendError(f"{path}: the plan has {engine.num_optimization_profiles} optimization profiles, this "
+                           f"runtime expects {len(modes)} ({', '.join(modes)}); rebuild it with dllm-trt build")
+
+
 def save_runtime_cache(cache, path: Path) -> None:
     """Replace (never write through) the RTX runtime cache next to the plans; at exit, so failing is not fatal."""
     try:
@@ -101,9 +125,9 @@ def save_runtime_cache(cache, path: Path) -> None:
 
 
 class TensorRTBackend(Backend):
-    """Step structure (docs/CONTRACT.md, "Step order"): every window engine is enqueued back to back on one
-    stream, the statistics stay on the device until `fetch` copies all of them to pinned host memory and waits
-    on one event, then refresh engines run from the first drifting range."""
+    """Step structure (docs/CONTRACT.md, "Step order"): every window pass is enqueued back to back on one stream,
+    the statistics stay on the device until `fetch` copies all of them to pinned host memory and waits on one
+    event, then refresh passes run from the first drifting range."""
 
     name = "tensorrt"
     one_sync_per_step = True
@@ -130,28 +154,47 @@ class TensorRTBackend(Backend):
         if target is None:
             raise BackendError(f"no up-to-date {FLAVOR_NAMES[flavor]} {trt.__version__} plans for this GPU "
                                f"(sm{device_cc.replace('.', '')}) and {precision}: run dllm-trt build {engine_dir}")
+        self.max_len, self.max_active = target.max_len, target.max_active   # the plans' limits (build may lower)
         self.logger = make_logger(trt)  # kept: the bindings do not keep a Python logger (or the runtime) alive
-        runtime = self.runtime = trt.Runtime(self.logger)
+        self.runtime = trt.Runtime(self.logger)
         d = plan_dir(engine_dir, target)
-        self.engines, self.contexts = {}, {}
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        self.runtime_cache, self.runtime_configs = None, []
         record = read_record(engine_dir, target)
         hashes, sizes = record.get("plan_sha256", {}), record.get("plan_size", {})
+        self.engines = {}
         for p in manifest.pieces:
-            engine = load_plan(trt, runtime, d / f"{p.name}.plan", flavor, hashes.get(p.name), sizes.get(p.name))
-            self.engines[p.name] = engine
-            if flavor == "rtx":  # flavour: a runtime config per context, one runtime (JIT) cache shared by all
-                self.contexts[p.name] = engine.create_execution_context(
-                    self._runtime_config(engine, d / RUNTIME_CACHE, strategy))
-            else:
-                self.contexts[p.name] = engine.create_execution_context(strategy)
+            path = d / f"{p.name}.plan"
+            self.engines[p.name] = load_plan(trt, self.runtime, path, flavor, hashes.get(p.name), sizes.get(p.name))
+            check_profiles(path, self.engines[p.name], p.kind)
         self.act = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest.dtype]
+        self.dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                       "int64": torch.int64, "bool": torch.bool}
         self.device = torch.device("cuda")
         self.stream = torch.cuda.current_stream()  # torch's copies and TensorRT's kernels share one stream, in order
-        scratch = max(e.device_memory_size_v2 for e in self.engines.values())
+        scratch = max(e.device_memory_size_v2 for e in self.engines.values())   # the largest profile of any plan
         self.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)  # shared: pieces run in turn
+        self.runtime_cache, self.runtime_configs = None, []
+        self.contexts = {p.name: self._contexts(self.engines[p.name], p.kind, d / RUNTIME_CACHE)
+                         for p in manifest.pieces}
         self._stat_host, self._stat_event = None, torch.cuda.Event()
+
+    def _contexts(self, engine, kind: str, cache_path: Path) -> dict:
+        """mode -> an execution context on that mode's optimization profile, using the shared scratch memory."""
+        strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        contexts = {}
+        for mode in profile_modes(kind):
+            if self.flavor == "rtx":  # flavour: a runtime config per context, one runtime (JIT) cache shared by all
+                ctx = engine.create_execution_context(self._runtime_config(engine, cache_path, strategy))
+            else:
+                ctx = engine.create_execution_context(strategy)
+            try:  # setDeviceMemoryV2 (pointer + size) in the 10.x/11.x bindings
+                ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+            except (AttributeError, TypeError):  # bindings that only expose the pointer property
+                ctx.device_memory = self.scratch.data_ptr()
+            if not ctx.set_optimization_profile_async(profile_index(kind, mode), self.stream.cuda_stream):
+                raise BackendError(f"{FLAVOR_NAMES[self.flavor]} cannot select the {mode} optimization profile of a "
+                                   f"{kind} plan; rebuild the plans with dllm-trt build")
+            contexts[mode] = ctx
+        return contexts
 
     def _runtime_config(self, engine, cache_path: Path, strategy):
         """An RTX runtime config for one context; the first call opens the shared runtime cache, loaded from
@@ -172,20 +215,23 @@ class TensorRTBackend(Backend):
         name = "tensorrt-rtx" if self.flavor == "rtx" else "tensorrt"
         return f"{name} ({self.torch.cuda.get_device_name()}, {self.manifest.dtype})"
 
-    def _run(self, piece: str, inputs: dict, outputs: dict) -> None:
-        """Bind device tensors by name and enqueue one piece on the backend's stream."""
-        ctx = self.contexts[piece]
-        for name, t in inputs.items():
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
-        try:  # setDeviceMemoryV2 (pointer + size) in the 10.x/11.x bindings
-            ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
-        except (AttributeError, TypeError):  # bindings that only expose the pointer property
-            ctx.device_memory = self.scratch.data_ptr()
-        for name, t in outputs.items():
-            ctx.set_tensor_address(name, t.data_ptr())
+    def _run(self, name: str, mode: str, dims: dict[str, int], inputs: dict, bound: dict) -> dict:
+        """Enqueue one piece on its `mode` profile, on the backend's stream. inputs and bound outputs are device
+        tensors; every other output is allocated at its shape for `dims`. Returns every output by name."""
+        piece, ctx = self.manifest.piece(name), self.contexts[name][mode]
+        outputs = {t.name: bound[t.name] if t.name in bound else self._empty(*shape_of(t, dims),
+                                                                            dtype=self.dtypes[t.dtype])
+                   for t in piece.outputs}
+        for tensor, t in inputs.items():
+            if not ctx.set_input_shape(tensor, tuple(t.shape)):
+                raise BackendError(f"{name}: input {tensor} of shape {tuple(t.shape)} is outside the plan's {mode} "
+                                   f"profile; rebuild the plans with dllm-trt build")
+            ctx.set_tensor_address(tensor, t.data_ptr())
+        for tensor, t in outputs.items():
+            ctx.set_tensor_address(tensor, t.data_ptr())
         if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to enqueue {piece}")
+            raise BackendError(f"{FLAVOR_NAMES[self.flavor]} failed to enqueue {name} ({mode} mode)")
+        return outputs
 
     def _t(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
@@ -201,59 +247,81 @@ class TensorRTBackend(Backend):
         self.stream.synchronize()
         return [h.float().numpy() if h.is_floating_point() else h.numpy() for h in host]
 
+    # ---- the backend primitives ----------------------------------------------------------------------------------
+    # Every binding has a leading batch axis; this backend decodes one sequence, so every tensor has batch 1.
     def _allocate(self, n: int) -> None:
+        if n > self.max_len:
+            raise ModelError(f"the canvas needs {n} positions but the plans were built for at most {self.max_len} "
+                             f"(rebuild with a larger --max-len, up to the export's)")
         c = self.config
-        self.k = [self._empty(c.n_heads, n, c.head_dim) for _ in range(c.n_layers)]
-        self.v = [self._empty(c.n_heads, n, c.head_dim) for _ in range(c.n_layers)]
-        self.q = [self._empty(c.n_heads, n, c.head_dim) for _ in range(c.n_layers)]
-        self.boundary = [self._empty(n, c.d_model) for _ in range(len(self.ranges) + 1)]
-        self.positions = self._t(np.arange(n, dtype=np.int64))
+        shape, hidden = (1, c.n_heads, n, c.head_dim), (1, n, c.d_model)
+        self.k = [self._empty(*shape) for _ in range(c.n_layers)]
+        self.v = [self._empty(*shape) for _ in range(c.n_layers)]
+        self.q = [self._empty(*shape) for _ in range(c.n_layers)]
+        self.boundary = [self._empty(*hidden) for _ in range(len(self.ranges) + 1)]
+        self.positions = self._t(np.arange(n, dtype=np.int64)[None])
+        self.canvas_lengths = self._t(np.array([n], dtype=np.int64))
+        # refresh mode reads no cached key/value and tracks nothing (its drift output is not used): every layer's
+        # past key/value input is bound to one scratch buffer of cache shape, its tracked query to one query row
+        self.unread_cache = self._empty(*shape)
+        self.no_track_rows = self._t(np.zeros((1, 1), dtype=np.int64))
+        self.no_track_queries = self._empty(1, c.n_heads, 1, c.head_dim)
+
+    def _check_active(self, count: int, what: str) -> None:
+        if count > self.max_active:
+            raise ModelError(f"{what} needs {count} rows but the plans were built for at most {self.max_active} "
+                             f"(rebuild with a larger --max-active, up to the export's)")
 
     def _embed(self, ids, positions):
-        ids_t = self._t(ids)
-        out = self.boundary[0] if positions is None else self._empty(len(ids), self.config.d_model)
-        self._run("embed", {"input_ids": ids_t}, {"hidden_states": out})
-        if positions is not None:
-            self.boundary[0].index_copy_(0, self._t(positions), out)
+        dims = {"batch": 1, "n_tokens": len(ids)}
+        if positions is None:
+            self._run("embed", ONE_PROFILE, dims, {"input_ids": self._t(ids[None])},
+                      {"hidden_states": self.boundary[0]})
+            self.current = self.boundary[0]
+            return
+        self._check_active(len(ids), "a window pass")
+        out = self._run("embed", ONE_PROFILE, dims, {"input_ids": self._t(ids[None])}, {})["hidden_states"]
+        self.boundary[0].index_copy_(1, self._t(positions), out)
         self.current = out
 
     def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
         a, b = self.ranges[r]
-        c, n_act = self.config, len(positions)
+        layers = [layer_names(L) for L in range(a, b)]
         pos, track = self._t(positions), self._t(track_positions)
-        inputs = {"hidden_states": self.current, "position_ids": pos, "track_rows": self._t(track_rows),
-                  "window_rows": self._t(window_rows), "key_is_mask": self._t(key_is_mask)}
-        outputs = {"hidden_states_out": self._empty(n_act, c.d_model)}
-        for L in range(a, b):
-            inputs |= {f"past_key_values.{L}.key": self.k[L], f"past_key_values.{L}.value": self.v[L],
-                       f"track_queries.{L}": self.q[L].index_select(1, track).contiguous()}
-            outputs |= {f"new_key_values.{L}.key": self._empty(c.n_heads, n_act, c.head_dim),
-                        f"new_key_values.{L}.value": self._empty(c.n_heads, n_act, c.head_dim),
-                        f"new_queries.{L}": self._empty(c.n_heads, n_act, c.head_dim),
-                        f"drift.{L}": self._empty(2, dtype=self.torch.float32),
-                        f"attn_colsum.{L}": self._empty(self.n_positions, dtype=self.torch.float32)}
-        self._run(f"{range_name(a, b)}.window", inputs, outputs)
-        for L in range(a, b):  # write the new rows into the caches, on device
-            self.k[L].index_copy_(1, pos, outputs[f"new_key_values.{L}.key"])
-            self.v[L].index_copy_(1, pos, outputs[f"new_key_values.{L}.value"])
-            self.q[L].index_copy_(1, pos, outputs[f"new_queries.{L}"])
-        self.boundary[r + 1].index_copy_(0, pos, outputs["hidden_states_out"])
-        self.current = outputs["hidden_states_out"]
-        return RangeStats(colsum=self.torch.stack([outputs[f"attn_colsum.{L}"] for L in range(a, b)]),
-                          drift=self.torch.stack([outputs[f"drift.{L}"] for L in range(a, b)]))
+        dims = layer_dims("window", self.n_positions, len(positions), len(track_rows), len(window_rows))
+        inputs = {"hidden_states": self.current, "position_ids": pos[None], "canvas_lengths": self.canvas_lengths,
+                  "key_is_mask": self._t(key_is_mask[None]), "track_rows": self._t(track_rows[None]),
+                  "window_rows": self._t(window_rows[None])}
+        for L, n in zip(range(a, b), layers):
+            inputs |= {n.past_key: self.k[L], n.past_value: self.v[L],
+                       n.track_queries: self.q[L].index_select(2, track)}
+        out = self._run(self.manifest.range_piece(r).name, "window", dims, inputs, {})
+        for L, n in zip(range(a, b), layers):  # write the new rows into the caches, on the device
+            self.k[L].index_copy_(2, pos, out[n.new_key])
+            self.v[L].index_copy_(2, pos, out[n.new_value])
+            self.q[L].index_copy_(2, pos, out[n.new_queries])
+        self.boundary[r + 1].index_copy_(1, pos, out["hidden_states_out"])
+        self.current = out["hidden_states_out"]
+        return RangeStats(colsum=self.torch.cat([out[n.colsum] for n in layers]),
+                          drift=self.torch.cat([out[n.drift] for n in layers]))
 
     def _refresh(self, r, window_positions, key_is_mask):
+        # a window pass whose query rows are every slot: no cached key/value is read (see LayerRange.forward), so
+        # the new keys, values and queries go straight onto the caches
         a, b = self.ranges[r]
-        outputs = {"hidden_states_out": self.boundary[r + 1]}
-        for L in range(a, b):
-            outputs |= {f"key_values.{L}.key": self.k[L], f"key_values.{L}.value": self.v[L],
-                        f"queries.{L}": self.q[L],
-                        f"attn_colsum.{L}": self._empty(self.n_positions, dtype=self.torch.float32)}
-        self._run(f"{range_name(a, b)}.refresh",
-                  {"hidden_states": self.boundary[r], "position_ids": self.positions,
-                   "window_positions": self._t(window_positions), "key_is_mask": self._t(key_is_mask)}, outputs)
+        layers = [layer_names(L) for L in range(a, b)]
+        dims = layer_dims("refresh", self.n_positions, self.n_positions, 1, len(window_positions))
+        inputs = {"hidden_states": self.boundary[r], "position_ids": self.positions,
+                  "canvas_lengths": self.canvas_lengths, "key_is_mask": self._t(key_is_mask[None]),
+                  "track_rows": self.no_track_rows, "window_rows": self._t(window_positions[None])}
+        bound = {"hidden_states_out": self.boundary[r + 1]}
+        for L, n in zip(range(a, b), layers):
+            inputs |= {n.past_key: self.unread_cache, n.past_value: self.unread_cache,
+                       n.track_queries: self.no_track_queries}
+            bound |= {n.new_key: self.k[L], n.new_value: self.v[L], n.new_queries: self.q[L]}
+        out = self._run(self.manifest.range_piece(r).name, "refresh", dims, inputs, bound)
         self.current = self.boundary[r + 1]
-        return RangeStats(colsum=self.torch.stack([outputs[f"attn_colsum.{L}"] for L in range(a, b)]))
+        return RangeStats(colsum=self.torch.cat([out[n.colsum] for n in layers]))
 
     def fetch(self, stats):
         """All statistics of a step (device tensors) in one copy to pinned host memory and one event wait."""
@@ -270,8 +338,7 @@ class TensorRTBackend(Backend):
         return split_stats(stats, host.numpy().copy())
 
     def _head(self, rows):
-        n = len(rows)
-        tokens = self._empty(n, dtype=self.torch.int64)
-        probs = self._empty(n, dtype=self.torch.float32)
-        self._run("head", {"hidden_states": self.current, "rows": self._t(rows)}, {"tokens": tokens, "probs": probs})
-        return tuple(self._host([tokens, probs]))
+        dims = {"batch": 1, "n_hidden": self.current.shape[1], "n_rows": len(rows)}
+        out = self._run("head", ONE_PROFILE, dims, {"hidden_states": self.current, "rows": self._t(rows[None])}, {})
+        tokens, probs = self._host([out["tokens"], out["probs"]])
+        return tokens[0], probs[0]
