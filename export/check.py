@@ -55,7 +55,7 @@ class Case:
     batched output is that sequence's (the rest is padding and is not compared)."""
     label: str
     inputs: dict[str, np.ndarray]
-    want: list[tuple]                 # per sequence: reference outputs, in the piece's output order
+    want: list[tuple | None]          # per sequence: reference outputs, in the piece's output order
     extents: list[dict[str, int]]     # per sequence: dim name -> its size in this sequence
 
 
@@ -96,7 +96,8 @@ def _pad(arrays: list[np.ndarray], fill) -> np.ndarray:
 def piece_cases(spec: PieceSpec, module, cfg, sizes: dict[str, int], batch: int, rng: np.random.Generator,
                 dtype: torch.dtype) -> list[Case]:
     """The checks of one piece at `batch` sequences: random inputs, reference outputs from `module` run one
-    sequence at a time (for a layer range: LayerRange.window / .refresh, not the exported forward)."""
+    sequence at a time (for a layer range: LayerRange.window / .refresh, not the exported forward); module None:
+    the inputs only (Case.want is then empty)."""
     seqs = [_shrunk(sizes, b) for b in range(batch)]
 
     def floats(*shape):
@@ -106,7 +107,9 @@ def piece_cases(spec: PieceSpec, module, cfg, sizes: dict[str, int], batch: int,
         t = torch.from_numpy(a)
         return t.to(dtype) if t.is_floating_point() else t
 
-    def run(fn, *args) -> tuple:
+    def run(fn, *args) -> tuple | None:
+        if module is None:
+            return None
         with torch.no_grad():
             out = fn(*[torch_in(a) for a in args])
         return tuple(t.float().numpy() if t.is_floating_point() else t.numpy()
@@ -134,7 +137,8 @@ def piece_cases(spec: PieceSpec, module, cfg, sizes: dict[str, int], batch: int,
              "caches": [c for _ in range(n_layers) for c in (floats(H, n, hd), floats(H, n, hd),
                                                             floats(H, s["track_len"], hd))]}
         per_seq.append(x)
-        want.append(run(module.window, x["hidden"], x["pos"], x["track"], x["window"], x["mask"], *x["caches"]))
+        want.append(run(module and module.window, x["hidden"], x["pos"], x["track"], x["window"], x["mask"],
+                        *x["caches"]))
     inputs = {"hidden_states": _pad([x["hidden"] for x in per_seq], np.nan),
               "position_ids": _pad([x["pos"] for x in per_seq], -1),
               "canvas_lengths": np.array([s["seq_len"] for s in seqs], dtype=np.int64),
@@ -152,10 +156,10 @@ def piece_cases(spec: PieceSpec, module, cfg, sizes: dict[str, int], batch: int,
         x = {"hidden": floats(n, cfg.d_model), "window": rng.choice(n, s["window_len"], replace=False).astype(np.int64),
              "mask": rng.random(n) < 0.5}
         per_seq.append(x)
-        out = run(module.refresh, x["hidden"], np.arange(n, dtype=np.int64), x["window"], x["mask"])
+        out = run(module and module.refresh, x["hidden"], np.arange(n, dtype=np.int64), x["window"], x["mask"])
         # the reference refresh has no drift output: slot None where the piece has one (not compared)
-        want.append((out[0], *[v for i in range(n_layers) for v in (*out[1 + 4 * i: 4 + 4 * i], None,
-                                                                      out[4 + 4 * i])]))
+        want.append(out and (out[0], *[v for i in range(n_layers) for v in (*out[1 + 4 * i: 4 + 4 * i], None,
+                                                                             out[4 + 4 * i])]))
     n_max = max(s["seq_len"] for s in seqs)
     inputs = {"hidden_states": _pad([x["hidden"] for x in per_seq], np.nan),
               "position_ids": _pad([np.arange(s["seq_len"], dtype=np.int64) for s in seqs], -1),

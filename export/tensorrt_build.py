@@ -194,11 +194,13 @@ def build_piece(trt, builder, logger, onnx_path: Path, profiles: list[dict], set
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    for shapes in profiles:
+    for index, shapes in enumerate(profiles):  # the runtime selects profiles by index: they must land in order
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) != index:
+            raise ModelError(f"TensorRT refused optimization profile {index} of {onnx_path.name} "
+                             "(see the TensorRT log above)")
     extra = setup(config)
     plan = builder.build_serialized_network(network, config)
     if plan is None:

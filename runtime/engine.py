@@ -61,6 +61,10 @@ def export_cache_dir(model: str | Path, cache_root: str | Path, **settings) -> P
 
     from .checkpoint import Checkpoint
 
-    key_src = json.dumps({"checkpoint": Checkpoint(model).fingerprint(), **settings}, sort_keys=True)
+    from .manifest import FORMAT_VERSION
+
+    # the manifest format is part of the key: a runtime reading a newer format exports anew, next to the old folder
+    key_src = json.dumps({"checkpoint": Checkpoint(model).fingerprint(), "format_version": FORMAT_VERSION,
+                          **settings}, sort_keys=True)
     return Path(cache_root) / f"{Path(model).resolve().name}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
 

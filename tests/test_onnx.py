@@ -255,3 +255,43 @@ def test_drift_output_matches_torch_cosine_on_tiny_attention(engines):
         assert abs(float(out[f"drift.{L}"][0]) - float(want)) < 1e-4, (L, out[f"drift.{L}"], float(want))
         assert abs(float(out[f"drift.{L}"][1]) - float(want_keys)) < 1e-4
     assert tiny_pairs > 100, f"attention was not peaked enough to exercise the eps clamp ({tiny_pairs})"
+
+
+def test_batched_range_piece_equals_one_call_per_sequence(engines):
+    """A layer-range piece at batch 3 (unequal canvases and row counts, NaN in every padded or unread cache
+    entry) gives each sequence what a batch-1 call for it alone gives, in both modes. Not bit for bit: ONNX
+    Runtime's matmul kernels sum in an order that depends on the padded shape (differences of about 1e-7 here)."""
+    import onnxruntime as ort
+
+    from dllm_trt.export.check import _valid, check_sizes, piece_cases
+
+    m = load_manifest(engines)
+    spec = m.piece("layers_00_02")
+
+    import torch
+
+    session = ort.InferenceSession(str(engines / spec.file), providers=["CPUExecutionProvider"])
+    sizes = check_sizes(m.dims) | {"seq_len": 37, "rows": 11}
+    for case in piece_cases(spec, None, m.config, sizes, 3, np.random.default_rng(1), torch.float32):
+        together = session.run(None, case.inputs)
+        for b, extent in enumerate(case.extents):
+            alone_inputs = {}
+            for t in spec.inputs:
+                value = case.inputs[t.name][b: b + 1]
+                alone_inputs[t.name] = (_valid(value[0], t.shape[1:], extent)[None] if t.name != "canvas_lengths"
+                                        else value)
+            alone = session.run(None, alone_inputs)
+            for t, x, y in zip(spec.outputs, together, alone):
+                if t.name.startswith("drift") and case.label.startswith("refresh"):
+                    continue
+                x = _valid(x[b], t.shape[1:], extent)
+                np.testing.assert_allclose(x, y[0], rtol=0, atol=2e-6, err_msg=f"{case.label} {t.name} sequence {b}")
+
+
+def test_version_1_engine_folder_is_refused_with_a_line_to_re_export(engines_copy):
+    raw = json.loads((engines_copy / "manifest.json").read_text())
+    raw["format_version"] = 1
+    (engines_copy / "manifest.json").write_text(json.dumps(raw))
+    proc = cli(["generate", "--engines", str(engines_copy), "--prompt", "Hi"])
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "manifest format 1" in proc.stderr and "re-export it (dllm-trt export --model" in proc.stderr

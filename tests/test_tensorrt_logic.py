@@ -10,12 +10,14 @@ from dataclasses import replace
 import pytest
 
 from dllm_trt.export.onnx_export import export_model
+from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import load_manifest
 from dllm_trt.runtime.doctor import tensorrt_usable
-from dllm_trt.export.tensorrt_build import (check_buildable, check_precision, dim_ranges, profile_for, rtx_targets,
-                                            write_record)
+from dllm_trt.export.tensorrt_build import (check_buildable, check_precision, dim_ranges, piece_profiles, profile_for,
+                                            rtx_targets, write_record)
+from dllm_trt.runtime.backends.tensorrt_backend import layer_dims, shape_of
 from dllm_trt.runtime.trt_plans import (Target, cache_bytes, choose_flavor, find_built, gpu_support, plan_dir,
-                                        plan_status, stale_pieces)
+                                        plan_status, profile_index, stale_pieces)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 # Runs the CLI as if neither TensorRT flavour were installed (find_spec and import both see None).
@@ -35,23 +37,66 @@ def target():
 
 def test_profiles_tie_shared_dims(engines):
     m = load_manifest(engines)
-    ranges = dim_ranges(m)
-    assert ranges["seq_len"] == (2, 320, 320) and ranges["active_len"] == (1, 32, 64)  # opt: a typical window pass
-    prof = profile_for(m.piece("layers_00_02.window"), ranges)
+    ranges = dim_ranges(m, mode="window")
+    assert ranges["seq_len"] == (2, 320, 320) and ranges["rows"] == (1, 32, 64)  # opt: a typical window pass
+    assert ranges["batch"] == (1, 1, 8)                                          # opt: one sequence
+    prof = profile_for(m.piece("layers_00_02"), ranges)
     # every input that uses seq_len gets the same (min, opt, max) on that axis
-    seq_axes = {name: [s[1] for s in shapes] for name, shapes in prof.items() if name.startswith("past_key_values")}
+    seq_axes = {name: [s[2] for s in shapes] for name, shapes in prof.items() if name.startswith("past_key_values")}
     assert len({tuple(v) for v in seq_axes.values()}) == 1
-    assert prof["hidden_states"] == ((1, 64), (32, 64), (64, 64))
-    assert prof["past_key_values.0.key"] == ((4, 2, 16), (4, 320, 16), (4, 320, 16))
-    assert prof["key_is_mask"] == ((2,), (320,), (320,))
+    assert prof["hidden_states"] == ((1, 1, 64), (1, 32, 64), (8, 64, 64))
+    assert prof["past_key_values.0.key"] == ((1, 4, 2, 16), (1, 4, 320, 16), (8, 4, 320, 16))
+    assert prof["key_is_mask"] == ((1, 2), (1, 320), (8, 320))
+    assert prof["canvas_lengths"] == ((1,), (1,), (8,))
+
+
+def test_layer_range_plans_get_a_window_and_a_refresh_profile(engines):
+    m = load_manifest(engines)
+    profiles = piece_profiles(m, m.range_piece(0))
+    assert list(profiles) == ["window", "refresh"]                                # profile index order
+    assert profiles["window"]["rows"] == (1, 32, 64)                              # manifest.profiles.window
+    assert profiles["refresh"]["rows"] == (2, 320, 320)                           # a query row per canvas slot
+    for mode in profiles:                                                         # the rest as manifest.dims
+        assert profiles[mode]["seq_len"] == (2, 320, 320) and profiles[mode]["track_len"] == (1, 32, 64)
+    assert piece_profiles(m, m.piece("embed")) == {"all": {"batch": (1, 1, 8), "n_tokens": (1, 320, 320)}}
+    assert list(piece_profiles(m, m.piece("head"))) == ["all"]
+    assert [profile_index("layers", mode) for mode in ("window", "refresh")] == [0, 1]
+    assert profile_index("head", "all") == 0
+    with pytest.raises(ValueError, match="a head piece has no 'window' profile"):
+        profile_index("head", "window")
+
+
+def test_each_mode_binds_shapes_inside_the_profile_it_selects(engines):
+    """What the backend binds per mode (layer_dims) fits the profile profile_index picks, and a refresh over a
+    canvas longer than max_active fits only the refresh profile."""
+    m = load_manifest(engines)
+    piece = m.range_piece(0)
+    profiles = [profile_for(piece, r) for r in piece_profiles(m, piece).values()]
+
+    def fits(profile, dims):
+        return all(lo <= s <= hi for t in piece.inputs
+                   for lo, s, hi in zip(profile[t.name][0], shape_of(t, dims), profile[t.name][2]))
+
+    window = layer_dims("window", 320, 16, n_rows=25, n_track=3)
+    refresh = layer_dims("refresh", 320, 16)
+    assert refresh["rows"] == refresh["seq_len"] == 320 and refresh["track_len"] == 1
+    assert fits(profiles[profile_index("layers", "window")], window)
+    assert fits(profiles[profile_index("layers", "refresh")], refresh)
+    assert not fits(profiles[profile_index("layers", "window")], refresh)
+    assert shape_of(piece.inputs[0], window) == (1, 25, 64)
 
 
 def test_profiles_clip_to_requested_maxima(engines):
     m = load_manifest(engines)
     ranges = dim_ranges(m, max_len=64, max_active=16)
-    assert ranges["seq_len"] == (2, 64, 64) and ranges["window_len"] == (1, 16, 16)
+    assert ranges["seq_len"] == (2, 64, 64) and ranges["window_len"] == (1, 16, 16) and ranges["rows"] == (1, 64, 64)
+    assert dim_ranges(m, 64, 16, mode="window")["rows"] == (1, 16, 16)     # a window pass: --max-active
+    assert dim_ranges(m, 64, 16, mode="refresh")["rows"] == (2, 64, 64)    # a whole canvas: --max-len
+    assert dim_ranges(m, 64, 16)["batch"] == (1, 1, 8)                     # not capped
     with pytest.raises(ValueError, match="outside the exported range"):
         dim_ranges(m, max_len=4096)
+    with pytest.raises(ValueError, match="--max-active 100 is outside the exported range 1..64 of rows in window"):
+        dim_ranges(m, max_active=100, mode="window")
 
 
 def test_precision_must_match_export(engines):
@@ -74,7 +119,7 @@ def test_fingerprint_covers_gpu_trt_precision_and_profiles(target):
     assert fp.startswith("sm90-trt11.4.0-fp32-")
     for change in ({"gpu_name": "NVIDIA H200"}, {"compute_capability": "8.9"}, {"trt_version": "10.13.0"},
                    {"precision": "bf16"}, {"max_len": 256}, {"max_active": 32}, {"opt_level": 5},
-                   {"flavor": "rtx"}):
+                   {"flavor": "rtx"}, {"max_batch": 4}):
         assert replace(target, **change).fingerprint() != fp, change
     assert replace(target).fingerprint() == fp
 
@@ -236,6 +281,43 @@ def test_without_tensorrt(engines):
     assert run.returncode == 2 and "TensorRT is not installed" in run.stderr
     auto = cli("generate", "--engines", str(engines), "--prompt", "Hi", "--gen-length", "8", "--json")
     assert auto.returncode == 0 and '"onnxruntime (cpu' in auto.stdout   # auto falls back to ONNX Runtime
+
+
+def test_backend_runs_each_mode_on_its_profile(engines, tmp_path, monkeypatch):
+    """TensorRTBackend on a stand-in for TensorRT whose plans are the ONNX pieces run by ONNX Runtime at the addresses
+    the backend binds (tests/fake_tensorrt.py): it decodes like the ONNX Runtime backend under every cache policy,
+    window passes run on the window profile and refresh passes on the refresh profile. Canvases are longer than
+    max_active (64), so a refresh fits no other profile."""
+    import numpy as np
+
+    from fake_tensorrt import VERSION, FakeTensorRT
+    from dllm_trt.runtime.backends import tensorrt_backend
+    from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from dllm_trt.runtime.decoder import Decoder
+    from dllm_trt.runtime.policies import make_policy
+    from dllm_trt.runtime.schedule import BlockSchedule, WindowSchedule
+
+    eng = shutil.copytree(engines, tmp_path / "e")
+    m = load_manifest(eng)
+    fake_build(eng, m, Target("", "ampere+", VERSION, "fp32", 320, 64, flavor="rtx", max_batch=8))
+    fake = FakeTensorRT(eng)
+    monkeypatch.setattr(tensorrt_backend, "cuda_device", fake.cuda_device)
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", fake.import_tensorrt)
+    trt = tensorrt_backend.TensorRTBackend(eng)
+    ort = OnnxRuntimeBackend(eng, threads=1)
+    schedules = {"none": lambda: BlockSchedule(56, 8, steps=56), "prefix": lambda: BlockSchedule(56, 8, threshold=0.08),
+                 "dual": lambda: BlockSchedule(56, 8, threshold=0.08),
+                 "elastic": lambda: WindowSchedule(56, 8, threshold=0.08)}
+    rng = np.random.default_rng(5)
+    for prompt in (rng.integers(32, 127, int(rng.integers(12, 20))).tolist() for _ in range(2)):
+        for cache, schedule in schedules.items():
+            want = Decoder(ort, make_policy(cache), schedule()).generate(prompt).canvas_ids
+            got = Decoder(trt, make_policy(cache), schedule()).generate(prompt).canvas_ids
+            assert got == want, (cache, prompt)
+    ranges = {m.range_piece(r).name for r in range(len(m.layer_ranges))}
+    assert {call for call in fake.calls if call[0] in ranges} == {(name, i) for name in ranges for i in (0, 1)}
+    with pytest.raises(ModelError, match="plans were built for at most 320"):
+        trt.begin(321)
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed here (it is not available in this workplace)")

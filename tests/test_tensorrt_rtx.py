@@ -1,6 +1,7 @@
 """Real TensorRT for RTX plans of the tiny model's pieces, built without a GPU (the parser and builder run on the
-CPU), in fp32, bf16 and fp16; and, on a GPU that TensorRT for RTX supports, loading them and decoding token for
-token like ONNX Runtime. Skips when tensorrt_rtx is not installed (pip install -e '.[tensorrt-rtx]')."""
+CPU), in fp32, bf16 and fp16: one plan per piece, with a window and a refresh profile for each layer range; and, on
+a GPU that TensorRT for RTX supports, loading them and decoding token for token like ONNX Runtime. Skips when
+tensorrt_rtx is not installed (pip install -e '.[tensorrt-rtx]')."""
 import importlib.util
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 
 from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime.config import ModelError
-from dllm_trt.runtime.manifest import load_manifest
+from dllm_trt.runtime.manifest import load_manifest, range_name
 
 if importlib.util.find_spec("tensorrt_rtx") is None:
     pytest.skip("tensorrt_rtx is not installed (pip install -e '.[tensorrt-rtx]')", allow_module_level=True)
@@ -57,6 +58,27 @@ def test_every_piece_has_a_plan(built):
         assert plan.stat().st_size > 1000, name
         assert plan.stat().st_size == record["plan_size"][name]
     assert set(record["build_seconds"]) == {p.name for p in m.pieces}
+    assert set(plan_files(eng, out)) == {"embed", "head"} | {range_name(*r) for r in m.layer_ranges}
+
+
+def test_each_range_plan_has_a_window_and_a_refresh_profile(built):
+    """The profiles the plans were built with (build.json; reading them back from a plan needs a GPU, which
+    test_plans_load_and_decode_like_onnxruntime does): window rows up to max_active, refresh rows a whole canvas."""
+    eng, out = built
+    m = load_manifest(eng)
+    profiles = json.loads((out / "build.json").read_text())["profiles"]
+    assert set(profiles) == {p.name for p in m.pieces}
+    window, refresh = m.profiles["window"]["rows"], m.profiles["refresh"]["rows"]
+    for p in m.pieces:
+        if p.kind != "layers":
+            assert list(profiles[p.name]) == ["all"], p.name
+            continue
+        assert list(profiles[p.name]) == ["window", "refresh"], p.name
+        assert profiles[p.name]["window"]["rows"] == [window["min"], min(32, window["max"]), window["max"]]
+        assert profiles[p.name]["refresh"]["rows"] == [refresh["min"], refresh["max"], refresh["max"]]
+        for mode in ("window", "refresh"):
+            assert profiles[p.name][mode]["batch"] == [1, 1, m.dims["batch"]["max"]]
+            assert profiles[p.name][mode]["seq_len"][2] == m.dims["seq_len"]["max"]
 
 
 def test_second_build_is_a_noop(built, capsys):
@@ -96,15 +118,16 @@ def test_swapped_plan_of_the_same_size_is_refused_at_load(built):
     record = json.loads((out / "build.json").read_text())
     plans = plan_files(eng, out)
     assert record["plan_sha256"] == {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in plans.items()}
-    windows = [n for n in plans if n.endswith(".window")]
-    if len(windows) < 2:
+    ranges = [range_name(*r) for r in load_manifest(eng).layer_ranges]
+    if len(ranges) < 2:
         pytest.skip("one layer range in this export")
-    a, b = plans[windows[0]], plans[windows[1]]
+    a, b = plans[ranges[0]], plans[ranges[1]]
+    assert a.stat().st_size == b.stat().st_size
     saved = a.read_bytes()
     shutil.copyfile(b, a)
     try:
         with pytest.raises(BackendError, match="is not the plan that was built there"):
-            load_plan(None, None, a, "rtx", record["plan_sha256"][windows[0]])  # refused before TensorRT sees it
+            load_plan(None, None, a, "rtx", record["plan_sha256"][ranges[0]])  # refused before TensorRT sees it
     finally:
         a.write_bytes(saved)
 
@@ -152,6 +175,12 @@ def test_plans_load_and_decode_like_onnxruntime(built):
     eng, _ = built
     trt = TensorRTBackend(eng, flavor="rtx")
     assert trt.describe().startswith("tensorrt-rtx")
+    m = load_manifest(eng)
+    for r in range(len(m.layer_ranges)):   # the plan's own profiles: hidden_states rows per mode
+        engine = trt.engines[m.range_piece(r).name]
+        rows = [[shape[1] for shape in engine.get_tensor_profile_shape("hidden_states", i)] for i in range(2)]
+        n = m.dims["seq_len"]["max"]
+        assert rows == [[1, min(32, m.max_active), m.max_active], [2, n, n]]
     if load_manifest(eng).dtype != "fp32":
         return  # bf16/fp16: loading and running is the check; token parity is asked of fp32 only
     ort = OnnxRuntimeBackend(eng, threads=1)

@@ -95,9 +95,10 @@ def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None, size: i
     return engine
 
 
-def layer_dims(mode: str, n_positions: int, n_rows: int, n_track: int, n_window: int) -> dict[str, int]:
-    """The dimensions a layer-range call binds in `mode`, at batch 1. Window mode: the step's query rows and tracked
-    rows. Refresh mode: one query row per canvas slot (rows = seq_len) and one tracked row, whose drift is ignored."""
+def layer_dims(mode: str, n_positions: int, n_window: int, n_rows: int = 0, n_track: int = 0) -> dict[str, int]:
+    """The dimensions a layer-range call binds in `mode`, at batch 1. Window mode: the step's n_rows query rows and
+    n_track tracked rows. Refresh mode: one query row per canvas slot (rows = seq_len) and one tracked row, whose
+    drift is ignored."""
     if mode == "refresh":
         n_rows, n_track = n_positions, 1
     return {"batch": 1, "seq_len": n_positions, "rows": n_rows, "track_len": n_track, "window_len": n_window}
@@ -288,7 +289,7 @@ class TensorRTBackend(Backend):
         a, b = self.ranges[r]
         layers = [layer_names(L) for L in range(a, b)]
         pos, track = self._t(positions), self._t(track_positions)
-        dims = layer_dims("window", self.n_positions, len(positions), len(track_rows), len(window_rows))
+        dims = layer_dims("window", self.n_positions, len(window_rows), len(positions), len(track_rows))
         inputs = {"hidden_states": self.current, "position_ids": pos[None], "canvas_lengths": self.canvas_lengths,
                   "key_is_mask": self._t(key_is_mask[None]), "track_rows": self._t(track_rows[None]),
                   "window_rows": self._t(window_rows[None])}
@@ -310,7 +311,7 @@ class TensorRTBackend(Backend):
         # the new keys, values and queries go straight onto the caches
         a, b = self.ranges[r]
         layers = [layer_names(L) for L in range(a, b)]
-        dims = layer_dims("refresh", self.n_positions, self.n_positions, 1, len(window_positions))
+        dims = layer_dims("refresh", self.n_positions, len(window_positions))
         inputs = {"hidden_states": self.boundary[r], "position_ids": self.positions,
                   "canvas_lengths": self.canvas_lengths, "key_is_mask": self._t(key_is_mask[None]),
                   "track_rows": self.no_track_rows, "window_rows": self._t(window_positions[None])}
