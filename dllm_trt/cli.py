@@ -439,7 +439,7 @@ def cmd_doctor(a) -> None:
 
 
 def cmd_build(a) -> None:
-    from .runtime.backends.tensorrt_backend import build_plans
+    from .export.tensorrt_build import build_plans
 
     try:
         build_plans(a.engines, a.precision, a.max_len, a.max_active, a.opt_level, flavor=a.trt_flavor,
