@@ -12,14 +12,14 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 from .evaluate.outputs import OutputError, check_output, check_plot, save
 from .runtime.backends.base import BackendError
 from .runtime.config import ModelError
-from .runtime.options import (CALIBRATED, DEFAULT_GAMMA, DEFAULT_GEN_LENGTH, DecodeOptions, OptionError,
-                              PromptTooLong, build, resolve_gamma)
+from .runtime.options import (CALIBRATED, DEFAULT_GAMMA, DEFAULT_GEN_LENGTH, DEFAULT_WINDOW, DecodeOptions,
+                              OptionError, PromptTooLong, check_gamma, check_schedule, decode_options,
+                              default_gen_length, option_names, resolve_gamma)
 
 from .evaluate.calibrate import BISECT_STEPS, GRID
 
@@ -97,14 +97,12 @@ def flag_error(e: OptionError) -> UsageError:
     return UsageError(f"--{e.field.replace('_', '-')} {e.problem}")
 
 
-def decode_options(a, cache: str | None = None) -> DecodeOptions:
-    """The decoding flags as DecodeOptions (validated), the same options the API and the server take."""
-    opts = DecodeOptions(cache=cache or a.cache, gen_length=a.gen_length, block_length=a.block_length,
-                         steps=a.steps, window=a.window, threshold=a.threshold, tokens_per_step=a.tokens_per_step,
-                         early_stop=a.early_stop, gamma=a.gamma, track_num=a.track_num, drift_metric=a.drift_metric,
-                         refresh_alignment=a.refresh_alignment)
+def flag_options(a, **overrides) -> DecodeOptions:
+    """The decoding flags this command has (DecodeOptions' fields), validated: the same options the API and the
+    server take."""
+    given = {name: getattr(a, name) for name in option_names() if hasattr(a, name)}
     try:
-        return opts.validate()
+        return decode_options(given | overrides)
     except OptionError as e:
         raise flag_error(e) from None
 
@@ -156,45 +154,56 @@ def engine_on(backend, source: Path):
 def cmd_generate(a) -> bool:
     if not a.prompt or not a.prompt.strip():
         raise UsageError("--prompt is empty")
-    opts = decode_options(a)
-    if opts.gen_length is not None:  # schedule errors (e.g. blocks that do not divide it) before any export
-        try:
-            build(replace(opts, gamma=None if opts.gamma == CALIBRATED else opts.gamma), opts.gen_length)
-        except OptionError as e:
-            raise flag_error(e) from None
+    opts = flag_options(a)
+    try:
+        check_schedule(opts)  # e.g. blocks that do not divide --gen-length: refused before any export
+    except OptionError as e:
+        raise flag_error(e) from None
     engine = engine_on(*open_backend(a))
     prompt = [{"role": "user", "content": a.prompt}] if a.chat else a.prompt
+    prepared = plan_prompt(engine, prompt, opts)
+    result = engine.generate(prompt, prepared=prepared)
+    print_result(a, engine, prepared, result)
+    return engine.backend.name == "onnxruntime"  # nothing to save at exit: TensorRT for RTX saves its runtime cache
+
+
+def plan_prompt(engine, prompt, opts: DecodeOptions) -> tuple:
+    """Engine.prepare's (decoder, prompt ids, options), its errors worded for the command line; says so on stderr
+    when the default gen length was shortened to fit."""
     try:
         prompt_ids = engine.encode(prompt)
     except ValueError as e:  # e.g. text that is not valid Unicode, a chat template that raises
         raise UsageError(f"--prompt: {e}") from None
     try:
         decoder, _, _ = engine.plan(prompt_ids, opts)
-        gamma, gamma_source = resolve_gamma(opts, engine.backend.calibration)
     except OptionError as e:
         raise flag_error(e) from None
     except PromptTooLong as e:
         raise UsageError(f"{e} (--gen-length)") from None
-    schedule, policy = decoder.schedule, decoder.policy
-    if opts.gen_length is None and schedule.gen_length != (engine.backend.config.default_gen_length
-                                                           or DEFAULT_GEN_LENGTH):
-        print(f"gen length {schedule.gen_length}: what fits in the {engine.max_positions} positions after the "
+    gen_length = decoder.schedule.gen_length
+    if opts.gen_length is None and gen_length != default_gen_length(engine.backend.config.default_gen_length):
+        print(f"gen length {gen_length}: what fits in the {engine.max_positions} positions after the "
               f"{len(prompt_ids)}-token prompt (--gen-length to choose)", file=sys.stderr)
-    result = engine.generate(prompt, prepared=(decoder, prompt_ids, opts))
-    nothing_to_save = engine.backend.name == "onnxruntime"  # TensorRT for RTX saves its runtime cache at exit
+    return decoder, prompt_ids, opts
+
+
+def print_result(a, engine, prepared: tuple, result) -> None:
+    """The text and a stats line on stderr, or with --json one JSON object with every stat."""
+    decoder, _, opts = prepared
+    gamma, gamma_source = resolve_gamma(opts, engine.backend.calibration)  # as plan_prompt resolved it
     if a.json:
         from .runtime.memory import peak_rss_bytes
 
         print(json.dumps(result.to_dict() | {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": engine.weight_bytes,
                                              "gamma": gamma, "gamma_source": gamma_source}))
-        return nothing_to_save
+        return
     print(result.text)
+    policy, schedule = decoder.policy, decoder.schedule
     extra = (f", gamma {gamma:g} ({gamma_source}), refresh fraction {result.refresh_fraction:.3f}"
              if policy.name == "elastic" else "")
     print(f"[{result.backend} | cache {policy.name} | {schedule.name} schedule] {result.tokens} tokens in "
           f"{result.steps} steps, {result.seconds:.2f} s, {result.tokens_per_second:.1f} tok/s{extra}",
           file=sys.stderr)
-    return nothing_to_save
 
 
 def _eval_inputs(a):
@@ -202,12 +211,12 @@ def _eval_inputs(a):
 
     if a.limit is not None and a.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {a.limit}")
-    decode_options(a, cache="elastic")  # the shared flags (gen length, window, gamma, ...) are valid
+    flag_options(a, cache="elastic")  # the shared flags (gen length, window, gamma, ...) are valid
     caches = [c.strip() for c in a.cache.split(",") if c.strip()]
 
     def configs_for(calibration):
-        return standard_configs(caches, a.gamma, a.window or 16, not getattr(a, "no_llada_baseline", False),
-                                calibration)
+        return standard_configs(caches, a.gamma, a.window or DEFAULT_WINDOW,
+                                not getattr(a, "no_llada_baseline", False), calibration)
 
     try:
         problems = load_problems(a.data, a.limit)
@@ -253,7 +262,7 @@ def cmd_bench(a) -> None:
         raise UsageError("--plot draws the gamma sweep: give --gamma-sweep too")
     for g in gammas:
         try:
-            DecodeOptions(cache="elastic", gamma=g).validate()
+            check_gamma(g)
         except OptionError as e:
             raise UsageError(f"--gamma-sweep: every gamma {e.problem}") from None
     check_output(a.out, "--out", run_inputs(a))
@@ -274,13 +283,14 @@ def cmd_bench(a) -> None:
     report, saved = {"speed": results}, True
     if gammas:
         sweep_problems = load_problems(a.data, a.sweep_limit)
-        sweep = standard_configs([], window=a.window or 16, llada_baseline=not a.no_llada_baseline)
-        sweep += [RunConfig(f"elastic gamma {g}", DecodeOptions(cache="elastic", window=a.window or 16, gamma=g))
+        window = a.window or DEFAULT_WINDOW
+        sweep = standard_configs([], window=window, llada_baseline=not a.no_llada_baseline)
+        sweep += [RunConfig(f"elastic gamma {g}", DecodeOptions(cache="elastic", window=window, gamma=g))
                   for g in gammas]
         calibrated = backend.calibration.get("gamma", {}).get("heads")
         if calibrated is not None:  # the calibrated point beside the hand-picked ones (drift metric heads, as they)
             sweep.append(RunConfig(f"elastic gamma {calibrated:g} (calibrated)",
-                                   DecodeOptions(cache="elastic", window=a.window or 16, gamma=calibrated)))
+                                   DecodeOptions(cache="elastic", window=window, gamma=calibrated)))
         summaries = evaluate(backend, tok, sweep_problems, sweep, a.sweep_gen_length)
         print()
         print(table(summaries, f"gamma sweep: {len(sweep_problems)} problems, gen length {a.sweep_gen_length}"))
@@ -315,14 +325,13 @@ def cmd_calibrate(a) -> None:
         grid = sorted({float(x) for x in a.grid.split(",")})
     except ValueError:
         raise UsageError(f"--grid takes comma-separated gammas, got {a.grid!r}") from None
-    if not grid or not all(math.isfinite(g) and GAMMA_RANGE[0] <= g <= GAMMA_RANGE[1] for g in grid):
-        raise UsageError(f"--grid: every gamma must be in [{GAMMA_RANGE[0]:g}, {GAMMA_RANGE[1]:g}], got {a.grid!r}")
-    base = DecodeOptions(cache="elastic", gen_length=a.gen_length, window=a.window, threshold=a.threshold,
-                         track_num=a.track_num, refresh_alignment=a.refresh_alignment)
     try:
-        base.validate()
-    except OptionError as e:
-        raise flag_error(e) from None
+        for g in grid:
+            check_gamma(g)
+    except OptionError:
+        raise UsageError(f"--grid: every gamma must be in [{GAMMA_RANGE[0]:g}, {GAMMA_RANGE[1]:g}], got {a.grid!r}"
+                         ) from None
+    base = flag_options(a, cache="elastic")
     try:
         problems = load_problems(a.data, a.prompts, need_answer=a.objective == "accuracy")
     except OSError as e:
@@ -336,7 +345,7 @@ def cmd_calibrate(a) -> None:
                          f"there: export first (dllm-trt export --model DIR --out {a.engines})")
     engine = Engine.load(a.engines, a.backend, a.threads)
     backend, tok, limit = engine.backend, engine.tokenizer, engine.max_positions
-    gen_length = a.gen_length or backend.config.default_gen_length or DEFAULT_GEN_LENGTH
+    gen_length = base.gen_length or default_gen_length(backend.config.default_gen_length)
     longest = max(len(tok.encode_prompt(p["question"], chat=True)) for p in problems)
     if longest + gen_length > limit:
         raise UsageError(f"the longest prompt ({longest} tokens) + gen length {gen_length} exceeds the {limit} "

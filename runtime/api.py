@@ -18,7 +18,7 @@ from pathlib import Path
 from .backends.base import Backend
 from .config import ModelError
 from .decoder import Decoder, GenerationResult
-from .options import DecodeOptions, OptionError, PromptTooLong, build
+from .options import DecodeOptions, OptionError, PromptTooLong, build, decode_options
 from .tokenizer import TextTokenizer
 
 __all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong"]
@@ -67,15 +67,7 @@ class Engine:
         """Validate the options (OptionError) and the prompt length (PromptTooLong), both ValueErrors, before any
         work starts. Options are DecodeOptions' fields; `max_tokens` (OpenAI's name) is accepted for gen_length,
         and None for any option means its default (for gamma: the engine's calibrated gamma, else 0.9)."""
-        if "max_tokens" in options:
-            if options.get("gen_length") is not None:
-                raise OptionError("max_tokens", "and gen_length are the same option: give one")
-            options["gen_length"] = options.pop("max_tokens")
-        unknown = sorted(set(options) - set(DecodeOptions.__dataclass_fields__))
-        if unknown:
-            raise OptionError(unknown[0], "is not a decoding option")
-        defaults = DecodeOptions()
-        opts = DecodeOptions(**{k: getattr(defaults, k) if v is None else v for k, v in options.items()}).validate()
+        opts = decode_options(options)
         return self.plan(self.encode(prompt), opts)
 
     def plan(self, prompt_ids: list[int], opts: DecodeOptions) -> tuple[Decoder, list[int], DecodeOptions]:

@@ -45,10 +45,12 @@ def open_checkpoint(model: str | Path, layers_per_range: int = 1, device: str | 
                     dtype: str = "fp32", graphs: bool = False) -> Backend:
     """The torch backend on a checkpoint; graphs=True: fixed-shape (bucketed) steps replayed as CUDA graphs on a
     GPU (the same padded programs run eagerly on a CPU)."""
-    from .backends.torch_backend import TorchBackend
+    from .backends.torch_backend import PaddedTorchBackend, TorchBackend
 
     try:
-        return TorchBackend(model, layers_per_range, device, dtype, graphs=graphs)
+        if graphs:
+            return PaddedTorchBackend(model, layers_per_range, device, dtype, graphs=True)
+        return TorchBackend(model, layers_per_range, device, dtype)
     except ValueError as e:
         raise ModelError(str(e)) from None
 

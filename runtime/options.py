@@ -7,6 +7,9 @@ LLaDA's baseline (blocks of 32, one token per step); prefix and dual are Fast-dL
 
 Gamma: the one given, else the engine's calibrated gamma for the drift metric (manifest.json's `calibration`
 block, written by `dllm-trt calibrate`), else DEFAULT_GAMMA (resolve_gamma).
+
+Entry points hand their options to decode_options (a request's fields, the command line's flags) and show an
+OptionError their own way; the rules themselves live only here.
 """
 from __future__ import annotations
 
@@ -72,13 +75,10 @@ class DecodeOptions:
                 raise OptionError(name, f"must be an integer, got {value!r}")
             if value < 1:
                 raise OptionError(name, f"must be at least 1, got {value}")
-        for name, lo, hi in (("threshold", 0.0, 1.0), ("gamma", *GAMMA_RANGE)):
-            value = getattr(self, name)
-            if value is None or (name == "gamma" and value == CALIBRATED):
-                continue
-            if not _is_number(value) or not lo <= value <= hi:
-                hint = " (similarities are in [-1, 1]; above 1 always refreshes)" if name == "gamma" else ""
-                raise OptionError(name, f"must be in [{lo:g}, {hi:g}]{hint}, got {value!r}")
+        if self.threshold is not None:
+            _check_range("threshold", self.threshold, 0.0, 1.0)
+        if self.gamma is not None and self.gamma != CALIBRATED:
+            check_gamma(self.gamma)
         if self.early_stop is not None and not isinstance(self.early_stop, bool):
             raise OptionError("early_stop", f"must be true or false, got {self.early_stop!r}")
         if self.drift_metric not in ("heads", "keys"):
@@ -102,7 +102,7 @@ class DecodeOptions:
                 raise PromptTooLong(f"prompt ({prompt_len} tokens) + gen length ({self.gen_length}) exceeds the "
                                     f"{max_positions} positions available; {max(room, 0)} or fewer fit")
             return self.gen_length
-        n = min(default or DEFAULT_GEN_LENGTH, room)
+        n = min(default_gen_length(default), room)
         block = self.block_length or DEFAULT_BLOCK_LENGTH
         if self.uses_blocks and n > block:
             n -= n % block
@@ -110,6 +110,36 @@ class DecodeOptions:
             raise PromptTooLong(f"prompt ({prompt_len} tokens) leaves no room in the {max_positions} positions "
                                 f"available")
         return n
+
+
+def decode_options(given: dict) -> DecodeOptions:
+    """Options as a request or the command line gives them, validated (OptionError): DecodeOptions' field names,
+    `max_tokens` (OpenAI's name) for gen_length, and None for an option's default."""
+    given = dict(given)
+    if "max_tokens" in given:
+        if given.get("gen_length") is not None:
+            raise OptionError("max_tokens", "and gen_length are the same option: give one")
+        given["gen_length"] = given.pop("max_tokens")
+    unknown = sorted(set(given) - set(option_names()))
+    if unknown:
+        raise OptionError(unknown[0], "is not a decoding option")
+    return DecodeOptions(**{name: value for name, value in given.items() if value is not None}).validate()
+
+
+def default_gen_length(declared: int | None) -> int:
+    """The generation length when none is asked for: the model's own (generation_config.json's max_new_tokens),
+    else DEFAULT_GEN_LENGTH."""
+    return declared or DEFAULT_GEN_LENGTH
+
+
+def check_gamma(gamma) -> None:
+    """OptionError unless `gamma` is a number in GAMMA_RANGE (the word "calibrated" is resolve_gamma's to check)."""
+    _check_range("gamma", gamma, *GAMMA_RANGE, hint=" (similarities are in [-1, 1]; above 1 always refreshes)")
+
+
+def _check_range(name: str, value, lo: float, hi: float, hint: str = "") -> None:
+    if not _is_number(value) or not lo <= value <= hi:
+        raise OptionError(name, f"must be in [{lo:g}, {hi:g}]{hint}, got {value!r}")
 
 
 def _is_number(value) -> bool:
@@ -135,6 +165,19 @@ def build(opts: DecodeOptions, gen_length: int, calibration: dict | None = None)
     one (`calibration`: the engine's calibration block). Raises OptionError."""
     opts.validate()
     gamma, _ = resolve_gamma(opts, calibration)
+    schedule = _schedule(opts, gen_length)
+    policy: Policy = make_policy(opts.cache, gamma, opts.track_num, opts.drift_metric, opts.refresh_alignment)
+    return schedule, policy
+
+
+def check_schedule(opts: DecodeOptions) -> None:
+    """The errors of the schedule for a given gen_length (e.g. blocks that do not divide it), found without a model,
+    for entry points that refuse before opening or exporting one. Raises OptionError."""
+    if opts.validate().gen_length is not None:
+        _schedule(opts, opts.gen_length)
+
+
+def _schedule(opts: DecodeOptions, gen_length: int) -> BlockSchedule | WindowSchedule:
     if opts.uses_blocks:
         block = opts.block_length or min(DEFAULT_BLOCK_LENGTH, gen_length)
         if gen_length % block:
@@ -148,16 +191,12 @@ def build(opts: DecodeOptions, gen_length: int, calibration: dict | None = None)
         n_blocks = gen_length // block
         if steps is not None and steps % n_blocks:
             raise OptionError("steps", f"({steps}) must be a multiple of the number of blocks ({n_blocks})")
-        schedule = BlockSchedule(gen_length, block, steps, threshold if steps is None else None,
-                                 bool(opts.early_stop))
-    else:
-        threshold = opts.threshold
-        if threshold is None and opts.tokens_per_step == 1:
-            threshold = DEFAULT_THRESHOLD
-        schedule = WindowSchedule(gen_length, opts.window or DEFAULT_WINDOW, threshold, opts.tokens_per_step,
-                                  True if opts.early_stop is None else opts.early_stop)
-    policy: Policy = make_policy(opts.cache, gamma, opts.track_num, opts.drift_metric, opts.refresh_alignment)
-    return schedule, policy
+        return BlockSchedule(gen_length, block, steps, threshold if steps is None else None, bool(opts.early_stop))
+    threshold = opts.threshold
+    if threshold is None and opts.tokens_per_step == 1:
+        threshold = DEFAULT_THRESHOLD
+    return WindowSchedule(gen_length, opts.window or DEFAULT_WINDOW, threshold, opts.tokens_per_step,
+                          True if opts.early_stop is None else opts.early_stop)
 
 
 def option_names() -> list[str]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dllm_trt.runtime import buckets as bk
-from dllm_trt.runtime.backends.torch_backend import TorchBackend
+from dllm_trt.runtime.backends.torch_backend import PaddedTorchBackend, TorchBackend
 from dllm_trt.runtime.checkpoint import Checkpoint
 from dllm_trt.runtime.decoder import Decoder
 from dllm_trt.runtime.model_torch import LayerRange
@@ -93,7 +93,7 @@ def test_fast_refresh_equals_reference(tiny_dir):
 
 @pytest.fixture(scope="module")
 def backends(tiny_dir):
-    return TorchBackend(tiny_dir, 1, "cpu"), TorchBackend(tiny_dir, 1, "cpu", buckets=True)
+    return TorchBackend(tiny_dir, 1, "cpu"), PaddedTorchBackend(tiny_dir, 1, "cpu")
 
 
 def generate(backend, opts, prompt, order="auto"):

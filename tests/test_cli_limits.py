@@ -2,6 +2,7 @@
 problem files that never end or nest forever, non-finite gammas, thread bombs, and the generation length a
 checkpoint declares (issue #21, items 5, 7, 12 and 15)."""
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -177,6 +178,14 @@ def test_cli_threads_bomb_starts_only_usable_threads(tiny_engines, capsys):
     captured = capsys.readouterr()
     assert f"using {ob.usable_cpus()}" in captured.err
     assert json.loads(captured.out)["tokens"] >= 0
+
+
+def test_threads_flag_goes_to_the_backend_not_the_environment(tiny_engines, monkeypatch, capsys):
+    monkeypatch.delenv("DLLM_TRT_THREADS", raising=False)
+    main(["generate", "--engines", str(tiny_engines), "--prompt", "Hi", "--gen-length", "8", "--threads", "1",
+          "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] >= 0
+    assert "DLLM_TRT_THREADS" not in os.environ
 
 
 def test_usable_cpus_follows_affinity_and_quota(monkeypatch):

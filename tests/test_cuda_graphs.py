@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dllm_trt.runtime import buckets as bk
-from dllm_trt.runtime.backends.torch_backend import TorchBackend
+from dllm_trt.runtime.backends.torch_backend import PaddedTorchBackend, TorchBackend
 from dllm_trt.runtime.decoder import Decoder
 from dllm_trt.runtime.options import DecodeOptions, build
 
@@ -29,8 +29,8 @@ def plain(tiny_dir):
 
 
 def test_graph_flag_on_cpu_runs_the_same_programs_eagerly(tiny_dir, plain, prompts):
-    graphed = TorchBackend(tiny_dir, 1, "cpu", graphs=True, fast=False)
-    assert graphed.bucketed and not graphed.graphs and graphed.one_sync_per_step
+    graphed = PaddedTorchBackend(tiny_dir, 1, "cpu", graphs=True, fast=False)
+    assert not graphed.graphs and graphed.one_sync_per_step
     for opts in CASES:
         for prompt in prompts[:2]:
             a, b = generate(plain, opts, prompt), generate(graphed, opts, prompt)
@@ -39,7 +39,7 @@ def test_graph_flag_on_cpu_runs_the_same_programs_eagerly(tiny_dir, plain, promp
 
 
 def test_fast_attention_path_decodes_like_the_reference(tiny_dir, plain, prompts):
-    fast = TorchBackend(tiny_dir, 1, "cpu", graphs=True)
+    fast = PaddedTorchBackend(tiny_dir, 1, "cpu", graphs=True)
     assert fast.fast and all(lr.fast for lr in fast.layers)
     for prompt in prompts[:3]:
         a, b = generate(plain, ELASTIC, prompt), generate(fast, ELASTIC, prompt)
@@ -47,7 +47,7 @@ def test_fast_attention_path_decodes_like_the_reference(tiny_dir, plain, prompts
 
 
 def test_each_step_uses_its_bucket_and_reuses_static_buffers(tiny_dir, prompts):
-    be = TorchBackend(tiny_dir, 1, "cpu", buckets=True)
+    be = PaddedTorchBackend(tiny_dir, 1, "cpu")
     prompt = prompts[0]
     shapes = []
 
@@ -79,7 +79,7 @@ def test_each_step_uses_its_bucket_and_reuses_static_buffers(tiny_dir, prompts):
 
 
 def test_padded_step_answers_the_head_from_the_step(tiny_dir):
-    be = TorchBackend(tiny_dir, 1, "cpu", buckets=True)
+    be = PaddedTorchBackend(tiny_dir, 1, "cpu")
     n = 24
     ids = np.full(n, be.config.mask_token_id)
     ids[:10] = np.arange(40, 50)
@@ -100,7 +100,7 @@ def test_padded_step_answers_the_head_from_the_step(tiny_dir):
 
 @cuda
 def test_cuda_graphs_decode_like_cpu(tiny_dir, plain, prompts):
-    graphed = TorchBackend(tiny_dir, 1, "cuda", graphs=True, fast=False)
+    graphed = PaddedTorchBackend(tiny_dir, 1, "cuda", graphs=True, fast=False)
     for opts in CASES:
         for prompt in prompts[:2]:
             a, b = generate(plain, opts, prompt), generate(graphed, opts, prompt)

@@ -8,7 +8,8 @@ from dllm_trt.cli import main
 from dllm_trt.evaluate.harness import RunConfig, evaluate
 from dllm_trt.runtime.api import Engine
 from dllm_trt.runtime.decoder import Decoder
-from dllm_trt.runtime.options import DEFAULT_GEN_LENGTH, DecodeOptions, OptionError, PromptTooLong, build
+from dllm_trt.runtime.options import (DEFAULT_GEN_LENGTH, DecodeOptions, OptionError, PromptTooLong, build,
+                                      check_gamma, check_schedule, decode_options)
 from dllm_trt.runtime.policies import make_policy
 from dllm_trt.runtime.schedule import BlockSchedule, WindowSchedule
 
@@ -108,6 +109,27 @@ def test_option_errors_name_the_option(options, field):
     with pytest.raises(OptionError) as e:
         DecodeOptions(**options).validate()
     assert e.value.field == field
+
+
+def test_request_and_flag_options_are_validated_in_one_place():
+    assert decode_options({"max_tokens": 8, "gamma": None, "cache": "dual"}) == DecodeOptions(cache="dual",
+                                                                                              gen_length=8)
+    with pytest.raises(OptionError, match="max_tokens and gen_length are the same option"):
+        decode_options({"max_tokens": 8, "gen_length": 8})
+    with pytest.raises(OptionError) as e:
+        decode_options({"temperature": 0.5, "window": 4})
+    assert (e.value.field, e.value.problem) == ("temperature", "is not a decoding option")
+    with pytest.raises(OptionError, match="window must be at least 1"):
+        decode_options({"window": 0})
+    with pytest.raises(OptionError, match=r"gamma must be in \[-1, 2\]"):
+        check_gamma(float("nan"))
+
+
+def test_schedule_errors_need_no_engine():
+    check_schedule(DecodeOptions(gamma="calibrated", gen_length=16))   # gamma is the engine's to resolve
+    check_schedule(DecodeOptions(block_length=7))                       # no gen length: nothing to check yet
+    with pytest.raises(OptionError, match=r"\(16\) must be a multiple of the block length \(7\)"):
+        check_schedule(DecodeOptions(block_length=7, gen_length=16))
 
 
 def test_calibrated_gamma_is_every_entry_points_default(engine, tiny_engines, tmp_path, capsys):

@@ -82,13 +82,13 @@ def generate(backend, options: dict, prompt, gen: int = 32):
 
 
 def parity(ck: Check) -> None:
-    from dllm_trt.runtime.backends.torch_backend import TorchBackend
+    from dllm_trt.runtime.backends.torch_backend import PaddedTorchBackend, TorchBackend
 
     model = REPO / "models" / "tiny"
     cpu = TorchBackend(model, 2, "cpu", "fp32")
     variants = {"eager": TorchBackend(model, 2, ck.device, "fp32"),
-                "graphs": TorchBackend(model, 2, ck.device, "fp32", graphs=True, fast=False),
-                "graphs + fast attention": TorchBackend(model, 2, ck.device, "fp32", graphs=True, fast=True)}
+                "graphs": PaddedTorchBackend(model, 2, ck.device, "fp32", graphs=True, fast=False),
+                "graphs + fast attention": PaddedTorchBackend(model, 2, ck.device, "fp32", graphs=True, fast=True)}
     rng = np.random.default_rng(7)
     prompts = [rng.integers(32, 127, int(rng.integers(4, 20))).tolist() for _ in range(1 if ck.quick else 10)]
     ck.lines += [f"\n## (a) torch backend on {ck.device} vs the CPU reference (tiny model, fp32, {len(prompts)} "
@@ -142,7 +142,7 @@ def step_cost(cfg, n: int, rows: int, window: int, layer_params: int) -> tuple[i
 def timings(ck: Check) -> None:
     import torch
 
-    from dllm_trt.runtime.backends.torch_backend import TorchBackend
+    from dllm_trt.runtime.backends.torch_backend import PaddedTorchBackend, TorchBackend
     from dllm_trt.runtime.config import ModelConfig
 
     cfg = ModelConfig(**(SMALL if ck.quick else LLADA_8B))
@@ -160,8 +160,9 @@ def timings(ck: Check) -> None:
                  "| canvas | step | rows | mode | median ms | x weight-read floor | x matmul floor |",
                  "|---|---|---|---|---|---|---|"]
     ck.write()
-    for mode, options in (("eager", {}), ("graphs", dict(graphs=True, fast=True))):
-        be = TorchBackend.random(cfg, 1, ck.device, dtype_name, **options)
+    for mode, backend_class, options in (("eager", TorchBackend, {}),
+                                         ("graphs", PaddedTorchBackend, dict(graphs=True, fast=True))):
+        be = backend_class.random(cfg, 1, ck.device, dtype_name, **options)
         layer_params = sum(p.numel() for p in be.layers[0].parameters())
         for n in canvases:
             prompt = n - gen
@@ -201,7 +202,7 @@ def timings(ck: Check) -> None:
 # ---- (c) the bundled model ---------------------------------------------------------------------------------------
 def arith_eval(ck: Check) -> None:
     from dllm_trt.evaluate.harness import evaluate, load_problems, standard_configs, table
-    from dllm_trt.runtime.backends.torch_backend import TorchBackend
+    from dllm_trt.runtime.backends.torch_backend import torch_backend
     from dllm_trt.runtime.tokenizer import TextTokenizer
 
     model = REPO / "models" / "arith"
@@ -213,7 +214,7 @@ def arith_eval(ck: Check) -> None:
         if ck.left() < 90:
             ck.lines.append(f"\n(c) {label}: skipped, time budget")
             continue
-        backend = TorchBackend(model, 1, ck.device, "fp32", **options)
+        backend = torch_backend(model, 1, ck.device, "fp32", **options)
         configs = standard_configs(["elastic"], llada_baseline=llada)
         summaries = evaluate(backend, tok, problems, configs, gen, progress=False)
         ck.lines += ["", table(summaries, f"## (c) models/arith, {len(problems)} held-out problems, gen {gen}, "

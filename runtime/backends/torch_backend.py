@@ -1,51 +1,79 @@
-"""The PyTorch backend: runs the reference pieces eagerly (CPU, or CUDA when present) with device-resident caches.
+"""The PyTorch backend: runs the reference pieces (CPU, or CUDA when present) with device-resident caches.
 
-With buckets=True a window step runs as one fixed-shape program per shape bucket (runtime/buckets.py): the
-embedding, every range's window pass, the head on the window rows and one copy of all statistics, with inputs
-uploaded in one copy; refresh passes run at the canvas shape. With graphs=True (CUDA) each such program is
-captured once as a CUDA graph and replayed; on CPU the same programs run eagerly.
+Two classes, chosen once at load:
+- TorchBackend runs each piece eagerly at the step's own shapes (the reference).
+- PaddedTorchBackend runs a window step as one fixed-shape program per shape bucket (runtime/buckets.py): the
+  embedding, every range's window pass, the head on the window rows and one copy of all statistics, with inputs
+  uploaded in one copy; refresh passes run at the canvas shape. With graphs=True (CUDA) each such program is
+  captured once as a CUDA graph and replayed; on CPU the same programs run eagerly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import buckets as bk
 from .. import memory
-from ..config import layer_ranges
+from ..config import ModelConfig, layer_ranges
 from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+@dataclass(frozen=True)
+class RandomWeights:
+    """Stands for a checkpoint: weights drawn on the device (for timing model shapes, e.g. LLaDA-8B)."""
+    config: ModelConfig
+    seed: int = 0
 
 
-class TorchBackend(Backend):
+class _TorchBase(Backend):
+    """What both torch backends share: the pieces on the device, the caches of the current canvas, the head,
+    and bringing statistics back in one copy."""
+
     name = "torch"
-    MAX_CANVASES = 8  # padded mode: canvas lengths whose buffers (and programs) are kept
 
-    def __init__(self, model_dir, layers_per_range: int = 1, device: str | None = None, dtype: str = "fp32",
-                 buckets: bool = False, graphs: bool = False, fast: bool | None = None):
-        """buckets: padded fixed-shape window steps; graphs: also CUDA graphs (implies buckets; eager on CPU);
-        fast: fused QKV + scaled_dot_product_attention (default: on with graphs)."""
+    def __init__(self, model_dir: str | Path | RandomWeights, layers_per_range: int = 1, device: str | None = None,
+                 dtype: str = "fp32", fast: bool = False):
+        """fast: fused QKV + scaled_dot_product_attention."""
         try:
             import torch
         except ImportError:
             raise BackendError("the torch backend needs PyTorch: pip install 'dllm-trt[export]'") from None
+
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if dtype not in dtypes:
+            raise BackendError(f"unknown dtype {dtype!r} (choose {', '.join(dtypes)})")
+        self.torch = torch
+        self.device = _device(torch, device)
+        self.fast = fast
+        self.dtype_name = dtype
+        self.dtype = dtypes[dtype]
+        torch.set_grad_enabled(False)
+        if isinstance(model_dir, RandomWeights):
+            self._make_random(model_dir, layers_per_range)
+        else:
+            self._load(model_dir, layers_per_range)
+        # Grad mode is per thread (set_grad_enabled above only covers this one); frozen weights keep decodings
+        # run from other threads (Engine.stream, the server) free of autograd bookkeeping.
+        for module in [self.embedding, self.head_piece, *self.layers]:
+            module.requires_grad_(False)
+        if fast:
+            for layers in self.layers:
+                layers.make_fast()
+        self.caches: Caches | None = None  # the current canvas's
+        self.current = None                # the hidden rows the next window pass or the head reads
+
+    @classmethod
+    def random(cls, config: ModelConfig, layers_per_range: int = 1, device: str | None = None, dtype: str = "bf16",
+               seed: int = 0, **options):
+        """Random weights made directly on the device: for timing model shapes (e.g. LLaDA-8B) with no checkpoint."""
+        return cls(RandomWeights(config, seed), layers_per_range, device, dtype, **options)
+
+    def _load(self, model_dir, layers_per_range: int) -> None:
         from ..checkpoint import Checkpoint
         from ..model_torch import Embedding, Head, LayerRange
 
-        if dtype not in _DTYPES:
-            raise BackendError(f"unknown dtype {dtype!r} (choose {', '.join(_DTYPES)})")
-        self.torch = torch
-        self.device = _device(torch, device)
-        self.bucketed = buckets or graphs
-        self.graphs = graphs and self.device.type == "cuda"
-        self.fast = graphs if fast is None else fast
-        self.one_sync_per_step = self.device.type == "cuda" or self.bucketed
-        self.dtype = getattr(torch, _DTYPES[dtype])
-        torch.set_grad_enabled(False)
-        if model_dir is None:  # filled in by random()
-            return
         ckpt = Checkpoint(model_dir)
         self.config = ckpt.config
         self.ranges = layer_ranges(self.config.n_layers, layers_per_range)
@@ -53,130 +81,55 @@ class TorchBackend(Backend):
         self.layers = [LayerRange(self.config, a, b, self.dtype).load(ckpt).to(self.device).eval()
                        for a, b in self.ranges]
         self.head_piece = Head(self.config, self.dtype).load(ckpt).to(self.device).eval()
-        self._freeze()
 
-    @classmethod
-    def random(cls, config, layers_per_range: int = 1, device: str | None = None, dtype: str = "bf16",
-               seed: int = 0, **options) -> "TorchBackend":
-        """Random weights made directly on the device: for timing model shapes (e.g. LLaDA-8B) with no checkpoint."""
+    def _make_random(self, weights: RandomWeights, layers_per_range: int) -> None:
         from ..model_torch import Embedding, Head, LayerRange
 
-        self = cls(None, layers_per_range, device, dtype, **options)
         torch = self.torch
-        torch.manual_seed(seed)
-        self.config = config
-        self.ranges = layer_ranges(config.n_layers, layers_per_range)
+        torch.manual_seed(weights.seed)
+        self.config = weights.config
+        self.ranges = layer_ranges(self.config.n_layers, layers_per_range)
         with torch.device(self.device):
-            self.embedding = Embedding(config, self.dtype)
-            self.layers = [LayerRange(config, a, b, self.dtype) for a, b in self.ranges]
-            self.head_piece = Head(config, self.dtype)
+            self.embedding = Embedding(self.config, self.dtype)
+            self.layers = [LayerRange(self.config, a, b, self.dtype) for a, b in self.ranges]
+            self.head_piece = Head(self.config, self.dtype)
         for module in [self.embedding, self.head_piece, *self.layers]:
             for p in module.parameters():
                 if p.dim() > 1:
                     p.normal_(0.0, 0.02)
-        self._freeze()
-        return self
 
-    def _freeze(self) -> None:
-        # Grad mode is per thread (set_grad_enabled above only covers this one); frozen weights keep decodings
-        # run from other threads (Engine.stream, the server) free of autograd bookkeeping.
-        for module in [self.embedding, self.head_piece, *self.layers]:
-            module.requires_grad_(False)
-        if self.fast:
-            for layers in self.layers:
-                layers.make_fast()
-        self.sizes = bk.bucket_sizes(self.config.max_sequence_length)
-        self.programs: dict = {}      # StepShape or (range, canvas, window bucket) -> _Program
-        self.captures = 0             # CUDA graphs captured (0 on CPU)
-        self.last_shape = None        # the StepShape of the latest window step
-        self._pool = self.torch.cuda.graph_pool_handle() if self.graphs else None
-        self._canvases: dict = {}     # canvas length -> its caches and boundaries (padded mode)
+    # The caches under the names every backend gives them (tests compare backends through these).
+    k = property(lambda self: self.caches.k)
+    v = property(lambda self: self.caches.v)
+    q = property(lambda self: self.caches.q)
+    boundary = property(lambda self: self.caches.boundary)
 
     def describe(self) -> str:
-        extra = ", graphs" if self.graphs else ", buckets" if self.bucketed else ""
-        return f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')}{extra})"
+        return f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')}{self._describe_mode()})"
+
+    def _describe_mode(self) -> str:
+        return ""
 
     def _t(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def _allocate(self, n: int) -> None:
         self._check_room(n)
-        if self.bucketed:
-            return self._allocate_padded(n)
-        c, t = self.config, self.torch
-        shape = (c.n_heads, n, c.head_dim)
-        self.k = [t.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
-        self.v = [t.zeros_like(x) for x in self.k]
-        self.q = [t.zeros_like(x) for x in self.k]
-        self.boundary = [t.zeros((n, c.d_model), dtype=self.dtype, device=self.device) for _ in self.ranges]
-        self.positions = t.arange(n, device=self.device)
+        self.caches = self._caches_for(n)
+
+    def _caches_for(self, n: int) -> "Caches":
+        raise NotImplementedError
 
     def _check_room(self, n: int) -> None:
         """Refuse a canvas whose caches cannot fit (one line naming the sizes) before torch tries: a checkpoint may
         declare a million positions, and torch's own answer is an allocation traceback."""
         t = self.torch
-        dtype = {t.float32: "fp32", t.float16: "fp16", t.bfloat16: "bf16"}[self.dtype]
         free = t.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        memory.require_memory(memory.canvas_bytes(self.config, dtype, len(self.ranges), n),
+        memory.require_memory(memory.canvas_bytes(self.config, self.dtype_name, len(self.ranges), n),
                               f"a canvas of {n} positions", "ask for fewer positions (--gen-length, max_tokens)", free)
 
-    def _store(self, r: int, positions, hidden) -> None:
-        """Keep `hidden` as the current rows and as the input of range r (if it exists)."""
-        self.current = hidden
-        if r < len(self.ranges):
-            if positions is None:
-                self.boundary[r].copy_(hidden)
-            else:
-                self.boundary[r].index_copy_(0, self._t(positions), hidden)
-
-    def _embed(self, ids, positions):
-        if self.bucketed:
-            return self._embed_padded(ids, positions)
-        self._store(0, positions, self.embedding(self._t(ids)))
-
-    def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
-        if self.bucketed:
-            return self._window_padded(r, positions, track_rows, track_positions, window_rows, key_is_mask)
-        a, b = self.ranges[r]
-        pos, track = self._t(positions), self._t(track_positions)
-        caches = []
-        for layer in range(a, b):
-            caches += [self.k[layer], self.v[layer], self.q[layer].index_select(1, track)]
-        out = self.layers[r].window(self.current, pos, self._t(track_rows), self._t(window_rows),
-                                    self._t(key_is_mask), *caches)
-        drift, colsum = [], []
-        for i, layer in enumerate(range(a, b)):
-            k, v, q, d, c = out[1 + 5 * i: 6 + 5 * i]
-            self.k[layer].index_copy_(1, pos, k)
-            self.v[layer].index_copy_(1, pos, v)
-            self.q[layer].index_copy_(1, pos, q)
-            drift.append(d)
-            colsum.append(c)
-        self._store(r + 1, positions, out[0])
-        return RangeStats(colsum=self.torch.stack(colsum), drift=self.torch.stack(drift))
-
-    def _refresh(self, r, window_positions, key_is_mask):
-        if self.bucketed:
-            return self._refresh_padded(r, window_positions, key_is_mask)
-        a, b = self.ranges[r]
-        out = self.layers[r].refresh(self.boundary[r], self.positions, self._t(window_positions),
-                                     self._t(key_is_mask))
-        colsum = []
-        for i, layer in enumerate(range(a, b)):
-            k, v, q, c = out[1 + 4 * i: 5 + 4 * i]
-            self.k[layer].copy_(k)
-            self.v[layer].copy_(v)
-            self.q[layer].copy_(q)
-            colsum.append(c)
-        self._store(r + 1, None, out[0])
-        return RangeStats(colsum=self.torch.stack(colsum))
-
     def fetch(self, stats):
-        """Pass and piece outputs stay on the device; all statistics of a step come back in one copy (a padded
-        window step made its own copy: its statistics are taken from there)."""
-        if any(st.pending is not None for st in stats):
-            self._finish_step()
-            stats = [self._step_stats[st.pending] if st.pending is not None else st for st in stats]
+        """Pass and piece outputs stay on the device; all statistics of a step come back in one copy."""
         on_device = [st for st in stats if isinstance(st.colsum, self.torch.Tensor)]
         if not on_device:
             return stats
@@ -184,162 +137,246 @@ class TorchBackend(Backend):
         host = dict(zip(map(id, on_device), split_stats(on_device, flat)))
         return [host.get(id(st), st) for st in stats]
 
-    def head(self, targets):
-        if self.bucketed and self._rows is not None:  # no refresh since the window step: its head ran in it
-            self._finish_step()
-            if not np.array_equal(np.asarray(targets, dtype=np.int64), self._step_args[4]):
-                raise ValueError("a padded window step computes the head on its window rows only")
-            return self._step_head
-        return super().head(targets)
-
     def _head(self, rows):
         tokens, probs = self.head_piece(self.current, self._t(rows))
         return tokens.cpu().numpy(), probs.float().cpu().numpy()
 
 
-    # ---- padded, fixed-shape steps (buckets / CUDA graphs) ----------------------------------------------------
-    # Caches hold one extra "scratch" slot (index n) that no real row attends to; pad query rows live there.
+class TorchBackend(_TorchBase):
+    """The reference: every piece runs eagerly at the step's own shapes."""
 
-    def _allocate_padded(self, n: int) -> None:
-        """Buffers per canvas length, kept for the next generations of that length (their programs hold the
-        buffers' addresses); the least recently used length is dropped beyond MAX_CANVASES."""
-        c, t = self.config, self.torch
-        buffers = self._canvases.pop(n, None)
-        if buffers is None:
-            shape = (c.n_heads, n + 1, c.head_dim)
-            k = [t.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
-            buffers = dict(k=k, v=[t.zeros_like(x) for x in k], q=[t.zeros_like(x) for x in k],
-                           boundary=[t.zeros((n + 1, c.d_model), dtype=self.dtype, device=self.device)
-                                     for _ in range(len(self.ranges) + 1)],
-                           positions=t.arange(n, device=self.device),
-                           key_valid=t.arange(n + 1, device=self.device) < n)
+    def __init__(self, model_dir: str | Path | RandomWeights, layers_per_range: int = 1, device: str | None = None,
+                 dtype: str = "fp32", fast: bool = False):
+        super().__init__(model_dir, layers_per_range, device, dtype, fast)
+        self.one_sync_per_step = self.device.type == "cuda"
+
+    def _caches_for(self, n: int) -> "Caches":
+        return Caches.zeros(self.config, n, scratch_slots=0, n_boundaries=len(self.ranges), dtype=self.dtype,
+                            device=self.device)
+
+    def _store(self, r: int, positions, hidden) -> None:
+        """Keep `hidden` as the current rows and as the input of range r (if it exists); positions: a device
+        tensor of canvas slots, or None for the whole canvas."""
+        self.current = hidden
+        if r < len(self.ranges):
+            if positions is None:
+                self.caches.boundary[r].copy_(hidden)
+            else:
+                self.caches.boundary[r].index_copy_(0, positions, hidden)
+
+    def _embed(self, ids, positions):
+        self._store(0, None if positions is None else self._t(positions), self.embedding(self._t(ids)))
+
+    def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
+        first, last = self.ranges[r]
+        pos = self._t(positions)
+        out = self.layers[r].window(self.current, pos, self._t(track_rows), self._t(window_rows),
+                                    self._t(key_is_mask),
+                                    *self.caches.window_inputs(first, last, self._t(track_positions)))
+        hidden, per_layer = _split_layers(out, WindowOut)
+        for layer, new in zip(range(first, last), per_layer):
+            self.caches.put_rows(layer, pos, new)
+        self._store(r + 1, pos, hidden)
+        return RangeStats(colsum=self.torch.stack([x.colsum for x in per_layer]),
+                          drift=self.torch.stack([x.drift for x in per_layer]))
+
+    def _refresh(self, r, window_positions, key_is_mask):
+        first, last = self.ranges[r]
+        out = self.layers[r].refresh(self.caches.boundary[r], self.caches.positions, self._t(window_positions),
+                                     self._t(key_is_mask))
+        hidden, per_layer = _split_layers(out, RefreshOut)
+        n = self.n_positions
+        for layer, new in zip(range(first, last), per_layer):
+            self.caches.put_all(layer, n, new)
+        self._store(r + 1, None, hidden)
+        return RangeStats(colsum=self.torch.stack([x.colsum for x in per_layer]))
+
+
+class PaddedTorchBackend(_TorchBase):
+    """Fixed-shape steps: a window step is recorded range by range and runs whole, as one program per shape bucket,
+    at the first fetch or head; a refresh pass runs as one program per (range, canvas, window bucket). With
+    graphs=True on CUDA each program is a CUDA graph; elsewhere the programs run eagerly.
+
+    Caches hold one extra "scratch" slot (index n) that no real row attends to; pad query rows live there."""
+
+    MAX_CANVASES = 8  # canvas lengths whose buffers (and programs) are kept
+    one_sync_per_step = True
+
+    def __init__(self, model_dir: str | Path | RandomWeights, layers_per_range: int = 1, device: str | None = None,
+                 dtype: str = "fp32", graphs: bool = False, fast: bool | None = None):
+        """graphs: CUDA graphs (eager on CPU); fast: fused QKV + scaled_dot_product_attention (default: on with
+        graphs)."""
+        super().__init__(model_dir, layers_per_range, device, dtype, graphs if fast is None else fast)
+        self.graphs = graphs and self.device.type == "cuda"
+        self.sizes = bk.bucket_sizes(self.config.max_sequence_length)
+        self.programs: dict[bk.StepShape | RefreshShape, _Program] = {}
+        self.captures = 0                          # CUDA graphs captured (0 on CPU)
+        self.last_shape: bk.StepShape | None = None  # the shape of the latest window step
+        self._pool = self.torch.cuda.graph_pool_handle() if self.graphs else None
+        self._graphs: list = []                    # the captured graphs must outlive their replays
+        self._canvases: dict[int, Caches] = {}     # canvas length -> its caches, least recently used first
+        self._step: _WindowStep | None = None      # the window step being recorded (after a partial embed)
+
+    def _describe_mode(self) -> str:
+        return ", graphs" if self.graphs else ", buckets"
+
+    def _allocate(self, n: int) -> None:
+        super()._allocate(n)
+        self._step = None
+
+    def _caches_for(self, n: int) -> "Caches":
+        """Caches per canvas length, kept for the next generations of that length (their programs hold the
+        caches' addresses); the least recently used length is dropped beyond MAX_CANVASES, with its programs."""
+        caches = self._canvases.pop(n, None)
+        if caches is None:
+            caches = Caches.zeros(self.config, n, scratch_slots=1, n_boundaries=len(self.ranges) + 1,
+                                  dtype=self.dtype, device=self.device)
         else:  # a new generation on a known canvas length: same addresses, fresh contents
-            for x in [*buffers["k"], *buffers["v"], *buffers["q"], *buffers["boundary"]]:
-                x.zero_()
-        self._canvases[n] = buffers
+            caches.zero_()
+        self._canvases[n] = caches
         while len(self._canvases) > self.MAX_CANVASES:
             old = next(iter(self._canvases))
             del self._canvases[old]
-            self.programs = {key: p for key, p in self.programs.items() if _canvas_of(key) != old}
-        for name, value in buffers.items():
-            setattr(self, name, value)
-        self._step_args = self._step_ids = None
+            self.programs = {key: p for key, p in self.programs.items() if key.canvas != old}
+        return caches
 
-    def _embed_padded(self, ids, positions):
-        self._step_args, self._step_stats, self._step_head = None, None, None
+    # ---- the interface: a window step is recorded, then run whole ------------------------------------------------
+    def _embed(self, ids, positions):
         if positions is None:
-            self.boundary[0][: self.n_positions].copy_(self.embedding(self._t(ids)))
+            self._step = None
+            self.caches.boundary[0][: self.n_positions].copy_(self.embedding(self._t(ids)))
         else:
-            self._step_ids = ids
+            self._step = _WindowStep(ids)
 
-    def _window_padded(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
+    def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
         """Only records the step; the whole step (every range) runs at the first fetch or head."""
-        args = (positions, track_rows, track_positions, window_rows, positions[window_rows], key_is_mask)
-        if self._step_args is None:
-            self._step_args = args
-        elif not all(np.array_equal(x, y) for x, y in zip(args, self._step_args)):
+        rows = _StepRows(positions, track_rows, track_positions, window_rows, positions[window_rows], key_is_mask)
+        if self._step.rows is None:
+            self._step.rows = rows
+        elif not rows.same_as(self._step.rows):
             raise ValueError("every range of a padded window step must get the same rows")
         return RangeStats(colsum=None, pending=r)
 
-    def _finish_step(self) -> None:
-        """Run the recorded window step once (upload, program, one copy back), then split its statistics."""
-        if self._step_stats is not None:
-            return
-        positions, track_rows, track_positions, window_rows, _, key_is_mask = self._step_args
+    def fetch(self, stats):
+        """A window step's statistics come from its own single copy; refresh statistics as in the plain backend."""
+        if any(st.pending is not None for st in stats):
+            step_stats = self._run_step().stats
+            stats = [step_stats[st.pending] if st.pending is not None else st for st in stats]
+        return super().fetch(stats)
+
+    def head(self, targets):
+        if self._rows is None:  # after a refresh (or a whole-canvas embed): the head runs on its own
+            return super().head(targets)
+        result = self._run_step()  # no refresh since the window step: its head ran in it
+        if not np.array_equal(np.asarray(targets, dtype=np.int64), self._step.rows.window_positions):
+            raise ValueError("a padded window step computes the head on its window rows only")
+        return result.tokens, result.probs
+
+    def _refresh(self, r, window_positions, key_is_mask):
         n = self.n_positions
-        shape = bk.step_shape(n, len(positions), len(track_rows), len(window_rows), self.sizes)
+        shape = RefreshShape(r, n, bk.bucket_for(max(len(window_positions), 1), self.sizes))
+        prog = self.programs.get(shape) or self._build_refresh_program(shape)
+        window_rows, window_valid = bk.pad(window_positions, shape.window, 0)
+        prog.run(_int64(_RefreshInputs(window_rows, window_valid, key_is_mask)), sync=False)
+        self.current = self.caches.boundary[r + 1][:n]
+        first, last = self.ranges[r]
+        return RangeStats(colsum=prog.device_out.view(last - first, n))
+
+    # ---- the window step ---------------------------------------------------------------------------------------
+    def _run_step(self) -> "_StepResult":
+        """Run the recorded window step once (upload, program, one copy back), then split its statistics."""
+        step = self._step
+        if step.result is not None:
+            return step.result
+        rows, n = step.rows, self.n_positions
+        shape = bk.step_shape(n, len(rows.positions), len(rows.track_rows), len(rows.window_rows), self.sizes)
         self.last_shape = shape
         prog = self.programs.get(shape) or self._build_window_program(shape)
-        ids, qv = bk.pad(self._step_ids, shape.queries, self.config.mask_token_id)
-        pos, _ = bk.pad(positions, shape.queries, n)
-        trows, tv = bk.pad(track_rows, shape.tracked, 0)
-        tpos, _ = bk.pad(track_positions, shape.tracked, n)
-        wrows, wv = bk.pad(window_rows, shape.window, 0)
-        kmask = np.append(np.asarray(key_is_mask, dtype=np.int64), 1)
-        prog.run(np.concatenate([ids, pos, trows, tpos, wrows, qv, tv, wv, kmask]))
-        flat = prog.host.float().numpy()
-        stats, at = [], 0
-        for a, b in self.ranges:
-            m = b - a
-            drift = flat[at: at + 2 * m].reshape(m, 2)
-            colsum = flat[at + 2 * m: at + 2 * m + m * n].reshape(m, n)
-            stats.append(RangeStats(colsum=colsum.copy(), drift=drift.copy()))
-            at += 2 * m + m * n
-        w = len(window_rows)
-        self._step_stats = stats
-        self._step_head = (flat[at: at + w].astype(np.int64), flat[at + shape.window: at + shape.window + w].copy())
+        ids, query_valid = bk.pad(step.ids, shape.queries, self.config.mask_token_id)
+        positions, _ = bk.pad(rows.positions, shape.queries, n)
+        track_rows, track_valid = bk.pad(rows.track_rows, shape.tracked, 0)
+        track_positions, _ = bk.pad(rows.track_positions, shape.tracked, n)
+        window_rows, window_valid = bk.pad(rows.window_rows, shape.window, 0)
+        key_is_mask = np.append(np.asarray(rows.key_is_mask, dtype=np.int64), 1)
+        prog.run(_int64(_WindowInputs(ids, positions, track_rows, track_positions, window_rows,
+                                      query_valid, track_valid, window_valid, key_is_mask)))
+        parts = iter(np.split(prog.host.float().numpy(), np.cumsum(self._window_output_sizes(shape))[:-1]))
+        stats = []
+        for first, last in self.ranges:
+            drift, colsum = next(parts), next(parts)
+            stats.append(RangeStats(colsum=colsum.reshape(last - first, n).copy(),
+                                    drift=drift.reshape(last - first, 2).copy()))
+        w = len(rows.window_rows)
+        tokens, probs = next(parts), next(parts)
+        step.result = _StepResult(stats, tokens[:w].astype(np.int64), probs[:w].copy())
+        return step.result
 
-    def _build_window_program(self, shape) -> "_Program":
-        n, t = shape.canvas, self.torch
-        sizes = [shape.queries] * 2 + [shape.tracked] * 2 + [shape.window] + \
-                [shape.queries, shape.tracked, shape.window, n + 1]
-        out_len = sum((b - a) * (2 + n) for a, b in self.ranges) + 2 * shape.window
-        prog = self._program(sum(sizes), out_len)
+    def _window_output_sizes(self, shape: bk.StepShape) -> list[int]:
+        """The window program's host output, in order: per range its drifts [layers, 2] and column sums
+        [layers, canvas]; then the head's tokens and probabilities on the padded window rows."""
+        per_range = [[(b - a) * 2, (b - a) * shape.canvas] for a, b in self.ranges]
+        return [size for sizes in per_range for size in sizes] + [shape.window, shape.window]
+
+    def _build_window_program(self, shape: bk.StepShape) -> "_Program":
+        n, t, caches = shape.canvas, self.torch, self.caches
+        sizes = _WindowInputs(ids=shape.queries, positions=shape.queries, track_rows=shape.tracked,
+                              track_positions=shape.tracked, window_rows=shape.window, query_valid=shape.queries,
+                              track_valid=shape.tracked, window_valid=shape.window, key_is_mask=n + 1)
+        prog = self._program(sum(sizes), sum(self._window_output_sizes(shape)))
+        key_valid = t.arange(n + 1, device=self.device) < n
 
         def step():
-            ids, pos, trows, tpos, wrows, qv, tv, wv, kmask = prog.device_in.split(sizes)
-            qv, tv, wv, kmask = qv.bool(), tv.bool(), wv.bool(), kmask.bool()
-            hidden = self.embedding(ids)
-            self.boundary[0].index_copy_(0, pos, hidden)
-            parts = []
-            for r, (a, b) in enumerate(self.ranges):
-                caches = []
-                for layer in range(a, b):
-                    caches += [self.k[layer], self.v[layer], self.q[layer].index_select(1, tpos)]
-                out = self.layers[r].window(hidden, pos, trows, wrows, kmask, *caches, query_valid=qv,
-                                            key_valid=self.key_valid, track_valid=tv, window_valid=wv)
-                for i, layer in enumerate(range(a, b)):
-                    k, v, q, drift, colsum = out[1 + 5 * i: 6 + 5 * i]
-                    self.k[layer].index_copy_(1, pos, k)
-                    self.v[layer].index_copy_(1, pos, v)
-                    self.q[layer].index_copy_(1, pos, q)
-                    parts += [drift]
-                parts += [out[5 + 5 * i][:n] for i in range(b - a)]
-                hidden = out[0]
-                self.boundary[r + 1].index_copy_(0, pos, hidden)
-            tokens, probs = self.head_piece(hidden, wrows)
-            flat = t.cat([x.reshape(-1).float() for x in parts] + [tokens.float(), probs.float()])
+            x = _WindowInputs(*prog.device_in.split(list(sizes)))
+            query_valid, track_valid = x.query_valid.bool(), x.track_valid.bool()
+            window_valid, key_is_mask = x.window_valid.bool(), x.key_is_mask.bool()
+            hidden = self.embedding(x.ids)
+            caches.boundary[0].index_copy_(0, x.positions, hidden)
+            stats = []
+            for r, (first, last) in enumerate(self.ranges):
+                out = self.layers[r].window(hidden, x.positions, x.track_rows, x.window_rows, key_is_mask,
+                                            *caches.window_inputs(first, last, x.track_positions),
+                                            query_valid=query_valid, key_valid=key_valid, track_valid=track_valid,
+                                            window_valid=window_valid)
+                hidden, per_layer = _split_layers(out, WindowOut)
+                for layer, new in zip(range(first, last), per_layer):
+                    caches.put_rows(layer, x.positions, new)
+                stats += [new.drift for new in per_layer] + [new.colsum[:n] for new in per_layer]
+                caches.boundary[r + 1].index_copy_(0, x.positions, hidden)
+            tokens, probs = self.head_piece(hidden, x.window_rows)
+            flat = t.cat([s.reshape(-1).float() for s in stats] + [tokens.float(), probs.float()])
             prog.host.copy_(flat, non_blocking=True)
 
         # Capture with inert inputs: every row a pad row in the scratch slot, so warm-up writes nothing real.
-        inert = np.concatenate([np.full(shape.queries, self.config.mask_token_id), np.full(shape.queries, n),
-                                np.zeros(shape.tracked), np.full(shape.tracked, n), np.zeros(shape.window),
-                                np.zeros(shape.queries + shape.tracked + shape.window), np.ones(n + 1)])
-        prog.upload(inert.astype(np.int64))
-        prog.set(step, self._capture(step))
+        inert = _WindowInputs(ids=np.full(shape.queries, self.config.mask_token_id),
+                              positions=np.full(shape.queries, n), track_rows=np.zeros(shape.tracked),
+                              track_positions=np.full(shape.tracked, n), window_rows=np.zeros(shape.window),
+                              query_valid=np.zeros(shape.queries), track_valid=np.zeros(shape.tracked),
+                              window_valid=np.zeros(shape.window), key_is_mask=np.ones(n + 1))
+        prog.upload(_int64(inert))
+        prog.fn, prog.replay = step, self._capture(step)
         self.programs[shape] = prog
         return prog
 
-    def _refresh_padded(self, r, window_positions, key_is_mask):
-        n = self.n_positions
-        w = bk.bucket_for(max(len(window_positions), 1), self.sizes)
-        key = (r, n, w)
-        prog = self.programs.get(key) or self._build_refresh_program(r, n, w)
-        wrows, wv = bk.pad(window_positions, w, 0)
-        prog.run(np.concatenate([wrows, wv, np.asarray(key_is_mask, dtype=np.int64)]), sync=False)
-        self.current = self.boundary[r + 1][:n]
-        return RangeStats(colsum=prog.device_out.view(self.ranges[r][1] - self.ranges[r][0], n))
-
-    def _build_refresh_program(self, r, n, w) -> "_Program":
-        a, b = self.ranges[r]
-        sizes = [w, w, n]
-        prog = self._program(sum(sizes), 0, device_out=(b - a) * n)
+    def _build_refresh_program(self, shape: RefreshShape) -> "_Program":
+        r, n, caches = shape.layer_range, shape.canvas, self.caches
+        first, last = self.ranges[r]
+        sizes = _RefreshInputs(window_rows=shape.window, window_valid=shape.window, key_is_mask=n)
+        prog = self._program(sum(sizes), 0, device_out=(last - first) * n)
+        colsums = prog.device_out.view(last - first, n)
 
         def step():
-            wrows, wv, kmask = prog.device_in.split(sizes)
-            out = self.layers[r].refresh(self.boundary[r][:n], self.positions, wrows, kmask.bool(),
-                                         window_valid=wv.bool())
-            for i, layer in enumerate(range(a, b)):
-                k, v, q, colsum = out[1 + 4 * i: 5 + 4 * i]
-                self.k[layer][:, :n].copy_(k)
-                self.v[layer][:, :n].copy_(v)
-                self.q[layer][:, :n].copy_(q)
-                prog.device_out[i * n: (i + 1) * n].copy_(colsum)
-            self.boundary[r + 1][:n].copy_(out[0])
+            x = _RefreshInputs(*prog.device_in.split(list(sizes)))
+            out = self.layers[r].refresh(caches.boundary[r][:n], caches.positions, x.window_rows,
+                                         x.key_is_mask.bool(), window_valid=x.window_valid.bool())
+            hidden, per_layer = _split_layers(out, RefreshOut)
+            for i, (layer, new) in enumerate(zip(range(first, last), per_layer)):
+                caches.put_all(layer, n, new)
+                colsums[i].copy_(new.colsum)
+            caches.boundary[r + 1][:n].copy_(hidden)
 
-        prog.set(step, None)
-        self.programs[(r, n, w)] = prog
+        prog.fn = step
         prog.capture_on_first_run = self._capture  # refresh is idempotent: warming up on real inputs is harmless
+        self.programs[shape] = prog
         return prog
 
     def _program(self, n_in: int, n_out: int, device_out: int = 0) -> "_Program":
@@ -368,31 +405,166 @@ class TorchBackend(Backend):
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
         self.captures += 1
-        self._graphs = getattr(self, "_graphs", []) + [graph]  # the graphs must outlive their replays
+        self._graphs.append(graph)
         return graph.replay
 
 
-def _canvas_of(key) -> int:
-    return key.canvas if isinstance(key, bk.StepShape) else key[1]
+def torch_backend(model_dir: str | Path | RandomWeights, layers_per_range: int = 1, device: str | None = None,
+                  dtype: str = "fp32", buckets: bool = False, graphs: bool = False, fast: bool | None = None):
+    """The torch backend for these options: buckets, padded fixed-shape window steps; graphs, also CUDA graphs
+    (implies buckets; eager on CPU); fast, fused QKV + scaled_dot_product_attention (default: on with graphs)."""
+    if buckets or graphs:
+        return PaddedTorchBackend(model_dir, layers_per_range, device, dtype, graphs=graphs, fast=fast)
+    return TorchBackend(model_dir, layers_per_range, device, dtype, fast=bool(fast))
+
+
+# ---- caches, pass outputs, step records --------------------------------------------------------------------------
+@dataclass
+class Caches:
+    """One canvas's device tensors: key, value and query per layer [n_heads, slots, head_dim], the hidden rows
+    entering each range [slots, d_model] ("boundaries"), and the canvas position ids."""
+    k: list
+    v: list
+    q: list
+    boundary: list
+    positions: Any
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, n: int, scratch_slots: int, n_boundaries: int, dtype, device) -> "Caches":
+        """Caches for a canvas of n positions, with scratch_slots more cache slots past them."""
+        import torch
+
+        slots = n + scratch_slots
+        shape = (config.n_heads, slots, config.head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        return cls(k=k, v=[torch.zeros_like(x) for x in k], q=[torch.zeros_like(x) for x in k],
+                   boundary=[torch.zeros((slots, config.d_model), dtype=dtype, device=device)
+                             for _ in range(n_boundaries)],
+                   positions=torch.arange(n, device=device))
+
+    def zero_(self) -> None:
+        for x in [*self.k, *self.v, *self.q, *self.boundary]:
+            x.zero_()
+
+    def window_inputs(self, first: int, last: int, track_positions) -> list:
+        """The cache inputs of a window pass over layers [first, last): per layer past key, past value and the
+        tracked tokens' cached queries."""
+        out = []
+        for layer in range(first, last):
+            out += [self.k[layer], self.v[layer], self.q[layer].index_select(1, track_positions)]
+        return out
+
+    def put_rows(self, layer: int, positions, new: "WindowOut") -> None:
+        self.k[layer].index_copy_(1, positions, new.key)
+        self.v[layer].index_copy_(1, positions, new.value)
+        self.q[layer].index_copy_(1, positions, new.query)
+
+    def put_all(self, layer: int, n: int, new: "RefreshOut") -> None:
+        self.k[layer][:, :n].copy_(new.key)
+        self.v[layer][:, :n].copy_(new.value)
+        self.q[layer][:, :n].copy_(new.query)
+
+
+class WindowOut(NamedTuple):
+    """One layer's outputs of LayerRange.window (which returns hidden_out, then these for each layer)."""
+    key: Any
+    value: Any
+    query: Any
+    drift: Any
+    colsum: Any
+
+
+class RefreshOut(NamedTuple):
+    """One layer's outputs of LayerRange.refresh (which returns hidden_out, then these for each layer)."""
+    key: Any
+    value: Any
+    query: Any
+    colsum: Any
+
+
+def _split_layers(out: tuple, per_layer: type[WindowOut] | type[RefreshOut]) -> tuple[Any, list]:
+    """(hidden_out, [per_layer(...) for each layer]) from a LayerRange pass's flat output tuple."""
+    hidden, *rest = out
+    width = len(per_layer._fields)
+    return hidden, [per_layer(*rest[i: i + width]) for i in range(0, len(rest), width)]
+
+
+@dataclass(frozen=True)
+class RefreshShape:
+    """The key of a padded refresh program: layer range, canvas length, window bucket."""
+    layer_range: int
+    canvas: int
+    window: int
+
+
+class _WindowInputs(NamedTuple):
+    """The inputs of a padded window program in the order they sit in its one int64 input buffer; the same tuple
+    holds their sizes, the host arrays, or the device views."""
+    ids: Any
+    positions: Any
+    track_rows: Any
+    track_positions: Any
+    window_rows: Any
+    query_valid: Any
+    track_valid: Any
+    window_valid: Any
+    key_is_mask: Any
+
+
+class _RefreshInputs(NamedTuple):
+    """The inputs of a padded refresh program, as _WindowInputs."""
+    window_rows: Any
+    window_valid: Any
+    key_is_mask: Any
+
+
+def _int64(parts: tuple) -> np.ndarray:
+    """Host input arrays as one int64 buffer, in the order of their fields."""
+    return np.concatenate([np.asarray(p) for p in parts]).astype(np.int64)
+
+
+class _StepRows(NamedTuple):
+    """The rows of a padded window step; every range of the step must get the same."""
+    positions: np.ndarray
+    track_rows: np.ndarray
+    track_positions: np.ndarray
+    window_rows: np.ndarray
+    window_positions: np.ndarray
+    key_is_mask: np.ndarray
+
+    def same_as(self, other: "_StepRows") -> bool:
+        return all(np.array_equal(x, y) for x, y in zip(self, other))
+
+
+@dataclass
+class _StepResult:
+    stats: list[RangeStats]   # per range, on the host
+    tokens: np.ndarray        # the head on the window rows
+    probs: np.ndarray
+
+
+@dataclass
+class _WindowStep:
+    """A padded window step: the embedded ids, the rows its ranges were given, and (once run) its results."""
+    ids: np.ndarray
+    rows: _StepRows | None = None
+    result: _StepResult | None = None
 
 
 @dataclass
 class _Program:
     """One fixed-shape computation: its static input buffers (host staging -> device), its outputs (a host buffer
     that the step copies into, and/or a device buffer), and how to run it (a graph replay, or eagerly)."""
-    staging: object
-    device_in: object
-    host: object
-    device_out: object
-    sync: object
-    fn: object = None
-    replay: object = None
-    capture_on_first_run: object = None
+    staging: Any
+    device_in: Any
+    host: Any
+    device_out: Any
+    sync: Any
+    fn: Any = None
+    replay: Any = None
+    capture_on_first_run: Any = None
     runs: int = 0
     _uploaded: np.ndarray | None = None
-
-    def set(self, fn, replay) -> None:
-        self.fn, self.replay = fn, replay
 
     def upload(self, values: np.ndarray) -> None:
         # Skipped when unchanged (the refresh passes of one step share inputs). Changed values come only after a
