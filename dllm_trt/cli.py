@@ -17,6 +17,7 @@ from pathlib import Path
 from .evaluate.outputs import OutputError, check_output, check_plot, save
 from .runtime.backends.base import BackendError
 from .runtime.config import ModelError
+from .runtime.manifest import DEFAULT_MAX_BATCH
 from .runtime.options import (CALIBRATED, DEFAULT_GAMMA, DEFAULT_GEN_LENGTH, DEFAULT_WINDOW, DecodeOptions,
                               OptionError, PromptTooLong, check_gamma, check_schedule, decode_options,
                               default_gen_length, option_names, resolve_gamma)
@@ -412,7 +413,7 @@ def cmd_export(a) -> None:
     if a.quant_block is not None and a.quantize is None:
         raise UsageError("--quant-block needs --quantize int8 or int4")
     export_into(a.model, Path(a.out), layers_per_range=a.layers_per_range, dtype=a.dtype, opset=a.opset,
-                max_len=a.max_len, max_active=a.max_active, quantize=a.quantize,
+                max_len=a.max_len, max_active=a.max_active, quantize=a.quantize, max_batch=a.max_batch,
                 **({} if a.quant_block is None else {"quant_block": a.quant_block}))
 
 
@@ -513,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-len", type=int, help="largest canvas (prompt + gen length); default: the model's maximum")
     x.add_argument("--max-active", type=int, help="largest number of query rows in a window pass (default 256, or "
                                                    "--max-len when smaller)")
+    x.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"most sequences one piece call may "
+                   f"take (the batch axis of every piece; default {DEFAULT_MAX_BATCH})")
     x.add_argument("--quantize", choices=["int8", "int4"], help="weight-only block quantization of the layer and head "
                    "matmuls (ONNX Runtime MatMulNBits; int4 also the embedding table; CPU); default: float weights")
     x.add_argument("--quant-block", type=int, help="weights per quantization block: 16, 32, 64, 128 (default) or 256")

@@ -175,7 +175,10 @@ def piece_specs(cfg: ModelConfig, ranges: list[tuple[int, int]], dtype: str) -> 
     return pieces
 
 
-def dims_for(max_len: int, max_active: int, max_batch: int = 8) -> dict[str, dict[str, int]]:
+DEFAULT_MAX_BATCH = 8   # sequences one piece call may take, unless export --max-batch says otherwise
+
+
+def dims_for(max_len: int, max_active: int, max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, dict[str, int]]:
     return {
         "batch": {"min": 1, "max": max_batch},          # sequences decoded together
         "seq_len": {"min": 2, "max": max_len},          # canvas length: prompt + gen length (longest in a batch)

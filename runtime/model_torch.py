@@ -182,7 +182,10 @@ class LayerRange(nn.Module):
         # slots whose key/value come from this pass: query rows' slots, and padding (any finite value will do)
         fresh = (at_slot.any(1) | ~key_valid)[:, None, :, None]                      # [B, 1, N, 1]
         row_of_slot = at_slot.float().argmax(1)[:, None, :, None].expand(-1, n_heads, -1, head_dim)
-        allowed = key_valid[:, None, None, :]
+        # padding slots hold fresh (finite) keys, so an additive bias masks them in the scores; the drift's "old"
+        # attention reads the cache as it is (anything at padding slots), so it masks by selection
+        key_bias = torch.where(key_valid, 0.0, float("-inf"))[:, None, None, :]
+        key_valid_column = key_valid[:, None, :, None]
         positions = position_ids.clamp_min(0)
         track_valid, window_valid = track_rows >= 0, window_rows >= 0
         track_at = track_rows.clamp_min(0)[:, None, :, None].expand(-1, n_heads, -1, n_keys)
@@ -193,11 +196,14 @@ class LayerRange(nn.Module):
             q, k, v = block.qkv(hidden, positions, self.inv_freq)                    # [B, H, R, hd]
             keys = torch.where(fresh, k.gather(2, row_of_slot), past_k)              # [B, H, N, hd], slot order
             values = torch.where(fresh, v.gather(2, row_of_slot), past_v)
-            probs = torch.softmax(torch.where(allowed, self.scores(q, keys), float("-inf")), dim=-1)
+            probs = torch.softmax(self.scores(q, keys) + key_bias, dim=-1)
             hidden = block.finish(hidden, torch.matmul(probs.to(values.dtype), values))
             window_probs = torch.where(window_valid[:, None, :, None], probs.gather(2, window_at), 0.0)
             colsum = torch.where(key_is_mask, 0.0, window_probs.sum(dim=(1, 2)))
-            old = torch.softmax(torch.where(allowed, self.scores(track_q, past_k), float("-inf")), dim=-1)
+            # slots x tracked rows, so that the cache is not transposed (in refresh mode this is all the cost of
+            # the unused drift output)
+            old_scores = torch.matmul(past_k.float(), track_q.float().transpose(-1, -2)) * self.scale
+            old = torch.softmax(torch.where(key_valid_column, old_scores, float("-inf")), dim=-2).transpose(-1, -2)
             new = probs.gather(2, track_at)                                           # [B, H, T, N]
             drift = torch.stack([batched_head_axis_cosine(old, new, track_valid, key_valid),
                                  batched_key_axis_cosine(old, new, track_valid)], dim=-1)
