@@ -140,6 +140,7 @@ MALFORMED = {
     "5000-digit int": b'{"target": ' + b"1" * 5000 + b"}",
     "maps of the wrong type": None,     # filled in from a real record below
     "target of the wrong types": None,
+    "profiles of the wrong type": None,
 }
 
 
@@ -149,6 +150,8 @@ def test_malformed_build_record_is_not_trusted(eng, target, kind):
     record = json.loads((d / "build.json").read_text())
     if kind == "maps of the wrong type":
         content = json.dumps({**record, "onnx_sha256": [], "plan_size": "x"}).encode()
+    elif kind == "profiles of the wrong type":
+        content = json.dumps({**record, "profiles": {"embed": "all"}}).encode()
     elif kind == "target of the wrong types":
         content = json.dumps({**record, "target": {**record["target"], "flavor": ["rtx"],
                                                    "compute_capability": 86}}).encode()
@@ -203,6 +206,17 @@ def test_trt_that_is_a_file(eng, capsys):
     (eng / "trt").write_text("")
     code, lines = cli_build(eng, capsys)
     one_line_error(code, lines, str(eng / "trt"), "not a folder")
+
+
+def test_range_plan_without_its_two_profiles_is_refused_at_load(tmp_path):
+    """The runtime selects a range's window and refresh profiles by index: a plan with one profile (as plans of
+    the first contract had) is refused in one line rather than run on the wrong shapes."""
+    plan = tmp_path / "layers_00_02.plan"
+    with pytest.raises(BackendError, match=r"layers_00_02.plan: the plan has 1 optimization profiles, this runtime "
+                                           r"expects 2 \(window, refresh\); rebuild it with dllm-trt build"):
+        tensorrt_backend.check_profiles(plan, SimpleNamespace(num_optimization_profiles=1), "layers")
+    tensorrt_backend.check_profiles(plan, SimpleNamespace(num_optimization_profiles=2), "layers")
+    tensorrt_backend.check_profiles(tmp_path / "head.plan", SimpleNamespace(num_optimization_profiles=1), "head")
 
 
 # ---- item 13: build verifies what the runtime verifies --------------------------------------------------------

@@ -9,14 +9,13 @@ from dataclasses import replace
 
 import pytest
 
-from dllm_trt.export.onnx_export import export_model
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import load_manifest
 from dllm_trt.runtime.doctor import tensorrt_usable
 from dllm_trt.export.tensorrt_build import (check_buildable, check_precision, dim_ranges, piece_profiles, profile_for,
                                             rtx_targets, write_record)
 from dllm_trt.runtime.backends.tensorrt_backend import layer_dims, shape_of
-from dllm_trt.runtime.trt_plans import (Target, cache_bytes, choose_flavor, find_built, gpu_support, plan_dir,
+from dllm_trt.runtime.trt_plans import (Target, choose_flavor, find_built, gpu_support, plan_dir,
                                         plan_status, profile_index, stale_pieces)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
