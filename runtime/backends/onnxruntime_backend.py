@@ -304,10 +304,8 @@ class OnnxRuntimeBackend(Backend):
             raise ModelError(f"the canvas needs {n} positions but the engines were exported for at most "
                              f"{self.max_len} (re-export with a larger --max-len)")
         c, buffer = self.config, self.arrays.buffer
-        shape, hidden = (1, c.n_heads, n, c.head_dim), (1, n, c.d_model)
-        previous = [*self.k, *self.v, *self.q, *self.boundary, self.final, self.unread_cache] if hasattr(self, "k") \
-            else []
-        self.arrays.recycle(previous, {shape, hidden})
+        shape, hidden, one_row = (1, c.n_heads, n, c.head_dim), (1, n, c.d_model), (1, c.n_heads, 1, c.head_dim)
+        self.arrays.recycle(self._buffers() if hasattr(self, "k") else [], {shape, hidden, one_row})
         self.k = [buffer(shape) for _ in range(c.n_layers)]
         self.v = [buffer(shape) for _ in range(c.n_layers)]
         self.q = [buffer(shape) for _ in range(c.n_layers)]
@@ -319,8 +317,12 @@ class OnnxRuntimeBackend(Backend):
         # past key/value input is bound to one scratch buffer of cache shape, its tracked query to one query row
         self.unread_cache = buffer(shape)
         self.no_track_rows = np.zeros((1, 1), dtype=np.int64)
-        self.no_track_queries = buffer((1, c.n_heads, 1, c.head_dim))
+        self.no_track_queries = buffer(one_row)
         self.filled = False   # device caches start uninitialised; the first full refresh of a generation fills them
+
+    def _buffers(self) -> list:
+        """Every buffer this generation holds."""
+        return [*self.k, *self.v, *self.q, *self.boundary, self.final, self.unread_cache, self.no_track_queries]
 
     def _check_active(self, count: int, what: str) -> None:
         if count > self.max_active:
