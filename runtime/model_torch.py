@@ -175,36 +175,52 @@ class LayerRange(nn.Module):
         included) cannot leak in.
         """
         n_heads, head_dim = self.cfg.n_heads, self.cfg.head_dim
+        batch, n_rows = position_ids.shape
         n_keys = key_is_mask.shape[-1]
         slots = torch.arange(n_keys, device=hidden.device)
         key_valid = slots[None, :] < canvas_lengths[:, None]                          # [B, N]
-        at_slot = position_ids[:, :, None] == slots[None, None, :]                   # [B, R, N]
-        # slots whose key/value come from this pass: query rows' slots, and padding (any finite value will do)
-        fresh = (at_slot.any(1) | ~key_valid)[:, None, :, None]                      # [B, 1, N, 1]
-        row_of_slot = at_slot.float().argmax(1)[:, None, :, None].expand(-1, n_heads, -1, head_dim)
+        # the query row at each slot (-1: none), by one scatter; padding rows land in an extra slot, dropped
+        target = torch.where(position_ids >= 0, position_ids, n_keys)
+        row_numbers = torch.arange(n_rows, device=hidden.device).expand(batch, n_rows)
+        row_of_slot = torch.full((batch, n_keys + 1), -1, dtype=torch.int64, device=hidden.device)
+        row_of_slot = row_of_slot.scatter(1, target, row_numbers)[:, :n_keys]
+        # Keys and values in slot order: each (sequence, head, slot) is one head_dim-long row of a table stacking
+        # the cache's rows and this pass's fresh rows, taken by one Gather. Query rows' slots and padding slots
+        # (any finite value will do there) come from the fresh rows, every other slot from the cache.
+        fresh = ((row_of_slot >= 0) | ~key_valid)[:, None, :]                        # [B, 1, N]
+        sequence_head = torch.arange(batch * n_heads, device=hidden.device).reshape(batch, n_heads, 1)
+        from_cache = sequence_head * n_keys + slots
+        from_fresh = batch * n_heads * n_keys + sequence_head * n_rows + row_of_slot.clamp_min(0)[:, None, :]
+        table_rows = torch.where(fresh, from_fresh, from_cache).reshape(-1)          # [B * H * N]
+
+        def in_slot_order(fresh_rows, cache):                                        # -> [B, H, N, hd]
+            table = torch.cat([cache.reshape(-1, head_dim), fresh_rows.reshape(-1, head_dim)])
+            return table.index_select(0, table_rows).reshape(batch, n_heads, n_keys, head_dim)
+
+        def rows_of(probs, rows):   # probs [B, H, R, N] at rows [B, K] (-1: padding, all zero) -> [B, H, K, N]
+            picked = (sequence_head * n_rows + rows.clamp_min(0)[:, None, :]).reshape(-1)
+            taken = probs.reshape(-1, n_keys).index_select(0, picked).reshape(batch, n_heads, -1, n_keys)
+            return taken * (rows >= 0)[:, None, :, None]
+
         # padding slots hold fresh (finite) keys, so an additive bias masks them in the scores; the drift's "old"
         # attention reads the cache as it is (anything at padding slots), so it masks by selection
         key_bias = torch.where(key_valid, 0.0, float("-inf"))[:, None, None, :]
         key_valid_column = key_valid[:, None, :, None]
         positions = position_ids.clamp_min(0)
-        track_valid, window_valid = track_rows >= 0, window_rows >= 0
-        track_at = track_rows.clamp_min(0)[:, None, :, None].expand(-1, n_heads, -1, n_keys)
-        window_at = window_rows.clamp_min(0)[:, None, :, None].expand(-1, n_heads, -1, n_keys)
+        track_valid = track_rows >= 0
         outputs = []
         for i, block in enumerate(self.blocks):
             past_k, past_v, track_q = caches[3 * i], caches[3 * i + 1], caches[3 * i + 2]
             q, k, v = block.qkv(hidden, positions, self.inv_freq)                    # [B, H, R, hd]
-            keys = torch.where(fresh, k.gather(2, row_of_slot), past_k)              # [B, H, N, hd], slot order
-            values = torch.where(fresh, v.gather(2, row_of_slot), past_v)
+            keys, values = in_slot_order(k, past_k), in_slot_order(v, past_v)
             probs = torch.softmax(self.scores(q, keys) + key_bias, dim=-1)
             hidden = block.finish(hidden, torch.matmul(probs.to(values.dtype), values))
-            window_probs = torch.where(window_valid[:, None, :, None], probs.gather(2, window_at), 0.0)
-            colsum = torch.where(key_is_mask, 0.0, window_probs.sum(dim=(1, 2)))
+            colsum = torch.where(key_is_mask, 0.0, rows_of(probs, window_rows).sum(dim=(1, 2)))
             # slots x tracked rows, so that the cache is not transposed (in refresh mode this is all the cost of
             # the unused drift output)
             old_scores = torch.matmul(past_k.float(), track_q.float().transpose(-1, -2)) * self.scale
             old = torch.softmax(torch.where(key_valid_column, old_scores, float("-inf")), dim=-2).transpose(-1, -2)
-            new = probs.gather(2, track_at)                                           # [B, H, T, N]
+            new = rows_of(probs, track_rows)                                          # [B, H, T, N]
             drift = torch.stack([batched_head_axis_cosine(old, new, track_valid, key_valid),
                                  batched_key_axis_cosine(old, new, track_valid)], dim=-1)
             outputs += [k, v, q, drift, colsum]
