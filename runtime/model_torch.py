@@ -99,6 +99,13 @@ def sdpa(q, k, v, allowed=None):
     return torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
 
+def on_rows(linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer on x [..., D] applied to x as one matrix of rows: a 3-D input would export as MatMul with a
+    transposed weight, which ONNX Runtime runs about 30% slower than Gemm when weights are not pre-packed
+    (a 25-row window pass, d_model 2048; docs/BENCHMARKS.md section 15)."""
+    return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
@@ -128,16 +135,17 @@ class Block(nn.Module):
             return t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(-3, -2)
 
         if self.qkv_weight is not None:
-            q, k, v = torch.nn.functional.linear(x, self.qkv_weight).chunk(3, dim=-1)
+            q, k, v = on_rows(lambda rows: torch.nn.functional.linear(rows, self.qkv_weight), x).chunk(3, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = on_rows(self.q_proj, x), on_rows(self.k_proj, x), on_rows(self.v_proj, x)
         return rope(heads(q), position_ids, inv_freq), rope(heads(k), position_ids, inv_freq), heads(v)
 
     def finish(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """Output projection, residual and SwiGLU MLP. ctx: [..., H, S, hd]."""
-        h = h + self.attn_out(ctx.transpose(-3, -2).flatten(-2))
+        h = h + on_rows(self.attn_out, ctx.transpose(-3, -2).flatten(-2))
         x = rms_norm(h, self.ff_norm, self.eps)
-        return h + self.ff_out(torch.nn.functional.silu(self.ff_proj(x)) * self.up_proj(x))
+        hidden = torch.nn.functional.silu(on_rows(self.ff_proj, x)) * on_rows(self.up_proj, x)
+        return h + on_rows(self.ff_out, hidden)
 
 
 class LayerRange(nn.Module):
