@@ -221,12 +221,14 @@ class LayerRange(nn.Module):
             past_k, past_v, track_q = caches[3 * i], caches[3 * i + 1], caches[3 * i + 2]
             q, k, v = block.qkv(hidden, positions, self.inv_freq)                    # [B, H, R, hd]
             keys, values = in_slot_order(k, past_k), in_slot_order(v, past_v)
-            probs = torch.softmax(self.scores(q, keys) + key_bias, dim=-1)
+            # the scale on the queries (rows x head_dim), not on the scores (rows x slots): one pass less
+            scores = torch.matmul(q.float() * self.scale, keys.float().transpose(-1, -2))
+            probs = torch.softmax(scores + key_bias, dim=-1)
             hidden = block.finish(hidden, torch.matmul(probs.to(values.dtype), values))
             colsum = torch.where(key_is_mask, 0.0, rows_of(probs, window_rows).sum(dim=(1, 2)))
             # slots x tracked rows, so that the cache is not transposed (in refresh mode this is all the cost of
             # the unused drift output)
-            old_scores = torch.matmul(past_k.float(), track_q.float().transpose(-1, -2)) * self.scale
+            old_scores = torch.matmul(past_k.float(), track_q.float().transpose(-1, -2) * self.scale)
             old = torch.softmax(torch.where(key_valid_column, old_scores, float("-inf")), dim=-2).transpose(-1, -2)
             new = rows_of(probs, track_rows)                                          # [B, H, T, N]
             drift = torch.stack([batched_head_axis_cosine(old, new, track_valid, key_valid),
