@@ -179,6 +179,16 @@ class SharedWeights:
         self.values: dict[tuple, object] = {}
         self.arrays: dict[tuple, np.ndarray] = {}   # keep the views alive: OrtValues do not own their memory
 
+    def release(self, data_file: str | Path) -> None:
+        """Drop this process's resident pages of a data file's mapping (MADV_DONTNEED). Only for a read-only mapping
+        whose tensors the sessions have pre-packed into copies of their own: a page read again later comes back
+        from the file, unchanged."""
+        import mmap
+
+        mapping = self.maps.get(Path(data_file).resolve())
+        if mapping is not None and self.file_mode == "r" and hasattr(mmap, "MADV_DONTNEED"):
+            mapping._mmap.madvise(mmap.MADV_DONTNEED)
+
     def initializers(self, onnx_path: str | Path) -> tuple[list[str], list[object]]:
         """Names and shared OrtValues for the external tensors of one graph (those with a numpy-sized dtype)."""
         onnx_path = Path(onnx_path)

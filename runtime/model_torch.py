@@ -221,9 +221,9 @@ class LayerRange(nn.Module):
             past_k, past_v, track_q = caches[3 * i], caches[3 * i + 1], caches[3 * i + 2]
             q, k, v = block.qkv(hidden, positions, self.inv_freq)                    # [B, H, R, hd]
             keys, values = in_slot_order(k, past_k), in_slot_order(v, past_v)
-            # the scale on the queries (rows x head_dim), not on the scores (rows x slots): one pass less
-            scores = torch.matmul(q.float() * self.scale, keys.float().transpose(-1, -2))
-            probs = torch.softmax(scores + key_bias, dim=-1)
+            # the scale on the scores, as LayerRange.refresh has it: a refresh pass then rounds exactly as the
+            # reference (on the queries it saves a pass, but quantized engines amplify the changed rounding)
+            probs = torch.softmax(self.scores(q, keys) + key_bias, dim=-1)
             hidden = block.finish(hidden, torch.matmul(probs.to(values.dtype), values))
             colsum = torch.where(key_is_mask, 0.0, rows_of(probs, window_rows).sum(dim=(1, 2)))
             # slots x tracked rows, so that the cache is not transposed (in refresh mode this is all the cost of

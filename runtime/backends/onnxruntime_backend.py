@@ -1,4 +1,5 @@
-"""The ONNX Runtime backend: one InferenceSession per exported piece, persistent caches bound with IOBinding.
+"""The ONNX Runtime backend: one InferenceSession per exported piece (one per layer range, serving window and refresh
+passes), persistent caches bound with IOBinding.
 
 Refresh outputs are bound straight onto the cache buffers (no copy of a whole cache per call); window outputs are
 the new rows only and are written into the caches. The caches are numpy arrays on CPU and OrtValues on the device
@@ -6,10 +7,9 @@ with the CUDA execution provider, so that no cache crosses to the host (ort_arra
 are imported on the CPU path.
 
 Weights (CPU): every external tensor is one OrtValue on a read-only memory map of its data file (runtime/memory.py),
-given to each session that uses it, so a range's window and refresh sessions, the embedding and the head hold no
-copies and processes serving the same folder share the pages. Pre-packing is off in that mode: it would make a
-private packed copy per session again (it costs the 25-row window pass about 16% more CPU time on a 0.42 B model;
-the refresh pass about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
+given to the session that uses it, so the sessions hold no copies and processes serving the same folder share the
+pages. Pre-packing is off in that mode: it would make a private packed copy next to the mapping (it costs the
+25-row window pass about 16% more CPU time on a 0.42 B model; the refresh pass about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
 Quantized engines (MatMulNBits) pre-pack by default even so: without its packed layout MatMulNBits falls back to
 dequantizing every weight on every call, 6-8x slower than fp32 (tools/bench_quant.py); the packed int4/int8 copies
 are private to each session, the mapped file pages stay shared.
@@ -212,8 +212,7 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not self.prepack:
-            # a pre-packed copy would be private to each session: the window and refresh graphs of a range
-            # would each hold one again, next to the shared mapping
+            # a pre-packed copy would be private to the session, next to the shared mapping
             opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.share_weights:
             # A memory pattern is planned per input shape and allocated as one new block at the second run of
@@ -237,6 +236,10 @@ class OnnxRuntimeBackend(Backend):
         def build(i: int):
             session = self.ort.InferenceSession(str(d / pieces[i].file), opts[i], providers=self.providers)
             session.shared_weights = shared  # the OrtValues point into these mappings: keep them with the session
+            if shared is not None and self.prepack and pieces[i].data_file:
+                # the kernels read their pre-packed copies now: the mapped pages need not stay resident too (a
+                # quantized engine would hold its weights twice; see docs/BENCHMARKS.md section 15)
+                shared.release(d / pieces[i].data_file)
             return session
 
         with ThreadPoolExecutor(max(1, min(len(pieces), physical_cores(), LOAD_WORKERS))) as pool:
