@@ -142,3 +142,15 @@ def test_weight_mode_from_environment(engines, monkeypatch):
     monkeypatch.setenv("DLLM_TRT_ORT_WEIGHTS", "both")
     with pytest.raises(Exception, match="DLLM_TRT_ORT_WEIGHTS"):
         OnnxRuntimeBackend(engines, threads=1)
+
+
+def test_prepacked_sessions_release_their_mapped_pages_and_decode_the_same(engines, prompts, monkeypatch):
+    """With pre-packing, the kernels read their own packed copies: each piece's mapping is released (MADV_DONTNEED,
+    read back from the file if a tensor is read again), and the tokens stay those of the default mode."""
+    released = []
+    real = SharedWeights.release
+    monkeypatch.setattr(SharedWeights, "release", lambda self, f: released.append(f.name) or real(self, f))
+    packed = OnnxRuntimeBackend(engines, threads=1, prepack=True)
+    assert packed.share_weights and packed.prepack
+    assert sorted(released) == sorted(p.data_file for p in load_manifest(engines).pieces if p.data_file)
+    assert generate(packed, prompts[:3]) == generate(OnnxRuntimeBackend(engines, threads=1), prompts[:3])
