@@ -141,3 +141,20 @@ class FakeTensorRT:
 
     def import_tensorrt(self, flavor="auto", device_cc=None):
         return self.module, "rtx"
+
+
+def assert_decodes_like(backend, reference, gen: int, prompts: int, prompt_lengths: tuple[int, int]) -> None:
+    """Token for token, under each cache policy, `backend` decodes random prompts as `reference` does."""
+    from dllm_trt.runtime.decoder import Decoder
+    from dllm_trt.runtime.policies import make_policy
+    from dllm_trt.runtime.schedule import BlockSchedule, WindowSchedule
+
+    schedules = {"none": lambda: BlockSchedule(gen, 8, steps=gen), "prefix": lambda: BlockSchedule(gen, 8, threshold=0.08),
+                 "dual": lambda: BlockSchedule(gen, 8, threshold=0.08),
+                 "elastic": lambda: WindowSchedule(gen, 8, threshold=0.08)}
+    rng = np.random.default_rng(5)
+    for prompt in (rng.integers(32, 127, int(rng.integers(*prompt_lengths))).tolist() for _ in range(prompts)):
+        for cache, schedule in schedules.items():
+            want = Decoder(reference, make_policy(cache), schedule()).generate(prompt).canvas_ids
+            got = Decoder(backend, make_policy(cache), schedule()).generate(prompt).canvas_ids
+            assert got == want, (cache, prompt)

@@ -287,14 +287,9 @@ def test_backend_runs_each_mode_on_its_profile(engines, tmp_path, monkeypatch):
     the backend binds (tests/fake_tensorrt.py): it decodes like the ONNX Runtime backend under every cache policy,
     window passes run on the window profile and refresh passes on the refresh profile. Canvases are longer than
     max_active (64), so a refresh fits no other profile."""
-    import numpy as np
-
-    from fake_tensorrt import VERSION, FakeTensorRT
+    from fake_tensorrt import VERSION, FakeTensorRT, assert_decodes_like
     from dllm_trt.runtime.backends import tensorrt_backend
     from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from dllm_trt.runtime.decoder import Decoder
-    from dllm_trt.runtime.policies import make_policy
-    from dllm_trt.runtime.schedule import BlockSchedule, WindowSchedule
 
     eng = shutil.copytree(engines, tmp_path / "e")
     m = load_manifest(eng)
@@ -304,15 +299,7 @@ def test_backend_runs_each_mode_on_its_profile(engines, tmp_path, monkeypatch):
     monkeypatch.setattr(tensorrt_backend, "import_tensorrt", fake.import_tensorrt)
     trt = tensorrt_backend.TensorRTBackend(eng)
     ort = OnnxRuntimeBackend(eng, threads=1)
-    schedules = {"none": lambda: BlockSchedule(56, 8, steps=56), "prefix": lambda: BlockSchedule(56, 8, threshold=0.08),
-                 "dual": lambda: BlockSchedule(56, 8, threshold=0.08),
-                 "elastic": lambda: WindowSchedule(56, 8, threshold=0.08)}
-    rng = np.random.default_rng(5)
-    for prompt in (rng.integers(32, 127, int(rng.integers(12, 20))).tolist() for _ in range(2)):
-        for cache, schedule in schedules.items():
-            want = Decoder(ort, make_policy(cache), schedule()).generate(prompt).canvas_ids
-            got = Decoder(trt, make_policy(cache), schedule()).generate(prompt).canvas_ids
-            assert got == want, (cache, prompt)
+    assert_decodes_like(trt, ort, gen=56, prompts=2, prompt_lengths=(12, 20))   # canvases beyond max_active
     ranges = {m.range_piece(r).name for r in range(len(m.layer_ranges))}
     assert {call for call in fake.calls if call[0] in ranges} == {(name, i) for name in ranges for i in (0, 1)}
     with pytest.raises(ModelError, match="plans were built for at most 320"):

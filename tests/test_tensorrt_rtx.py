@@ -163,13 +163,9 @@ def test_cli_without_gpu(built):
 @NEEDS_GPU
 def test_plans_load_and_decode_like_onnxruntime(built):
     """Token for token against ONNX Runtime on the same fp32 export, every cache policy."""
-    import numpy as np
-
     from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from dllm_trt.runtime.backends.tensorrt_backend import TensorRTBackend
-    from dllm_trt.runtime.decoder import Decoder
-    from dllm_trt.runtime.policies import make_policy
-    from dllm_trt.runtime.schedule import BlockSchedule, WindowSchedule
+    from fake_tensorrt import assert_decodes_like
 
     eng, _ = built
     trt = TensorRTBackend(eng, flavor="rtx")
@@ -183,12 +179,4 @@ def test_plans_load_and_decode_like_onnxruntime(built):
     if load_manifest(eng).dtype != "fp32":
         return  # bf16/fp16: loading and running is the check; token parity is asked of fp32 only
     ort = OnnxRuntimeBackend(eng, threads=1)
-    schedules = {"none": lambda: BlockSchedule(24, 8, steps=24), "prefix": lambda: BlockSchedule(24, 8, threshold=0.08),
-                 "dual": lambda: BlockSchedule(24, 8, threshold=0.08),
-                 "elastic": lambda: WindowSchedule(24, 8, threshold=0.08)}
-    rng = np.random.default_rng(5)
-    for prompt in (rng.integers(32, 127, int(rng.integers(4, 20))).tolist() for _ in range(5)):
-        for cache, schedule in schedules.items():
-            want = Decoder(ort, make_policy(cache), schedule()).generate(prompt).canvas_ids
-            got = Decoder(trt, make_policy(cache), schedule()).generate(prompt).canvas_ids
-            assert got == want, (cache, prompt)
+    assert_decodes_like(trt, ort, gen=24, prompts=5, prompt_lengths=(4, 20))
