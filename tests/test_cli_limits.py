@@ -272,3 +272,11 @@ def test_torch_canvas_beyond_memory_is_one_line(tiny_dir, tmp_path, capsys):
     code, err = run_cli(["generate", "--model", str(model), "--backend", "torch", "--layers-per-range", "4",
                          "--prompt", "hi", "--gen-length", "300000"], capsys)
     assert code == 2 and err.count("\n") == 1 and "a canvas of 300" in err and "needs at least" in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "-3"])
+def test_export_max_batch_out_of_range_is_one_line(value, tmp_path, capsys):
+    code, err = run_cli(["export", "--model", str(DEFAULT_MODEL), "--out", str(tmp_path / "e"), "--max-batch", value],
+                        capsys)
+    assert code == 2 and err.count("\n") == 1 and "--max-batch must be in 1..1024" in err
+    assert not (tmp_path / "e").exists()

@@ -2,14 +2,15 @@
 and a refresh graph per layer range) against a version-2 folder (one graph per range serving both modes), both
 exported from the same checkpoint.
 
-    python tools/bench_contract.py --v1 OLD_ENGINES --v2 NEW_ENGINES [--canvas 384] [--repeats 10]
+    python tools/bench_contract.py --v1 OLD_ENGINES --v2 NEW_ENGINES [--canvas 384] [--repeats 10] [--batch 8]
 
 Only onnxruntime and numpy are used (no dllm_trt import), so that folders of both formats load in one process.
 Every range's graph runs on random inputs of a step's shapes: window step = `--rows` query rows (8 tracked + 1
 fresh + 16 window by default) through every range; refresh step = every slot of the canvas through every range.
 Sessions get the options the ONNX Runtime backend gives an fp32 engine (all physical cores, sequential, no
 pre-packing: the weights are memory-mapped and shared). The two formats alternate inside each repeat; medians of
-wall-clock and process CPU time.
+wall-clock and process CPU time. With --batch B, also the format-2 window step of B sequences in one call against
+B calls of one sequence (same shapes per sequence, no padding).
 """
 from __future__ import annotations
 
@@ -84,9 +85,11 @@ class Format:
                          "window_len": WINDOW}
                 self.calls[mode].append((s, feeds(s, sizes, rng, self.version == 2, mode == "refresh")))
 
-    def step(self, mode: str) -> tuple[float, float]:
+    def step(self, mode: str, batch: int = 1) -> tuple[float, float]:
+        calls = [(s, f if batch == 1 else {k: np.concatenate([v] * batch) for k, v in f.items()})
+                 for s, f in self.calls[mode]]
         wall, cpu = time.perf_counter(), time.process_time()
-        for s, f in self.calls[mode]:
+        for s, f in calls:
             s.run(None, f)
         return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -100,6 +103,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--prepack", action="store_true", help="pre-pack weights (what quantized engines do)")
+    p.add_argument("--batch", type=int, default=1, help="also time a format-2 window step of this many sequences")
     a = p.parse_args()
     formats = {v: Format(folder, a.canvas, a.rows, a.threads, a.prepack, seed=0)
                for v, folder in (("v1", a.v1), ("v2", a.v2))}
@@ -118,6 +122,16 @@ def main() -> None:
         w1, c1 = (statistics.median(t[i] for t in times[("v1", mode)]) * 1e3 for i in (0, 1))
         w2, c2 = (statistics.median(t[i] for t in times[("v2", mode)]) * 1e3 for i in (0, 1))
         print(f"| {mode} | {w1:.1f} | {w2:.1f} | {w2 / w1:.3f} | {c1:.1f} | {c2:.1f} | {c2 / c1:.3f} |")
+    if a.batch > 1:
+        v2 = formats["v2"]
+        together, alone = [], []
+        for _ in range(a.repeats):
+            together.append(v2.step("window", a.batch))
+            alone.append(tuple(sum(t) for t in zip(*(v2.step("window") for _ in range(a.batch)))))
+        w_t, c_t = (statistics.median(t[i] for t in together) * 1e3 for i in (0, 1))
+        w_a, c_a = (statistics.median(t[i] for t in alone) * 1e3 for i in (0, 1))
+        print(f"format 2 window step, {a.batch} sequences in one call: {w_t:.1f} ms wall / {c_t:.1f} ms CPU; "
+              f"{a.batch} calls of one: {w_a:.1f} / {c_a:.1f} ms; ratio {w_t / w_a:.3f} wall, {c_t / c_a:.3f} CPU")
 
 
 if __name__ == "__main__":
