@@ -45,7 +45,9 @@ class Row:
 
 
 # Each piece runs at batch 1 and at CHECK_BATCH sequences of unequal canvas lengths, padded to a common shape with
-# NaN in every padded cache entry and every cache entry the contract says is not read (so a read would show).
+# NaN in every cache entry the contract says is not read (padding slots, values at query slots, every past key and
+# value in refresh mode; so a read would show) and with padding slots not marked MASK (so a column sum there would
+# show: it must be 0).
 CHECK_BATCH = 3
 
 
@@ -142,12 +144,15 @@ def piece_cases(spec: PieceSpec, module, cfg, sizes: dict[str, int], batch: int,
     inputs = {"hidden_states": _pad([x["hidden"] for x in per_seq], np.nan),
               "position_ids": _pad([x["pos"] for x in per_seq], -1),
               "canvas_lengths": np.array([s["seq_len"] for s in seqs], dtype=np.int64),
-              "key_is_mask": _pad([x["mask"] for x in per_seq], True),
+              "key_is_mask": _pad([x["mask"] for x in per_seq], False),
               "track_rows": _pad([x["track"] for x in per_seq], -1),
               "window_rows": _pad([x["window"] for x in per_seq], -1)}
     cache_names = [t.name for t in spec.inputs[len(inputs):]]
     for i, name in enumerate(cache_names):
         inputs[name] = _pad([x["caches"][i] for x in per_seq], np.nan)
+        if name.endswith(".value"):   # the reference multiplies them by zero; the piece must not read them
+            for b, x in enumerate(per_seq):
+                inputs[name][b, :, x["pos"]] = np.nan
     cases.append(Case(f"window B={batch}", inputs, want, seqs))
     # refresh mode: every slot a query row; the caches are all NaN, since none of them may be read
     per_seq, want = [], []
@@ -164,7 +169,7 @@ def piece_cases(spec: PieceSpec, module, cfg, sizes: dict[str, int], batch: int,
     inputs = {"hidden_states": _pad([x["hidden"] for x in per_seq], np.nan),
               "position_ids": _pad([np.arange(s["seq_len"], dtype=np.int64) for s in seqs], -1),
               "canvas_lengths": np.array([s["seq_len"] for s in seqs], dtype=np.int64),
-              "key_is_mask": _pad([x["mask"] for x in per_seq], True),
+              "key_is_mask": _pad([x["mask"] for x in per_seq], False),
               "track_rows": np.zeros((batch, 1), dtype=np.int64),
               "window_rows": _pad([x["window"] for x in per_seq], -1)}
     for name in cache_names:
@@ -215,6 +220,10 @@ def check_engines(engine_dir: str | Path, model_dir: str | Path | None = None, s
                                         for b in range(batch)])
                     w = np.concatenate([case.want[b][i].ravel() for b in range(batch)])
                     rows.append(compare(f"{spec.name} {case.label}", t, g, w, quantized or m.dtype))
+                    if t.name.startswith("attn_colsum") and batch > 1:   # padding slots are never attended
+                        pad = np.concatenate([got[i][b, case.extents[b]["seq_len"]:] for b in range(batch)])
+                        rows.append(Row(f"{spec.name} {case.label} padding", t.name,
+                                        float(np.max(np.abs(pad))) if pad.size else 0.0, 0.0))
     return rows
 
 
