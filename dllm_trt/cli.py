@@ -444,7 +444,7 @@ def cmd_build(a) -> None:
 
     try:
         build_plans(a.engines, a.precision, a.max_len, a.max_active, a.opt_level, flavor=a.trt_flavor,
-                    target_cc=a.target_cc)
+                    target_cc=a.target_cc, max_batch=a.max_batch)
     except OSError as e:  # e.g. plans not writable there: a full disk, a read-only folder, a file too large
         raise ModelError(f"{e.filename or a.engines}: {e.strerror or e} (while building plans)") from None
 
@@ -535,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "'current' or 'ampere+' (default: this GPU; without one, ampere+ = sm80..sm121)")
     bld.add_argument("--max-len", type=int, help="largest canvas (default: the export's)")
     bld.add_argument("--max-active", type=int, help="largest window pass (default: the export's)")
+    bld.add_argument("--max-batch", type=int, help="most sequences per call the plans take (default: the export's "
+                     "--max-batch; fewer make smaller activation workspaces)")
     bld.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5")
     bld.set_defaults(func=cmd_build)
 

@@ -72,20 +72,20 @@ def check_precision(manifest: Manifest, precision: str) -> None:
 # batch is not capped (its opt is its minimum: one sequence). `rows` is a whole canvas in refresh mode but a window
 # pass's rows in window mode.
 CAPS = {"seq_len": "len", "n_tokens": "len", "n_hidden": "len", "rows": "len",
-        "track_len": "active", "window_len": "active", "n_rows": "active"}
+        "track_len": "active", "window_len": "active", "n_rows": "active", "batch": "batch"}
 MODE_CAPS = {"window": {"rows": "active"}}
 OPT = {"len": 512, "active": 32}   # opt shapes: a typical canvas, a typical window pass
 
 
 def dim_ranges(manifest: Manifest, max_len: int | None = None, max_active: int | None = None,
-               mode: str = ONE_PROFILE) -> dict[str, tuple[int, int, int]]:
+               mode: str = ONE_PROFILE, max_batch: int | None = None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) per dimension for the optimization profile of `mode`: manifest.dims, narrowed by
     manifest.profiles[mode] for a layer-range mode, clipped to the requested maxima. One entry per dim name, so every
     input that shares a dim gets identical ranges (TensorRT rejects profiles that disagree on a tied dim)."""
     spans = {name: (r["min"], r["max"]) for name, r in manifest.dims.items()}
     if mode != ONE_PROFILE:
         spans |= {name: (r["min"], r["max"]) for name, r in manifest.profiles[mode].items()}
-    caps = {"len": max_len, "active": max_active}
+    caps = {"len": max_len, "active": max_active, "batch": max_batch}
     out = {}
     for name, (lo, hi) in spans.items():
         kind = MODE_CAPS.get(mode, {}).get(name, CAPS.get(name))
@@ -110,11 +110,12 @@ def profile_for(piece: PieceSpec, ranges: dict) -> dict[str, tuple[tuple[int, ..
 
 
 def piece_profiles(manifest: Manifest, piece: PieceSpec, max_len: int | None = None,
-                   max_active: int | None = None) -> dict[str, dict[str, tuple[int, int, int]]]:
+                   max_active: int | None = None, max_batch: int | None = None) -> dict[str, dict[str, tuple[int, int, int]]]:
     """mode -> (min, opt, max) of each dimension the piece's inputs use, one entry per optimization profile of its
     plan, in profile-index order (trt_plans.profile_modes)."""
     used = {d for t in piece.inputs for d in t.shape if isinstance(d, str)}
-    return {mode: {name: r for name, r in dim_ranges(manifest, max_len, max_active, mode).items() if name in used}
+    return {mode: {name: r for name, r in dim_ranges(manifest, max_len, max_active, mode, max_batch).items()
+                   if name in used}
             for mode in profile_modes(piece.kind)}
 
 
@@ -210,7 +211,7 @@ def build_piece(trt, builder, logger, onnx_path: Path, profiles: list[dict], set
 
 def build_plans(engine_dir, precision: str | None = None, max_len: int | None = None, max_active: int | None = None,
                 opt_level: int = 3, progress: bool = True, flavor: str = "auto",
-                target_cc: str | None = None) -> Path:
+                target_cc: str | None = None, max_batch: int | None = None) -> Path:
     """Build every piece into <engine_dir>/trt/<fingerprint>/; a no-op when up-to-date plans exist.
     precision defaults to the export's dtype; target_cc (RTX only): 'ampere+', 'current' or e.g. '7.5,8.6'."""
     manifest = load_manifest(engine_dir)
@@ -223,9 +224,9 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     precision = precision or manifest.dtype
     try:
         check_precision(manifest, precision)
-        ranges = dim_ranges(manifest, max_len, max_active)
+        ranges = dim_ranges(manifest, max_len, max_active, max_batch=max_batch)
         for mode in MODES:  # the mode profiles' own limits are checked before anything is built
-            dim_ranges(manifest, max_len, max_active, mode)
+            dim_ranges(manifest, max_len, max_active, mode, max_batch)
         target = build_target(trt, flavor, precision, ranges, opt_level, target_cc, gpu_name, device_cc)
     except ValueError as e:
         raise ModelError(str(e)) from None
@@ -251,7 +252,7 @@ def build_plans(engine_dir, precision: str | None = None, max_len: int | None = 
     for piece in bar:
         bar.set_postfix_str(piece.name)
         t0 = time.perf_counter()
-        profiles[piece.name] = piece_profiles(manifest, piece, max_len, max_active)
+        profiles[piece.name] = piece_profiles(manifest, piece, max_len, max_active, max_batch)
         plan, timing_cache = build_piece(trt, builder, logger, Path(engine_dir) / piece.file,
                                          [profile_for(piece, r) for r in profiles[piece.name].values()],
                                          lambda config: configure(trt, flavor, config, target, cache_path))

@@ -92,6 +92,9 @@ def test_profiles_clip_to_requested_maxima(engines):
     assert dim_ranges(m, 64, 16, mode="window")["rows"] == (1, 16, 16)     # a window pass: --max-active
     assert dim_ranges(m, 64, 16, mode="refresh")["rows"] == (2, 64, 64)    # a whole canvas: --max-len
     assert dim_ranges(m, 64, 16)["batch"] == (1, 1, 8)                     # not capped
+    assert dim_ranges(m, max_batch=2)["batch"] == (1, 1, 2)               # --max-batch
+    with pytest.raises(ValueError, match=r"--max-batch 9 is outside the exported range 1..8 of batch"):
+        dim_ranges(m, max_batch=9)
     with pytest.raises(ValueError, match="outside the exported range"):
         dim_ranges(m, max_len=4096)
     with pytest.raises(ValueError, match="--max-active 100 is outside the exported range 1..64 of rows in window"):
