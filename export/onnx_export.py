@@ -21,15 +21,14 @@ from tqdm import tqdm
 from dllm_trt.runtime import buckets
 from dllm_trt.runtime.checkpoint import PREFIX, Checkpoint, layer_keys
 from dllm_trt.runtime.config import ModelError, layer_ranges
-from dllm_trt.runtime.manifest import (DEFAULT_MAX_BATCH, DTYPES, RANGE_INPUTS, Manifest, PieceSpec, dims_for, piece_specs,
-                                       profiles_for, sha256_file)
+from dllm_trt.runtime.manifest import (DEFAULT_MAX_BATCH, DTYPES, RANGE_INPUTS, Manifest, PieceSpec, dims_for,
+                                       piece_specs, profiles_for, sha256_file)
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, range_state_dict
 
 from .quantize import (DEFAULT_BLOCK, QuantizeError, check_scheme, embedding_bits, quantize_file,
                        scheme_record)
 
 MAX_ACTIVE = 256  # default largest window pass (query rows), or the whole canvas when that is shorter
-MAX_BATCH = DEFAULT_MAX_BATCH
 MAX_BATCH_LIMIT = 1024
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_KINDS = ("layers", "head")  # and the embedding with int4 (see quantize.embedding_bits)
@@ -163,7 +162,7 @@ def export_piece(spec: PieceSpec, ckpt: Checkpoint, out: Path, dtype: str, opset
 def export_model(model_dir: str | Path, out_dir: str | Path, layers_per_range: int = 1, dtype: str = "fp32",
                  opset: int = 20, max_len: int | None = None, max_active: int | None = None, quiet: bool = False,
                  shown_as: str | Path | None = None, quantize: str | None = None,
-                 quant_block: int = DEFAULT_BLOCK, after_piece=None, max_batch: int = MAX_BATCH) -> Manifest:
+                 quant_block: int = DEFAULT_BLOCK, after_piece=None, max_batch: int = DEFAULT_MAX_BATCH) -> Manifest:
     """after_piece: called after each piece (export_into stops an interrupted export there)."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
@@ -249,15 +248,6 @@ def check_out_dir(out: Path, why_not_replaceable=None) -> None:
         raise ModelError(f"{out}: cannot create the output folder ({existing} is not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ModelError(f"{out}: cannot create the output folder ({existing} is not writable)")
-
-
-def _has_contrib_ops(model: onnx.ModelProto) -> bool:
-    """onnx's full check cannot infer shapes through ONNX Runtime's own ops (MatMulNBits)."""
-    return any(n.domain == "com.microsoft" for n in model.graph.node)
-
-
-def manifest_piece(pieces: list[PieceSpec], name: str) -> PieceSpec:
-    return next(p for p in pieces if p.name == name)
 
 
 def _version(pkg: str) -> str:

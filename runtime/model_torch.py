@@ -177,10 +177,12 @@ class LayerRange(nn.Module):
         drift [B, 2], attn_colsum [B, N].
 
         Each query row attends to every slot of its canvas: to its fresh key/value at the slots of query rows and
-        to the cache at the others. With every slot a query row (refresh mode) no cached key/value is used at
-        all, so a backend may bind any buffer of cache shape as past_key / past_value there. Cached values are
-        only ever selected (torch.where), never multiplied by a zero, so whatever unused slots hold (NaN
-        included) cannot leak in.
+        to the cache at the others. The drift's "before" attention reads the cached keys at every real slot;
+        nothing else reads the cache at query slots. With every slot a query row (refresh mode) the attention uses
+        no cached key/value and the drift output is ignored, so a backend may bind any buffer of cache shape as
+        past_key / past_value there. Cached entries are only ever selected (torch.where), never multiplied by a
+        zero, so whatever unread entries hold (NaN included) cannot leak in. Padding rows must come after a
+        sequence's real rows, with row 0 real: padding slots and padded picks borrow row 0.
         """
         n_heads, head_dim = self.cfg.n_heads, self.cfg.head_dim
         batch, n_rows = position_ids.shape
@@ -226,8 +228,7 @@ class LayerRange(nn.Module):
             probs = torch.softmax(self.scores(q, keys) + key_bias, dim=-1)
             hidden = block.finish(hidden, torch.matmul(probs.to(values.dtype), values))
             colsum = torch.where(key_is_mask, 0.0, rows_of(probs, window_rows).sum(dim=(1, 2)))
-            # slots x tracked rows, so that the cache is not transposed (in refresh mode this is all the cost of
-            # the unused drift output)
+            # slots x tracked rows, so that the cache is not transposed
             old_scores = torch.matmul(past_k.float(), track_q.float().transpose(-1, -2) * self.scale)
             old = torch.softmax(torch.where(key_valid_column, old_scores, float("-inf")), dim=-2).transpose(-1, -2)
             new = rows_of(probs, track_rows)                                          # [B, H, T, N]

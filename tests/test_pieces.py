@@ -93,3 +93,28 @@ def test_window_piece_with_stale_cache_matches_naive(model):
     want_tok, want_conf = ref.candidates(expected["logits"], cfg)
     assert torch.equal(tokens, want_tok)
     assert torch.allclose(probs, want_conf, atol=1e-6)
+
+
+def test_exported_forward_in_refresh_mode_rounds_exactly_as_the_reference_refresh():
+    """LayerRange.forward with every slot a query row (and NaN in every cache entry, none of which may be read) gives
+    LayerRange.refresh's outputs bit for bit, on the bundled model (head_dim 32: the attention scale is not a power
+    of two, so scaling scores or queries would round differently)."""
+    from dllm_trt.cli import DEFAULT_MODEL
+
+    ckpt = Checkpoint(DEFAULT_MODEL)
+    cfg = ckpt.config
+    lr = LayerRange(cfg, 0, 2).load(ckpt)
+    n, H, hd = 40, cfg.n_heads, cfg.head_dim
+    torch.manual_seed(1)
+    hidden, window = torch.randn(n, cfg.d_model), torch.tensor([31, 33, 35, 37])
+    key_is_mask = torch.arange(n) >= 30
+    caches = [torch.full((1, H, n if c % 3 < 2 else 1, hd), float("nan")) for c in range(6)]
+    with torch.no_grad():
+        want = lr.refresh(hidden, torch.arange(n), window, key_is_mask)
+        got = lr(hidden[None], torch.arange(n)[None], torch.tensor([n]), key_is_mask[None], torch.zeros(1, 1,
+                 dtype=torch.int64), window[None], *caches)
+    assert torch.equal(got[0][0], want[0])
+    for i in range(2):   # per layer: key, value, query, colsum (the forward's drift is ignored in refresh mode)
+        k, v, q, _, colsum = got[1 + 5 * i: 6 + 5 * i]
+        for g, w in zip((k[0], v[0], q[0], colsum[0]), want[1 + 4 * i: 5 + 4 * i]):
+            assert torch.equal(g, w)

@@ -9,10 +9,12 @@ are imported on the CPU path.
 Weights (CPU): every external tensor is one OrtValue on a read-only memory map of its data file (runtime/memory.py),
 given to the session that uses it, so the sessions hold no copies and processes serving the same folder share the
 pages. Pre-packing is off in that mode: it would make a private packed copy next to the mapping (it costs the
-25-row window pass about 16% more CPU time on a 0.42 B model; the refresh pass about 4%; see tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
+25-row window pass about 16% more CPU time on a 0.42 B model; the refresh pass about 4%; see
+tools/bench_memory.py). DLLM_TRT_ORT_WEIGHTS=per-session restores ONNX Runtime's own loading.
 Quantized engines (MatMulNBits) pre-pack by default even so: without its packed layout MatMulNBits falls back to
 dequantizing every weight on every call, 6-8x slower than fp32 (tools/bench_quant.py); the packed int4/int8 copies
-are private to each session, the mapped file pages stay shared.
+are private to each session, and each piece's mapped pages are dropped once its session has packed them
+(SharedWeights.release).
 
 Threads: every session gets the physical cores this process may use (default_threads), never the logical ones.
 """
@@ -282,9 +284,9 @@ class OnnxRuntimeBackend(Backend):
 
     # ---- running one piece with IOBinding ----------------------------------------------------------------------
     def _run(self, piece: str, inputs: dict, bound_outputs: dict, kept_outputs: list[str],
-             host_outputs: list[str] = ()) -> list:
+             host_outputs: list[str] = ()) -> dict:
         """Run a piece. inputs and bound_outputs are numpy arrays or OrtValues (bound outputs are written in place);
-        kept_outputs come back where the caches live (self.arrays), host_outputs as numpy arrays."""
+        kept_outputs come back where the caches live (self.arrays), host_outputs as numpy arrays, both by name."""
         session = self.sessions[piece]
         binding = session.io_binding()
         for name, value in inputs.items():
@@ -297,8 +299,8 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()[len(bound_outputs):]
-        return ([self.arrays.kept(v) for v in outputs[:len(kept_outputs)]]
-                + [v.numpy() for v in outputs[len(kept_outputs):]])
+        kept = {name: self.arrays.kept(v) for name, v in zip(kept_outputs, outputs)}
+        return kept | {name: v.numpy() for name, v in zip(host_outputs, outputs[len(kept_outputs):])}
 
     # ---- the backend primitives ----------------------------------------------------------------------------------
     # Every piece has a leading batch axis; this backend decodes one sequence, so every array has batch 1.
@@ -339,58 +341,57 @@ class OnnxRuntimeBackend(Backend):
             self.filled = True   # the start of a full refresh (every policy's first step is one)
         else:
             self._check_active(len(ids), "a window pass")
-            (hidden,) = self._run("embed", {"input_ids": ids[None]}, {}, ["hidden_states"])
+            hidden = self._run("embed", {"input_ids": ids[None]}, {}, ["hidden_states"])["hidden_states"]
             (self.boundary[0],) = self.arrays.put_rows([self.boundary[0]], [1], positions, [hidden])
             self.current = hidden
 
     def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
         if not self.filled:
             raise ValueError("window mode needs caches filled by a full refresh (every policy starts with one)")
-        layers = [layer_names(L) for L in range(*self.ranges[r])]
-        first = self.ranges[r][0]
+        layers = range(*self.ranges[r])
+        names = [layer_names(L) for L in layers]
         inputs = {"hidden_states": self.current, "position_ids": positions[None],
                   "canvas_lengths": self.canvas_lengths, "key_is_mask": key_is_mask[None],
                   "track_rows": track_rows[None], "window_rows": window_rows[None]}
-        tracked = self.arrays.take_rows([self.q[first + i] for i in range(len(layers))], 2, track_positions)
-        for i, (n, track_queries) in enumerate(zip(layers, tracked)):
-            inputs |= {n.past_key: self.k[first + i], n.past_value: self.v[first + i], n.track_queries: track_queries}
-        kept = ["hidden_states_out"] + [name for n in layers for name in (n.new_key, n.new_value, n.new_queries)]
-        stats = [name for n in layers for name in (n.drift, n.colsum)]
-        out = self._run(range_name(*self.ranges[r]), inputs, {}, kept, stats)
-        hidden, new_rows, stat_values = out[0], out[1:len(kept)], out[len(kept):]
+        tracked = self.arrays.take_rows([self.q[L] for L in layers], 2, track_positions)
+        for L, n, track_queries in zip(layers, names, tracked):
+            inputs |= {n.past_key: self.k[L], n.past_value: self.v[L], n.track_queries: track_queries}
+        new_rows = [name for n in names for name in (n.new_key, n.new_value, n.new_queries)]
+        out = self._run(range_name(*self.ranges[r]), inputs, {}, ["hidden_states_out", *new_rows],
+                        [name for n in names for name in (n.drift, n.colsum)])
         # the range's new K/V/Q rows and its output hidden states, written in one go (one helper run on a device)
-        caches = [cache[first + i] for i in range(len(layers)) for cache in (self.k, self.v, self.q)]
-        axes, rows = [2] * len(caches), list(new_rows)
+        caches = [cache[L] for L in layers for cache in (self.k, self.v, self.q)]
+        axes, rows = [2] * len(caches), [out[name] for name in new_rows]
         if r + 1 < len(self.ranges):
-            caches, axes, rows = caches + [self.boundary[r + 1]], axes + [1], rows + [hidden]
+            caches, axes, rows = caches + [self.boundary[r + 1]], axes + [1], rows + [out["hidden_states_out"]]
         written = self.arrays.put_rows(caches, axes, positions, rows)
-        for i in range(len(layers)):
-            self.k[first + i], self.v[first + i], self.q[first + i] = written[3 * i: 3 * i + 3]
+        for i, L in enumerate(layers):
+            self.k[L], self.v[L], self.q[L] = written[3 * i: 3 * i + 3]
         if r + 1 < len(self.ranges):
             self.boundary[r + 1] = written[-1]
-        self.current = hidden
-        return RangeStats(colsum=np.concatenate(stat_values[1::2]), drift=np.concatenate(stat_values[0::2]))
+        self.current = out["hidden_states_out"]
+        return RangeStats(colsum=np.concatenate([out[n.colsum] for n in names]),
+                          drift=np.concatenate([out[n.drift] for n in names]))
 
     def _refresh(self, r, window_positions, key_is_mask):
-        # a window pass whose query rows are every slot: no cached key/value is read (see LayerRange.forward)
-        layers = [layer_names(L) for L in range(*self.ranges[r])]
-        first = self.ranges[r][0]
+        # a window pass whose query rows are every slot: no cached value is read, cached keys only by the drift,
+        # which is ignored here (see LayerRange.forward)
+        layers = range(*self.ranges[r])
+        names = [layer_names(L) for L in layers]
         target = self.boundary[r + 1] if r + 1 < len(self.ranges) else self.final
         inputs = {"hidden_states": self.boundary[r], "position_ids": self.positions,
                   "canvas_lengths": self.canvas_lengths, "key_is_mask": key_is_mask[None],
                   "track_rows": self.no_track_rows, "window_rows": window_positions[None]}
         bound = {"hidden_states_out": target}
-        for i, n in enumerate(layers):
-            L = first + i
+        for L, n in zip(layers, names):
             inputs |= {n.past_key: self.unread_cache, n.past_value: self.unread_cache,
                        n.track_queries: self.no_track_queries}
             bound |= {n.new_key: self.k[L], n.new_value: self.v[L], n.new_queries: self.q[L]}
-        stats = self._run(range_name(*self.ranges[r]), inputs, bound, [],
-                          [name for n in layers for name in (n.drift, n.colsum)])
+        out = self._run(range_name(*self.ranges[r]), inputs, bound, [],
+                        [name for n in names for name in (n.drift, n.colsum)])
         self.current = target
-        return RangeStats(colsum=np.concatenate(stats[1::2]))
+        return RangeStats(colsum=np.concatenate([out[n.colsum] for n in names]))
 
     def _head(self, rows):
-        tokens, probs = self._run("head", {"hidden_states": self.current, "rows": rows[None]}, {}, [],
-                                  ["tokens", "probs"])
-        return tokens[0], probs[0]
+        out = self._run("head", {"hidden_states": self.current, "rows": rows[None]}, {}, [], ["tokens", "probs"])
+        return out["tokens"][0], out["probs"][0]
