@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, RangeStats, SequenceCaches
 from .policies import Policy
 from .schedule import BlockSchedule, Canvas
 
@@ -34,48 +35,92 @@ class GenerationResult:
         return asdict(self)
 
 
+@dataclass
+class Sequence:
+    """One generation in progress: its canvas, schedule and policy (its own decoding options), its caches in the
+    backend, and its counters. Decoder.start makes one, Decoder.step advances it, Decoder.finish ends it."""
+    canvas: Canvas
+    schedule: object
+    policy: Policy
+    caches: SequenceCaches
+    started: float
+    on_step: Callable | None = None    # called with the canvas after each of its steps
+    caches_kept: bool = False          # the backend's begin() caches: left open when the sequence ends
+    refreshed: int = 0                 # layer-steps recomputed for every position
+    total: int = 0                     # layer-steps
+    # this step's plan (set by Decoder.step)
+    targets: object = None
+    queries: np.ndarray | None = None  # rows recomputed in window mode; None: a full refresh
+    key_is_mask: np.ndarray | None = None
+
+    @property
+    def done(self) -> bool:
+        return not len(self.canvas.pending)
+
+
 class Decoder:
-    def __init__(self, backend: Backend, policy: Policy, schedule, detokenize=None, step_order: str = "auto"):
-        """step_order: "range" decides after each window pass; "batched" runs all window passes, then decides
+    def __init__(self, backend: Backend, policy: Policy | None = None, schedule=None, detokenize=None,
+                 step_order: str = "auto"):
+        """policy, schedule: what generate() decodes with (each sequence of start() may bring its own).
+        step_order: "range" decides after each window pass; "batched" runs all window passes, then decides
         once per step; "auto" takes the backend's preference (batched where a host sync is expensive: GPUs)."""
         if step_order not in ("auto", "range", "batched"):
             raise ValueError(f"step order must be auto, range or batched, got {step_order!r}")
         if step_order == "auto":
             step_order = "batched" if backend.one_sync_per_step else "range"
         self.step_order = step_order
-        if policy.needs_blocks and not isinstance(schedule, BlockSchedule):
-            raise ValueError(f"the {policy.name} cache follows Fast-dLLM's blocks: use the block schedule "
-                             f"(--block-length), not the sliding window")
+        if policy is not None:
+            _check_pair(policy, schedule)
         self.backend, self.policy, self.schedule = backend, policy, schedule
         self.detokenize = detokenize or (lambda ids: " ".join(map(str, ids)))
 
     def generate(self, prompt_ids: list[int], on_step=None) -> GenerationResult:
         """Decode `schedule.gen_length` positions after the prompt. `on_step(canvas)` is called after each step."""
-        cfg, backend, policy, schedule = self.backend.config, self.backend, self.policy, self.schedule
-        n_layers = cfg.n_layers
+        seq = self.start(prompt_ids, on_step=on_step, keep_caches=True)
+        try:
+            while not seq.done:
+                self.step([seq])
+        finally:
+            self.release(seq)
+        return self.finish(seq)
+
+    # ---- several sequences: start each, step them together, finish each ------------------------------------------
+    def start(self, prompt_ids: list[int], schedule=None, policy: Policy | None = None, on_step=None,
+              keep_caches: bool = False) -> Sequence:
+        """A sequence for `prompt_ids` with its own schedule and policy (default: the decoder's), its caches opened.
+        keep_caches: the backend's begin() caches, left open after the sequence (one sequence at a time)."""
+        schedule, policy = schedule or self.schedule, policy or self.policy
+        _check_pair(policy, schedule)
+        cfg = self.backend.config
         ids = np.concatenate([np.asarray(prompt_ids, dtype=np.int64),
                               np.full(schedule.gen_length, cfg.mask_token_id, dtype=np.int64)])
         canvas = Canvas(ids, len(prompt_ids), cfg.mask_token_id, cfg.end_ids)
-        t0 = time.perf_counter()
-        backend.begin(canvas.n)
+        started = time.perf_counter()
+        caches = self.backend.begin(canvas.n) if keep_caches else self.backend.open(canvas.n)
         schedule.begin()
         policy.begin(canvas)
-        refreshed = total = 0
-        while len(canvas.pending):
-            targets = schedule.targets(canvas)
-            plan = policy.plan(canvas, targets)
-            key_is_mask = canvas.is_mask()
-            refreshed += self._run_layers(canvas, targets.positions, plan.queries, key_is_mask)
-            total += n_layers
-            tokens, probs = backend.head(targets.positions)
-            take = schedule.select(probs)
-            committed = targets.positions[take]
-            canvas.commit(committed, tokens[take], schedule.early_stop)
-            policy.end_step(committed)
-            canvas.step += 1
-            if on_step is not None:
-                on_step(canvas)
-        seconds = time.perf_counter() - t0
+        return Sequence(canvas, schedule, policy, caches, started, on_step, keep_caches)
+
+    def step(self, seqs: list[Sequence]) -> None:
+        """One step of every sequence in `seqs` (none of them done). Sequences go to the backend together, up to its
+        max_batch per call; each decides its own refreshes, so each ends the step exactly as if it ran alone."""
+        size = max(1, self.backend.max_batch)
+        for i in range(0, len(seqs), size):
+            self._step(seqs[i: i + size])
+        for s in seqs:
+            if s.on_step is not None:
+                s.on_step(s.canvas)
+
+    def release(self, seq: Sequence) -> None:
+        """Give a sequence's caches back (finished or abandoned); safe to call twice."""
+        if seq.caches is not None and not seq.caches_kept:
+            self.backend.close(seq.caches)
+            seq.caches = None
+
+    def finish(self, seq: Sequence) -> GenerationResult:
+        self.release(seq)
+        cfg, canvas = self.backend.config, seq.canvas
+        seconds = time.perf_counter() - seq.started
         gen = canvas.ids[canvas.prompt_len:].tolist()
         end = next((i for i, t in enumerate(gen) if t in cfg.end_ids), None)
         token_ids = gen if end is None else gen[:end]
@@ -83,55 +128,100 @@ class Decoder:
             text=self.detokenize(token_ids), token_ids=token_ids, canvas_ids=gen, tokens=len(token_ids),
             steps=canvas.step, seconds=seconds, tokens_per_second=len(token_ids) / seconds if seconds else 0.0,
             tokens_per_step=len(token_ids) / max(canvas.step, 1),
-            refresh_fraction=refreshed / total if total else 0.0, layer_steps_refreshed=refreshed,
-            layer_steps_total=total, prompt_tokens=canvas.prompt_len, policy=policy.name, schedule=schedule.name,
-            backend=backend.describe(), finish_reason="length" if end is None else "stop")
+            refresh_fraction=seq.refreshed / seq.total if seq.total else 0.0, layer_steps_refreshed=seq.refreshed,
+            layer_steps_total=seq.total, prompt_tokens=canvas.prompt_len, policy=seq.policy.name,
+            schedule=seq.schedule.name, backend=self.backend.describe(), finish_reason="length" if end is None else "stop")
 
-    def _run_layers(self, canvas: Canvas, targets: np.ndarray, queries, key_is_mask) -> int:
-        """Run every layer range once; return how many layers ran in refresh mode."""
-        if queries is None:
-            self.backend.embed(canvas.ids)
-            return self._refresh_ranges(0, targets, key_is_mask)
-        self.backend.embed(canvas.ids[queries], queries)
-        if self.step_order == "batched":
-            return self._run_batched(targets, queries, key_is_mask)
-        return self._run_range_by_range(targets, queries, key_is_mask)
+    # ---- one step of one group (one backend call per piece) --------------------------------------------------------
+    def _step(self, seqs: list[Sequence]) -> None:
+        backend = self.backend
+        for s in seqs:
+            s.targets = s.schedule.targets(s.canvas)
+            s.queries = s.policy.plan(s.canvas, s.targets).queries
+            s.key_is_mask = s.canvas.is_mask()
+            s.total += backend.config.n_layers
+        backend.embed_many([s.caches for s in seqs], [s.canvas.ids if s.queries is None else s.canvas.ids[s.queries] for s in seqs],
+                           [s.queries for s in seqs])
+        window = [s for s in seqs if s.queries is not None]
+        refresh_from = {id(s): 0 for s in seqs if s.queries is None}
+        if window:
+            run = self._windows_batched if self.step_order == "batched" else self._windows_range_by_range
+            refresh_from |= run(window)
+        self._refreshes([s for s in seqs if id(s) in refresh_from], refresh_from)
+        for s, (tokens, probs) in zip(seqs, backend.head_many([s.caches for s in seqs], [s.targets.positions for s in seqs])):
+            take = s.schedule.select(probs)
+            committed = s.targets.positions[take]
+            s.canvas.commit(committed, tokens[take], s.schedule.early_stop)
+            s.policy.end_step(committed)
+            s.canvas.step += 1
 
-    def _run_range_by_range(self, targets, queries, key_is_mask) -> int:
-        """Decide after each window pass: a drift found early saves the later window passes (cheaper on CPU)."""
-        backend, policy = self.backend, self.policy
-        for r in range(len(backend.ranges)):
-            (stats,) = backend.fetch([backend.window(r, queries, policy.tracked(), targets, key_is_mask)])
-            trigger = policy.refresh_from(r, stats.drift)
-            if trigger is not None and trigger == r:  # rerun this range in refresh mode
-                return self._refresh_ranges(r, targets, key_is_mask)
-            policy.observe(backend.ranges[r][0], stats.colsum)
-            if trigger is not None:
-                return self._refresh_ranges(trigger, targets, key_is_mask)
-        return 0
+    def _window_pass(self, r: int, seqs: list[Sequence]) -> list[RangeStats]:
+        return self.backend.window_many(r, [s.caches for s in seqs], [s.queries for s in seqs], [s.policy.tracked() for s in seqs],
+                                        [s.targets.positions for s in seqs], [s.key_is_mask for s in seqs])
 
-    def _run_batched(self, targets, queries, key_is_mask) -> int:
-        """Every window pass back to back, one transfer of all statistics to the host, then refresh passes from
-        the first drifting range on. The refresh passes overwrite every cache row the superseded window passes
-        wrote, so caches, decisions and tokens equal the range-by-range order (one host sync per step on a GPU)."""
-        backend, policy = self.backend, self.policy
-        tracked = policy.tracked()
-        window = backend.fetch([backend.window(r, queries, tracked, targets, key_is_mask)
-                                for r in range(len(backend.ranges))])
-        refresh_from = len(window)
-        for r, stats in enumerate(window):
-            trigger = policy.refresh_from(r, stats.drift)
-            if trigger is not None:
-                refresh_from = trigger
+    def _windows_range_by_range(self, seqs: list[Sequence]) -> dict[int, int]:
+        """Decide after each window pass: a drift found early saves the later window passes (cheaper on CPU).
+        Returns the first range each drifting sequence refreshes from."""
+        backend, ranges, refresh_from = self.backend, self.backend.ranges, {}
+        for r in range(len(ranges)):
+            if not seqs:
                 break
-        for r in range(refresh_from):
-            policy.observe(backend.ranges[r][0], window[r].colsum)
-        return self._refresh_ranges(refresh_from, targets, key_is_mask)
+            still = []
+            for s, stats in zip(seqs, backend.fetch(self._window_pass(r, seqs))):
+                trigger = s.policy.refresh_from(r, stats.drift)
+                if trigger is not None and trigger == r:  # rerun this range in refresh mode
+                    refresh_from[id(s)] = r
+                    continue
+                s.policy.observe(ranges[r][0], stats.colsum)
+                if trigger is not None:
+                    refresh_from[id(s)] = trigger
+                else:
+                    still.append(s)
+            seqs = still
+        return refresh_from
 
-    def _refresh_ranges(self, first: int, targets, key_is_mask) -> int:
-        """Refresh ranges first.. in order; return how many layers that recomputed."""
+    def _windows_batched(self, seqs: list[Sequence]) -> dict[int, int]:
+        """Every window pass back to back, one transfer of all statistics to the host, then each sequence finds its
+        first drifting range. The refresh passes overwrite every cache row the superseded window passes wrote, so
+        caches, decisions and tokens equal the range-by-range order (one host sync per step on a GPU)."""
         backend, ranges = self.backend, self.backend.ranges
-        stats = backend.fetch([backend.refresh(r, targets, key_is_mask) for r in range(first, len(ranges))])
-        for r, st in zip(range(first, len(ranges)), stats):
-            self.policy.observe(ranges[r][0], st.colsum)
-        return sum(b - a for a, b in ranges[first:])
+        passes = [self._window_pass(r, seqs) for r in range(len(ranges))]
+        flat = backend.fetch([st for per_range in passes for st in per_range])
+        refresh_from = {}
+        for i, s in enumerate(seqs):
+            window = [flat[r * len(seqs) + i] for r in range(len(ranges))]
+            first = len(ranges)
+            for r, stats in enumerate(window):
+                trigger = s.policy.refresh_from(r, stats.drift)
+                if trigger is not None:
+                    first = trigger
+                    break
+            for r in range(first):
+                s.policy.observe(ranges[r][0], window[r].colsum)
+            refresh_from[id(s)] = first
+        return refresh_from
+
+    def _refreshes(self, seqs: list[Sequence], refresh_from: dict[int, int]) -> None:
+        """Refresh each sequence's ranges from its first one on, in order; the sequences due at a range go
+        together. Statistics come back in one transfer at the end."""
+        backend, ranges = self.backend, self.backend.ranges
+        calls = []
+        for r in range(len(ranges)):
+            due = [s for s in seqs if refresh_from[id(s)] <= r]
+            if due:
+                calls.append((r, due, backend.refresh_many(r, [s.caches for s in due], [s.targets.positions for s in due],
+                                                           [s.key_is_mask for s in due])))
+        flat = backend.fetch([st for _, _, stats in calls for st in stats])
+        at = 0
+        for r, due, _ in calls:
+            for s in due:
+                s.policy.observe(ranges[r][0], flat[at].colsum)
+                at += 1
+        for s in seqs:
+            s.refreshed += sum(b - a for a, b in ranges[refresh_from[id(s)]:])
+
+
+def _check_pair(policy: Policy, schedule) -> None:
+    if policy.needs_blocks and not isinstance(schedule, BlockSchedule):
+        raise ValueError(f"the {policy.name} cache follows Fast-dLLM's blocks: use the block schedule "
+                         f"(--block-length), not the sliding window")

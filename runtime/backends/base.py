@@ -57,18 +57,40 @@ def rows_of(positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return order[idx].astype(np.int64)
 
 
+@dataclass
+class SequenceCaches:
+    """One sequence's place in a backend: what Backend.open() returns and the batched calls take."""
+    n_positions: int
+    state: object = None               # the backend's own buffers for this canvas (what _allocate returned)
+    rows: np.ndarray | None = None     # canvas positions of the hidden rows the next pass reads (None: every one)
+
+
 class Backend:
-    """Subclasses implement the underscored methods; the public ones are what the decoder calls."""
+    """Subclasses implement the underscored methods; the public ones are what the decoder calls.
+
+    Sequences: open(n) gives a sequence its caches, use(c) makes them the ones the single-sequence calls (embed,
+    window, refresh, head) work on, close(c) gives them back; begin(n) does all three for one sequence at a time.
+    A backend whose `max_batch` is above 1 also runs the *_many calls for several sequences in one piece call each
+    (_embed_many, ...); for every other backend the decoder steps one sequence after another."""
 
     name = "base"
     calibration: dict = {}            # the engine's calibration block (manifest.json), read-only; {} = none
     weight_bytes: int | None = None   # the weights held in memory, each stored tensor counted once (when known)
     one_sync_per_step = False   # the decoder batches window passes and reads statistics once per step
+    max_batch = 1               # sequences one piece call may carry (> 1: the *_many calls are implemented)
     config: ModelConfig
     ranges: list[tuple[int, int]]
+    _seq: SequenceCaches | None = None   # the sequence the single-sequence calls work on
+    _own: SequenceCaches | None = None   # begin()'s sequence
 
     # ---- implemented by each backend -------------------------------------------------------------------------
-    def _allocate(self, n: int) -> None: ...
+    def _allocate(self, n: int):
+        """The buffers of a canvas of n positions (returned, or kept on the backend where one sequence at a time
+        is all it runs)."""
+    def _use(self, state) -> None:
+        """Make `state` (an _allocate result) the buffers the primitives below work on."""
+    def _release(self, state) -> None:
+        """A sequence is over: its buffers may be reused."""
     def _embed(self, ids: np.ndarray, positions: np.ndarray | None) -> None:
         """Embed ids; store them into boundary 0 (at positions, or whole when None); keep them as current."""
     def _window(self, r: int, positions: np.ndarray, track_rows: np.ndarray, track_positions: np.ndarray,
@@ -79,35 +101,117 @@ class Backend:
         """Run range r in refresh mode from boundary r; overwrite its caches; store the output into boundary
         r+1 (if any) and keep it as current."""
     def _head(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    # backends with max_batch > 1: the same for several sequences (lists, one entry per sequence), one call each
+    def _embed_many(self, states: list, ids: list, positions: list) -> None: ...
+    def _window_many(self, r: int, states: list, positions: list, track_rows: list, track_positions: list,
+                     window_rows: list, key_is_mask: list) -> list[RangeStats]: ...
+    def _refresh_many(self, r: int, states: list, window_positions: list, key_is_mask: list) -> list[RangeStats]: ...
+    def _head_many(self, states: list, rows: list) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
-    # ---- the interface -----------------------------------------------------------------------------------------
-    def begin(self, n_positions: int) -> None:
-        self.n_positions = n_positions
-        self._rows: np.ndarray | None = None
-        self._allocate(n_positions)
+    # ---- sequences ---------------------------------------------------------------------------------------------
+    def open(self, n_positions: int) -> SequenceCaches:
+        return SequenceCaches(n_positions, self._allocate(n_positions))
 
+    def use(self, seq: SequenceCaches) -> None:
+        if seq is not self._seq:
+            self._seq = seq
+            self._use(seq.state)
+
+    def close(self, seq: SequenceCaches) -> None:
+        if seq is self._seq:
+            self._seq = None
+        self._release(seq.state)
+
+    def begin(self, n_positions: int) -> SequenceCaches:
+        """One sequence at a time: the previous begin()'s caches are given back, a canvas of n is opened and used.
+        They stay open until the next begin(), so that what a generation left in them can be inspected."""
+        if self._own is not None:
+            self.close(self._own)
+        self._own = self.open(n_positions)
+        self.use(self._own)
+        return self._own
+
+    @property
+    def n_positions(self) -> int:
+        return self._seq.n_positions
+
+    @property
+    def _rows(self) -> np.ndarray | None:
+        return self._seq.rows
+
+    # ---- the interface: the sequence in use --------------------------------------------------------------------
     def embed(self, ids: np.ndarray, positions: np.ndarray | None = None) -> None:
-        self._rows = None if positions is None else np.asarray(positions, dtype=np.int64)
-        self._embed(np.asarray(ids, dtype=np.int64), self._rows)
+        self._seq.rows = None if positions is None else np.asarray(positions, dtype=np.int64)
+        self._embed(np.asarray(ids, dtype=np.int64), self._seq.rows)
 
     def window(self, r: int, positions: np.ndarray, tracked: np.ndarray, targets: np.ndarray,
                key_is_mask: np.ndarray) -> RangeStats:
-        positions = np.asarray(positions, dtype=np.int64)
-        if self._rows is None or not np.array_equal(self._rows, positions):
-            raise ValueError("window mode must run on the rows embedded (or produced) at this step")
-        if len(tracked) == 0:  # nothing tracked (non-elastic policies): the drift output is then ignored
-            tracked = positions[:1]
-        return self._window(r, positions, rows_of(positions, tracked), np.asarray(tracked, dtype=np.int64),
-                            rows_of(positions, targets), key_is_mask)
+        return self._window(r, *self._window_rows(self._seq, positions, tracked, targets), key_is_mask)
 
     def refresh(self, r: int, targets: np.ndarray, key_is_mask: np.ndarray) -> RangeStats:
-        self._rows = None
+        self._seq.rows = None
         return self._refresh(r, np.asarray(targets, dtype=np.int64), key_is_mask)
 
     def head(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._head(self._head_rows(self._seq, targets))
+
+    # ---- the interface: several sequences (one piece call each where max_batch allows, else one by one) --------
+    def embed_many(self, seqs: list[SequenceCaches], ids: list, positions: list) -> None:
+        if len(seqs) == 1:
+            self.use(seqs[0])
+            return self.embed(ids[0], positions[0])
+        self._check_batch(seqs)
+        for seq, p in zip(seqs, positions):
+            seq.rows = None if p is None else np.asarray(p, dtype=np.int64)
+        self._embed_many([s.state for s in seqs], [np.asarray(i, dtype=np.int64) for i in ids],
+                         [s.rows for s in seqs])
+
+    def window_many(self, r: int, seqs: list[SequenceCaches], positions: list, tracked: list, targets: list,
+                    key_is_mask: list) -> list[RangeStats]:
+        if len(seqs) == 1:
+            self.use(seqs[0])
+            return [self.window(r, positions[0], tracked[0], targets[0], key_is_mask[0])]
+        self._check_batch(seqs)
+        rows = [self._window_rows(*args) for args in zip(seqs, positions, tracked, targets)]
+        return self._window_many(r, [s.state for s in seqs], *map(list, zip(*rows)), key_is_mask)
+
+    def refresh_many(self, r: int, seqs: list[SequenceCaches], targets: list, key_is_mask: list) -> list[RangeStats]:
+        if len(seqs) == 1:
+            self.use(seqs[0])
+            return [self.refresh(r, targets[0], key_is_mask[0])]
+        self._check_batch(seqs)
+        for seq in seqs:
+            seq.rows = None
+        return self._refresh_many(r, [s.state for s in seqs], [np.asarray(t, dtype=np.int64) for t in targets],
+                                  key_is_mask)
+
+    def head_many(self, seqs: list[SequenceCaches], targets: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        if len(seqs) == 1:
+            self.use(seqs[0])
+            return [self.head(targets[0])]
+        self._check_batch(seqs)
+        return self._head_many([s.state for s in seqs], [self._head_rows(s, t) for s, t in zip(seqs, targets)])
+
+    def _check_batch(self, seqs: list) -> None:
+        if len(seqs) > self.max_batch:
+            raise ValueError(f"{len(seqs)} sequences in one call; this backend takes at most {self.max_batch}")
+
+    @staticmethod
+    def _window_rows(seq: SequenceCaches, positions, tracked, targets):
+        """(positions, track_rows, track_positions, window_rows) of a window pass, checked against the rows the
+        sequence's hidden states are at."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if seq.rows is None or not np.array_equal(seq.rows, positions):
+            raise ValueError("window mode must run on the rows embedded (or produced) at this step")
+        if len(tracked) == 0:  # nothing tracked (non-elastic policies): the drift output is then ignored
+            tracked = positions[:1]
+        tracked = np.asarray(tracked, dtype=np.int64)
+        return positions, rows_of(positions, tracked), tracked, rows_of(positions, targets)
+
+    @staticmethod
+    def _head_rows(seq: SequenceCaches, targets) -> np.ndarray:
         targets = np.asarray(targets, dtype=np.int64)
-        rows = targets if self._rows is None else rows_of(self._rows, targets)
-        return self._head(rows)
+        return targets if seq.rows is None else rows_of(seq.rows, targets)
 
     def warmup(self, max_len: int | None = None) -> None:
         """Do at load what the first request at canvas length max_len would otherwise pay for (a no-op here)."""

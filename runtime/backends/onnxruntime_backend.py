@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,10 @@ class OnnxRuntimeBackend(Backend):
         # passes a drift makes useless
         self.max_len = self.manifest.dims["seq_len"]["max"]
         self.max_active = self.manifest.max_active
+        # several sequences per call where the caches are numpy arrays (stacked for each call); one on a device
+        self.max_batch = 1 if self.device_caches else self.manifest.dims["batch"]["max"]
+        self.no_track_rows = np.zeros((1, 1), dtype=np.int64)
+        self._scratches: dict[str, np.ndarray] = {}   # the stacked inputs of batched calls, reused by shape
 
     @property
     def device_caches(self) -> bool:
@@ -280,7 +285,9 @@ class OnnxRuntimeBackend(Backend):
         for r in range(len(self.ranges)):
             self.window(r, rows, rows, rows, key_is_mask)
         self.head(rows)
-        self.begin(2)  # drop the warm-up caches
+        self.close(self._own)   # drop the warm-up caches, spares on a device included
+        self._own = None
+        self.arrays.recycle([], set())
 
     # ---- running one piece with IOBinding ----------------------------------------------------------------------
     def _run(self, piece: str, inputs: dict, bound_outputs: dict, kept_outputs: list[str],
@@ -302,96 +309,244 @@ class OnnxRuntimeBackend(Backend):
         kept = {name: self.arrays.kept(v) for name, v in zip(kept_outputs, outputs)}
         return kept | {name: v.numpy() for name, v in zip(host_outputs, outputs[len(kept_outputs):])}
 
-    # ---- the backend primitives ----------------------------------------------------------------------------------
-    # Every piece has a leading batch axis; this backend decodes one sequence, so every array has batch 1.
-    def _allocate(self, n: int) -> None:
+    # ---- one sequence's buffers --------------------------------------------------------------------------------
+    def _allocate(self, n: int) -> "OrtCanvas":
         if n > self.max_len:
             raise ModelError(f"the canvas needs {n} positions but the engines were exported for at most "
                              f"{self.max_len} (re-export with a larger --max-len)")
         c, buffer = self.config, self.arrays.buffer
         shape, hidden, one_row = (1, c.n_heads, n, c.head_dim), (1, n, c.d_model), (1, c.n_heads, 1, c.head_dim)
-        self.arrays.recycle(self._buffers() if hasattr(self, "k") else [], {shape, hidden, one_row})
-        self.k = [buffer(shape) for _ in range(c.n_layers)]
-        self.v = [buffer(shape) for _ in range(c.n_layers)]
-        self.q = [buffer(shape) for _ in range(c.n_layers)]
-        self.boundary = [buffer(hidden) for _ in self.ranges]
-        self.final = buffer(hidden)
-        self.positions = np.arange(n, dtype=np.int64)[None]
-        self.canvas_lengths = np.array([n], dtype=np.int64)
-        # refresh mode reads no cached key/value and tracks nothing (its drift output is not used): every layer's
-        # past key/value input is bound to one scratch buffer of cache shape, its tracked query to one query row
-        self.unread_cache = buffer(shape)
-        self.no_track_rows = np.zeros((1, 1), dtype=np.int64)
-        self.no_track_queries = buffer(one_row)
-        self.filled = False   # device caches start uninitialised; the first full refresh of a generation fills them
+        self.arrays.recycle([], {shape, hidden, one_row})   # spares of other canvas lengths are not kept
+        return OrtCanvas(
+            n=n, k=[buffer(shape) for _ in range(c.n_layers)], v=[buffer(shape) for _ in range(c.n_layers)],
+            q=[buffer(shape) for _ in range(c.n_layers)], boundary=[buffer(hidden) for _ in self.ranges],
+            final=buffer(hidden), positions=np.arange(n, dtype=np.int64)[None],
+            canvas_lengths=np.array([n], dtype=np.int64),
+            # refresh mode reads no cached key/value and tracks nothing (its drift output is not used): every
+            # layer's past key/value input is bound to one scratch buffer of cache shape, its tracked query to one
+            # query row
+            unread_cache=buffer(shape), no_track_queries=buffer(one_row))
+
+    def _use(self, canvas: "OrtCanvas") -> None:
+        self.canvas = canvas
+
+    # the buffers of the sequence in use, under the names every backend gives them (tests compare through these)
+    k = property(lambda self: self.canvas.k)
+    v = property(lambda self: self.canvas.v)
+    q = property(lambda self: self.canvas.q)
+    boundary = property(lambda self: self.canvas.boundary)
+    final = property(lambda self: self.canvas.final)
+    current = property(lambda self: self.canvas.current)
 
     def _buffers(self) -> list:
-        """Every buffer this generation holds."""
-        return [*self.k, *self.v, *self.q, *self.boundary, self.final, self.unread_cache, self.no_track_queries]
+        return self.canvas.buffers()
+
+    def _release(self, canvas: "OrtCanvas") -> None:
+        self.arrays.recycle(canvas.buffers())
 
     def _check_active(self, count: int, what: str) -> None:
         if count > self.max_active:
             raise ModelError(f"{what} needs {count} rows but the engines were exported for at most "
                              f"{self.max_active} (re-export with a larger --max-active)")
 
+    # ---- one sequence: every array has batch 1 and the caches are bound as they are -----------------------------
     def _embed(self, ids, positions):
+        c = self.canvas
         if positions is None:
-            self._run("embed", {"input_ids": ids[None]}, {"hidden_states": self.boundary[0]}, [])
-            self.current = self.boundary[0]
-            self.filled = True   # the start of a full refresh (every policy's first step is one)
+            self._run("embed", {"input_ids": ids[None]}, {"hidden_states": c.boundary[0]}, [])
+            c.current = c.boundary[0]
+            c.filled = True   # the start of a full refresh (every policy's first step is one)
         else:
             self._check_active(len(ids), "a window pass")
             hidden = self._run("embed", {"input_ids": ids[None]}, {}, ["hidden_states"])["hidden_states"]
-            (self.boundary[0],) = self.arrays.put_rows([self.boundary[0]], [1], positions, [hidden])
-            self.current = hidden
+            (c.boundary[0],) = self.arrays.put_rows([c.boundary[0]], [1], positions, [hidden])
+            c.current = hidden
 
     def _window(self, r, positions, track_rows, track_positions, window_rows, key_is_mask):
-        if not self.filled:
+        c = self.canvas
+        if not c.filled:
             raise ValueError("window mode needs caches filled by a full refresh (every policy starts with one)")
         layers = range(*self.ranges[r])
         names = [layer_names(L) for L in layers]
-        inputs = {"hidden_states": self.current, "position_ids": positions[None],
-                  "canvas_lengths": self.canvas_lengths, "key_is_mask": key_is_mask[None],
+        inputs = {"hidden_states": c.current, "position_ids": positions[None],
+                  "canvas_lengths": c.canvas_lengths, "key_is_mask": key_is_mask[None],
                   "track_rows": track_rows[None], "window_rows": window_rows[None]}
-        tracked = self.arrays.take_rows([self.q[L] for L in layers], 2, track_positions)
+        tracked = self.arrays.take_rows([c.q[L] for L in layers], 2, track_positions)
         for L, n, track_queries in zip(layers, names, tracked):
-            inputs |= {n.past_key: self.k[L], n.past_value: self.v[L], n.track_queries: track_queries}
+            inputs |= {n.past_key: c.k[L], n.past_value: c.v[L], n.track_queries: track_queries}
         new_rows = [name for n in names for name in (n.new_key, n.new_value, n.new_queries)]
         out = self._run(range_name(*self.ranges[r]), inputs, {}, ["hidden_states_out", *new_rows],
                         [name for n in names for name in (n.drift, n.colsum)])
         # the range's new K/V/Q rows and its output hidden states, written in one go (one helper run on a device)
-        caches = [cache[L] for L in layers for cache in (self.k, self.v, self.q)]
+        caches = [cache[L] for L in layers for cache in (c.k, c.v, c.q)]
         axes, rows = [2] * len(caches), [out[name] for name in new_rows]
         if r + 1 < len(self.ranges):
-            caches, axes, rows = caches + [self.boundary[r + 1]], axes + [1], rows + [out["hidden_states_out"]]
+            caches, axes, rows = caches + [c.boundary[r + 1]], axes + [1], rows + [out["hidden_states_out"]]
         written = self.arrays.put_rows(caches, axes, positions, rows)
         for i, L in enumerate(layers):
-            self.k[L], self.v[L], self.q[L] = written[3 * i: 3 * i + 3]
+            c.k[L], c.v[L], c.q[L] = written[3 * i: 3 * i + 3]
         if r + 1 < len(self.ranges):
-            self.boundary[r + 1] = written[-1]
-        self.current = out["hidden_states_out"]
+            c.boundary[r + 1] = written[-1]
+        c.current = out["hidden_states_out"]
         return RangeStats(colsum=np.concatenate([out[n.colsum] for n in names]),
                           drift=np.concatenate([out[n.drift] for n in names]))
 
     def _refresh(self, r, window_positions, key_is_mask):
         # a window pass whose query rows are every slot: no cached value is read, cached keys only by the drift,
         # which is ignored here (see LayerRange.forward)
+        c = self.canvas
         layers = range(*self.ranges[r])
         names = [layer_names(L) for L in layers]
-        target = self.boundary[r + 1] if r + 1 < len(self.ranges) else self.final
-        inputs = {"hidden_states": self.boundary[r], "position_ids": self.positions,
-                  "canvas_lengths": self.canvas_lengths, "key_is_mask": key_is_mask[None],
+        target = c.boundary[r + 1] if r + 1 < len(self.ranges) else c.final
+        inputs = {"hidden_states": c.boundary[r], "position_ids": c.positions,
+                  "canvas_lengths": c.canvas_lengths, "key_is_mask": key_is_mask[None],
                   "track_rows": self.no_track_rows, "window_rows": window_positions[None]}
         bound = {"hidden_states_out": target}
         for L, n in zip(layers, names):
-            inputs |= {n.past_key: self.unread_cache, n.past_value: self.unread_cache,
-                       n.track_queries: self.no_track_queries}
-            bound |= {n.new_key: self.k[L], n.new_value: self.v[L], n.new_queries: self.q[L]}
+            inputs |= {n.past_key: c.unread_cache, n.past_value: c.unread_cache,
+                       n.track_queries: c.no_track_queries}
+            bound |= {n.new_key: c.k[L], n.new_value: c.v[L], n.new_queries: c.q[L]}
         out = self._run(range_name(*self.ranges[r]), inputs, bound, [],
                         [name for n in names for name in (n.drift, n.colsum)])
-        self.current = target
+        c.current = target
         return RangeStats(colsum=np.concatenate([out[n.colsum] for n in names]))
 
     def _head(self, rows):
-        out = self._run("head", {"hidden_states": self.current, "rows": rows[None]}, {}, [], ["tokens", "probs"])
+        out = self._run("head", {"hidden_states": self.canvas.current, "rows": rows[None]}, {}, [],
+                        ["tokens", "probs"])
         return out["tokens"][0], out["probs"][0]
+
+    # ---- several sequences in one call (host caches): inputs padded to the longest, caches stacked -------------
+    # Padding follows the contract: -1 rows after the real ones, canvas slots past canvas_lengths. Each sequence's
+    # caches are copied into one stacked buffer per layer ([batch, heads, longest canvas, head_dim]) for the call,
+    # and its new rows copied back: the pieces read one tensor per input.
+    def _embed_many(self, canvases, ids, positions):
+        hidden = self._run("embed", {"input_ids": _padded(ids, 0)}, {}, ["hidden_states"])["hidden_states"]
+        for i, (c, p) in enumerate(zip(canvases, positions)):
+            if p is None:
+                c.boundary[0][0] = hidden[i, : c.n]
+                c.current, c.filled = c.boundary[0], True
+            else:
+                self._check_active(len(p), "a window pass")
+                c.boundary[0][0, p] = hidden[i, : len(p)]
+                c.current = hidden[i: i + 1, : len(p)]
+
+    def _window_many(self, r, canvases, positions, track_rows, track_positions, window_rows, key_is_mask):
+        if not all(c.filled for c in canvases):
+            raise ValueError("window mode needs caches filled by a full refresh (every policy starts with one)")
+        layers = range(*self.ranges[r])
+        names = [layer_names(L) for L in layers]
+        batch, longest = len(canvases), max(c.n for c in canvases)
+        inputs = {"hidden_states": _padded([c.current[0] for c in canvases], 0.0),
+                  "position_ids": _padded(positions, -1), "canvas_lengths": np.array([c.n for c in canvases]),
+                  "key_is_mask": _padded(key_is_mask, True, longest), "track_rows": _padded(track_rows, -1),
+                  "window_rows": _padded(window_rows, -1)}
+        n_track = max(len(t) for t in track_positions)
+        for L, n in zip(layers, names):
+            j = L - layers[0]   # stacking buffers are per layer of a range, shared by the ranges
+            inputs |= {n.past_key: self._stacked([c.k[L] for c in canvases], longest, f"key{j}"),
+                       n.past_value: self._stacked([c.v[L] for c in canvases], longest, f"value{j}"),
+                       n.track_queries: self._stacked([c.q[L][:, :, t] for c, t in zip(canvases, track_positions)],
+                                                      n_track, f"query{j}")}
+        out = self._run(range_name(*self.ranges[r]), inputs, {}, [],
+                        ["hidden_states_out"] + [name for n in names for name in
+                                                 (n.new_key, n.new_value, n.new_queries, n.drift, n.colsum)])
+        hidden, stats = out["hidden_states_out"], []
+        for i, (c, p) in enumerate(zip(canvases, positions)):
+            rows = len(p)
+            for L, n in zip(layers, names):
+                c.k[L][0][:, p] = out[n.new_key][i, :, :rows]
+                c.v[L][0][:, p] = out[n.new_value][i, :, :rows]
+                c.q[L][0][:, p] = out[n.new_queries][i, :, :rows]
+            if r + 1 < len(self.ranges):
+                c.boundary[r + 1][0][p] = hidden[i, :rows]
+            c.current = hidden[i: i + 1, :rows]
+            stats.append(RangeStats(colsum=np.stack([out[n.colsum][i, : c.n] for n in names]),
+                                    drift=np.stack([out[n.drift][i] for n in names])))
+        return stats
+
+    def _refresh_many(self, r, canvases, window_positions, key_is_mask):
+        layers = range(*self.ranges[r])
+        names = [layer_names(L) for L in layers]
+        batch, longest = len(canvases), max(c.n for c in canvases)
+        c0 = self.config
+        unread = self._scratch("unread", (batch, c0.n_heads, longest, c0.head_dim))
+        inputs = {"hidden_states": _padded([c.boundary[r][0] for c in canvases], 0.0),
+                  "position_ids": _padded([c.positions[0] for c in canvases], -1),
+                  "canvas_lengths": np.array([c.n for c in canvases]),
+                  "key_is_mask": _padded(key_is_mask, True), "track_rows": np.zeros((batch, 1), dtype=np.int64),
+                  "window_rows": _padded(window_positions, -1)}
+        no_track = self._scratch("no_track", (batch, c0.n_heads, 1, c0.head_dim))
+        for n in names:
+            inputs |= {n.past_key: unread, n.past_value: unread, n.track_queries: no_track}
+        out = self._run(range_name(*self.ranges[r]), inputs, {}, [],
+                        ["hidden_states_out"] + [name for n in names for name in
+                                                 (n.new_key, n.new_value, n.new_queries, n.colsum)])
+        stats = []
+        for i, c in enumerate(canvases):
+            for L, n in zip(layers, names):
+                c.k[L][0] = out[n.new_key][i, :, : c.n]
+                c.v[L][0] = out[n.new_value][i, :, : c.n]
+                c.q[L][0] = out[n.new_queries][i, :, : c.n]
+            target = c.boundary[r + 1] if r + 1 < len(self.ranges) else c.final
+            target[0] = out["hidden_states_out"][i, : c.n]
+            c.current = target
+            stats.append(RangeStats(colsum=np.stack([out[n.colsum][i, : c.n] for n in names])))
+        return stats
+
+    def _head_many(self, canvases, rows):
+        # only the rows to decode are handed over, so that sequences in window mode and refreshed ones (whose
+        # hidden states span the canvas) pad to a few rows each
+        hidden = _padded([c.current[0][r] for c, r in zip(canvases, rows)], 0.0)
+        picked = _padded([np.arange(len(r), dtype=np.int64) for r in rows], -1)
+        out = self._run("head", {"hidden_states": hidden, "rows": picked}, {}, [], ["tokens", "probs"])
+        return [(out["tokens"][i, : len(r)], out["probs"][i, : len(r)]) for i, r in enumerate(rows)]
+
+    def _stacked(self, caches: list, length: int, name: str) -> np.ndarray:
+        """The sequences' caches [1, H, n_i, hd] (or [H, t_i, hd] rows) in one [B, H, length, hd] buffer, kept per
+        input name and reused while the shape holds (slots past a sequence's canvas keep whatever they held:
+        nothing reads them)."""
+        first = caches[0]
+        heads, dim = first.shape[-3], first.shape[-1]
+        out = self._scratch(name, (len(caches), heads, length, dim))
+        for i, cache in enumerate(caches):
+            cache = cache[0] if cache.ndim == 4 else cache
+            out[i, :, : cache.shape[1]] = cache
+        return out
+
+    def _scratch(self, name: str, shape: tuple) -> np.ndarray:
+        buf = self._scratches.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._scratches[name] = np.zeros(shape, self.arrays.dtype)
+        return buf
+
+
+def _padded(rows: list, fill, length: int | None = None) -> np.ndarray:
+    """Arrays of one sequence each ([n_i] or [n_i, D]) as one [B, longest, ...] array, filled after each."""
+    length = max(len(r) for r in rows) if length is None else length
+    first = np.asarray(rows[0])
+    out = np.full((len(rows), length, *first.shape[1:]), fill, dtype=first.dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+@dataclass
+class OrtCanvas:
+    """One sequence's buffers: per layer key, value, query caches [1, H, n, hd]; the hidden states entering each
+    range and after the last one [1, n, D]; what refresh passes bind."""
+    n: int
+    k: list
+    v: list
+    q: list
+    boundary: list
+    final: object
+    positions: np.ndarray
+    canvas_lengths: np.ndarray
+    unread_cache: object
+    no_track_queries: object
+    filled: bool = False   # device caches start uninitialised; the first full refresh of a generation fills them
+    current: object = None  # the hidden rows the next window pass or the head reads
+
+    def buffers(self) -> list:
+        return [*self.k, *self.v, *self.q, *self.boundary, self.final, self.unread_cache, self.no_track_queries]

@@ -40,8 +40,8 @@ class HostArrays:
     def buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, self.dtype)
 
-    def recycle(self, buffers: list, shapes: set) -> None:
-        """A new generation begins (numpy caches are simply allocated anew)."""
+    def recycle(self, buffers: list, shapes: set | None = None) -> None:
+        """Buffers no longer used (numpy caches are simply allocated anew)."""
 
     def put_rows(self, arrays: list, axes: list[int], positions: np.ndarray, rows: list) -> list:
         """Each array with its rows written at positions along its axis (here: in place; the arrays are returned)."""
@@ -76,12 +76,13 @@ class DeviceArrays:
         return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.allocation_type, self.device,
                                                               self.device_id)
 
-    def recycle(self, buffers: list, shapes: set) -> None:
-        """A new generation begins: the previous caches become spares, so a canvas of the same length allocates
-        nothing; buffers of the shapes no longer used are freed."""
+    def recycle(self, buffers: list, shapes: set | None = None) -> None:
+        """`buffers` (a finished generation's caches) become spares, so a canvas of the same length allocates
+        nothing; given `shapes` (the ones about to be needed), spares of other shapes are freed."""
         for b in buffers:
             self._spare.setdefault(tuple(b.shape()), []).append(b)
-        self._spare = {s: spare for s, spare in self._spare.items() if s in shapes}
+        if shapes is not None:
+            self._spare = {s: spare for s, spare in self._spare.items() if s in shapes}
 
     def put_rows(self, arrays: list, axes: list[int], positions: np.ndarray, rows: list) -> list:
         """One helper run writes every array of a layer range; each goes to a spare of its shape."""

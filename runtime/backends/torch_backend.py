@@ -113,9 +113,12 @@ class _TorchBase(Backend):
     def _t(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
-    def _allocate(self, n: int) -> None:
+    def _allocate(self, n: int) -> "Caches":
         self._check_room(n)
-        self.caches = self._caches_for(n)
+        return self._caches_for(n)
+
+    def _use(self, caches: "Caches") -> None:
+        self.caches = caches
 
     def _caches_for(self, n: int) -> "Caches":
         raise NotImplementedError
@@ -220,9 +223,9 @@ class PaddedTorchBackend(_TorchBase):
     def _describe_mode(self) -> str:
         return ", graphs" if self.graphs else ", buckets"
 
-    def _allocate(self, n: int) -> None:
-        super()._allocate(n)
+    def _allocate(self, n: int) -> "Caches":
         self._step = None
+        return super()._allocate(n)
 
     def _caches_for(self, n: int) -> "Caches":
         """Caches per canvas length, kept for the next generations of that length (their programs hold the
