@@ -394,13 +394,29 @@ def cmd_serve(a) -> None:
         raise UsageError(f"serving needs the serve extra: pip install 'dllm-trt[serve]' (missing {e.name})") from None
     if not 1 <= a.port <= 65535:
         raise UsageError(f"--port must be in 1..65535, got {a.port}")
-    if a.max_queue < 1:
-        raise UsageError(f"--max-queue must be at least 1, got {a.max_queue}")
+    if a.max_queue < 0:
+        raise UsageError(f"--max-queue must be at least 0, got {a.max_queue}")
+    if a.max_batch is not None and a.max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {a.max_batch}")
     if a.max_body < 1:
         raise UsageError(f"--max-body must be at least 1, got {a.max_body}")
-    engine = Engine.load(a.engines, a.backend, a.threads)
+    engine = Engine.load(a.engines, a.backend, a.threads, max_batch=a.max_batch)
     print(f"serving {engine.name} ({engine.backend.describe()}) on http://{a.host}:{a.port}/v1", file=sys.stderr)
+    print(batching_line(engine, a.max_batch), file=sys.stderr)
     serve(engine, a.host, a.port, a.max_queue, a.max_body)
+
+
+def batching_line(engine, asked: int | None) -> str:
+    """What serve says at start-up about decoding requests together."""
+    be = engine.backend
+    if be.max_batch == 1:
+        why = "" if asked in (None, 1) else f" (--max-batch {asked} ignored: the {be.name} backend's pieces take one)"
+        return f"decoding one request at a time{why}"
+    fit, each = engine.sequences_that_fit(), engine.sequence_bytes()
+    room = ("" if fit is None else f"; the caches of {fit} requests at the longest canvas ({engine.max_positions} "
+            f"positions, {each / 2**20:.1f} MiB each) fit in the memory left, more wait")
+    return (f"decoding up to {engine.max_batch} requests together (--max-batch), at most {be.max_batch} per piece "
+            f"call{room}")
 
 
 def cmd_export(a) -> None:
@@ -499,7 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
     add_threads_arg(sv)
-    sv.add_argument("--max-queue", type=int, default=16, help="requests in progress before 503 (default 16)")
+    sv.add_argument("--max-batch", type=int, default=None,
+                    help="requests decoded together (continuous batching; default: the batch the engine was exported "
+                         "for, 8 unless export --max-batch said otherwise; 1: one at a time)")
+    sv.add_argument("--max-queue", type=int, default=16,
+                    help="requests that may wait while --max-batch decode, before 503 (default 16)")
     sv.add_argument("--max-body", type=int, default=1 << 20,
                     help="largest request body in bytes; larger ones get 413 before being read (default 1 MiB)")
     sv.set_defaults(func=cmd_serve)

@@ -3,10 +3,13 @@
     from dllm_trt.runtime.api import Engine
     engine = Engine.load("engines/NAME")                  # ONNX Runtime, or TensorRT when plans are built
     result = engine.generate("What is 7 plus 5?", cache="elastic", gamma=0.9, max_tokens=128)
+    results = engine.generate_batch(["What is 7 plus 5?", "What is 3 times 4?"], max_tokens=128)
     for text in engine.stream([{"role": "user", "content": "Hi"}], max_tokens=64):
         print(text, end="")
 
-One decoding runs at a time per Engine (a lock serialises callers), so an Engine can be shared by server threads.
+Every decoding goes through the Engine's scheduler (runtime/scheduler.py): calls from several threads, and the
+prompts of one generate_batch, are decoded together, up to `max_batch` at once, each with its own options and
+exactly the tokens it would get alone.
 """
 from __future__ import annotations
 
@@ -15,32 +18,47 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import memory
 from .backends.base import Backend
 from .config import ModelError
 from .decoder import Decoder, GenerationResult
 from .options import DecodeOptions, OptionError, PromptTooLong, build, decode_options
+from .scheduler import Cancelled, QueueFull, Scheduler
 from .tokenizer import TextTokenizer
 
-__all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong"]
+__all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong", "QueueFull"]
 
-
-class Cancelled(Exception):
-    """Raised inside a decoding whose caller went away."""
+MEMORY_SHARE = 0.8   # of the memory left at start-up, what the caches of running requests may take together
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: TextTokenizer, name: str):
+    def __init__(self, backend: Backend, tokenizer: TextTokenizer, name: str, max_batch: int | None = None,
+                 max_queue: int | None = None):
+        """max_batch: requests decoded together at most (None: what the backend's pieces take in one call; 1:
+        one request at a time); max_queue: requests waiting beyond those (None: no bound; more raise QueueFull)."""
         tokenizer.check_embedding(backend.config.embedding_size)
         self.backend, self.tokenizer, self.name = backend, tokenizer, name
         self.max_positions = backend.config.max_sequence_length
         if hasattr(backend, "max_len"):  # exported engines cover fewer positions than the model may
             self.max_positions = min(self.max_positions, backend.max_len)
-        self._lock = threading.Lock()
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_queue is not None and max_queue < 0:
+            raise ValueError(f"max_queue must be at least 0, got {max_queue}")
+        # backends whose pieces take one sequence per call decode one request at a time: interleaving their steps
+        # would gain nothing, and some keep caches per canvas length, not per request
+        self.max_batch = 1 if backend.max_batch == 1 else (max_batch or backend.max_batch)
+        left = memory.machine_memory_bytes()
+        self.memory_budget = None if left is None else int((left - memory.current_rss_bytes()) * MEMORY_SHARE)
+        self.scheduler = Scheduler(Decoder(backend, detokenize=tokenizer.decode), self.max_batch,
+                                   self.memory_budget, max_queue)
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "Engine":
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None, max_batch: int | None = None,
+             max_queue: int | None = None) -> "Engine":
         """An exported engine directory (manifest.json), or a checkpoint directory with backend='torch'.
-        `threads`: ONNX Runtime threads per piece (None: $DLLM_TRT_THREADS, else the physical cores)."""
+        `threads`: ONNX Runtime threads per piece (None: $DLLM_TRT_THREADS, else the physical cores); max_batch,
+        max_queue: see __init__."""
         from .engine import open_checkpoint, open_engines
 
         path = Path(path)
@@ -50,7 +68,16 @@ class Engine:
             be = open_checkpoint(path)
         else:
             raise ModelError(f"{path}: no manifest.json; export it first (dllm-trt export) or use backend='torch'")
-        return cls(be, TextTokenizer(path), path.name)
+        return cls(be, TextTokenizer(path), path.name, max_batch, max_queue)
+
+    def sequence_bytes(self, n_positions: int | None = None) -> int:
+        """What one running request's caches take at a canvas of n positions (default: the longest)."""
+        be = self.backend
+        return memory.canvas_bytes(be.config, be.activation_dtype, len(be.ranges), n_positions or self.max_positions)
+
+    def sequences_that_fit(self) -> int | None:
+        """Requests at the longest canvas whose caches fit the memory budget together (None: unknown)."""
+        return None if self.memory_budget is None else max(1, self.memory_budget // self.sequence_bytes())
 
     def warmup(self) -> None:
         """Pay one-off costs (paging weights in, growing arenas) now instead of on the first request."""
@@ -80,20 +107,39 @@ class Engine:
 
     def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, prepared=None,
                  **options) -> GenerationResult:
-        """Decode one prompt. on_text(delta) receives text as the committed prefix grows; cancelled() -> True
-        stops the decoding with Cancelled. `prepared` is prepare()'s result, to skip doing that twice."""
-        decoder, prompt_ids, opts = prepared or self.prepare(prompt, **options)
-        stream = _PrefixStream(self.tokenizer, len(prompt_ids), self.backend.config, on_text)
-
-        def on_step(canvas):
-            if cancelled is not None and cancelled():
-                raise Cancelled()
-            stream.update(canvas)
-
-        with self._lock:
-            result = decoder.generate(prompt_ids, on_step=on_step)
+        """Decode one prompt. on_text(delta) receives text as the committed prefix grows (from the scheduler's
+        thread); cancelled() -> True stops the decoding with Cancelled. `prepared` is prepare()'s result, to skip
+        doing that twice. Raises QueueFull when the scheduler's queue is full."""
+        prepared = prepared or self.prepare(prompt, **options)
+        stream = _PrefixStream(self.tokenizer, len(prepared[1]), self.backend.config, on_text)
+        stop = threading.Event()   # set when this caller stops waiting (an interrupt): its decoding stops too
+        future = self._submit(prepared, stream.update if on_text else None,
+                              lambda: stop.is_set() or (cancelled is not None and cancelled()))
+        try:
+            result = future.result()
+        except BaseException:
+            stop.set()
+            raise
         stream.finish(result.text)
         return result
+
+    def generate_batch(self, prompts: list, **options) -> list[GenerationResult]:
+        """Decode several prompts together (the same options for each); results in the prompts' order. Every prompt
+        is checked (OptionError, PromptTooLong) before any decoding starts."""
+        prepared = [self.prepare(p, **options) for p in prompts]
+        stop = threading.Event()
+        futures = [self._submit(p, None, stop.is_set) for p in prepared]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            stop.set()   # an interrupted caller leaves nothing decoding behind
+            raise
+
+    def _submit(self, prepared, on_step, cancelled):
+        decoder, prompt_ids, _ = prepared
+        n = len(prompt_ids) + decoder.schedule.gen_length
+        return self.scheduler.submit(prompt_ids, decoder.schedule, decoder.policy, self.sequence_bytes(n), on_step,
+                                     cancelled)
 
     def stream(self, prompt: str | list[dict], **options) -> Iterator[str]:
         """Yield text pieces as they become final (the longest committed prefix); concatenated they equal

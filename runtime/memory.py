@@ -40,6 +40,17 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set now (VmRSS; the peak where that cannot be read)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
 def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
     """Rss, Pss, Shared_Clean, Private_Dirty, ... of a process in bytes (Linux; {} elsewhere)."""
     try:

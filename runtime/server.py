@@ -7,8 +7,10 @@ max_new_tokens, else 256, at most what fits).
 
 Streaming: a diffusion model commits tokens out of order, so only the longest committed prefix is final; each
 event carries text that can no longer change. An error during a streamed decoding is sent as an error event
-(`data: {"error": {...}}`) and ends the stream without [DONE]. Requests are decoded one at a time per engine; at
-most `max_queue` may wait, more get 503. A client that disconnects stops its decoding.
+(`data: {"error": {...}}`) and ends the stream without [DONE]. Requests are decoded together by the engine's
+scheduler (continuous batching: up to the engine's max_batch at once, joining and leaving at step boundaries, each
+with exactly the tokens it would get alone); at most `max_queue` more may wait, beyond that 503. A client that
+disconnects stops its decoding at its next step. /health reports the running and queued requests.
 
 Hostile input: the POST endpoints take only `Content-Type: application/json` (415 otherwise, before the body is
 read), so that a web page cannot post a form, text or an untyped blob to a local server without a CORS preflight.
@@ -430,9 +432,11 @@ class Server:
     active: int = 0
 
     async def health(self):
+        scheduler = self.engine.scheduler
         return {"status": "ok", "model": self.engine.name, "backend": self.engine.backend.describe(),
-                "active_requests": self.active, "weight_bytes": self.engine.weight_bytes,
-                "peak_rss_bytes": peak_rss_bytes()}
+                "active_requests": self.active, "running": scheduler.running, "queued": scheduler.queued,
+                "max_batch": self.engine.max_batch, "max_queue": self.max_queue,
+                "weight_bytes": self.engine.weight_bytes, "peak_rss_bytes": peak_rss_bytes()}
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.engine.name, "object": "model", "created": 0,
@@ -488,9 +492,9 @@ class Server:
         raw = await read_body(request, self.max_body)
         prompt, prepared, stream = await self.admitted(raw, chat)
         # no await between this check and start_decoding() counting the request: the queue bound holds
-        if self.active >= self.max_queue:
-            raise ApiError(503, f"server busy: {self.max_queue} requests already in progress; retry later",
-                           kind="server_busy")
+        if self.active >= self.engine.max_batch + self.max_queue:
+            raise ApiError(503, f"server busy: {self.engine.max_batch} requests decoding and {self.max_queue} "
+                                f"waiting; retry later", kind="server_busy")
         return prompt, prepared, stream
 
     def start_decoding(self, prompt, prepared, stream: bool) -> Decoding:
@@ -525,8 +529,9 @@ class Server:
 
 def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
                admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> FastAPI:
-    if max_queue < 1:
-        raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+    """max_queue: requests that may wait while the engine decodes its max_batch (more get 503)."""
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be at least 0, got {max_queue}")
     if max_body < 1:
         raise ValueError(f"max_body must be at least 1, got {max_body}")
     if not admit_timeout > 0:
@@ -534,7 +539,9 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
     app = FastAPI(title="dllm-trt", docs_url=None, redoc_url=None)
     app.add_middleware(json_faults)
     server = Server(engine, max_queue, max_body, admit_timeout,
-                    decoder=ThreadPoolExecutor(max_workers=max_queue + 1, thread_name_prefix="decode"),
+                    # one thread per request in progress, waiting for the scheduler (which does the decoding)
+                    decoder=ThreadPoolExecutor(max_workers=engine.max_batch + max_queue + 1,
+                                               thread_name_prefix="decode"),
                     admitter=ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit"),
                     token_bytes=longest_token_bytes(engine))  # once, at start-up
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -28,14 +28,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(engines, max_queue=40):
+def running_server(engines, max_queue=40, max_batch=None):
     """`dllm-trt serve` in a subprocess; fails loudly, with the server's stderr, when it does not come up.
     Yields (base url, process, path of its stderr log)."""
     port = free_port()
     log = Path(tempfile.mkdtemp()) / "server.log"
     with open(log, "a") as err:  # a file, not a pipe: a full pipe would block the server's logging
         proc = subprocess.Popen([sys.executable, "-m", "dllm_trt.cli", "serve", "--engines", str(engines), "--port",
-                                 str(port), "--max-queue", str(max_queue)], stdout=subprocess.DEVNULL, stderr=err)
+                                 str(port), "--max-queue", str(max_queue),
+                                 *([] if max_batch is None else ["--max-batch", str(max_batch)])], stdout=subprocess.DEVNULL, stderr=err)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
@@ -159,7 +160,7 @@ def test_health(server, engines):
 
 
 def test_full_queue_answers_503(engines):
-    with running_server(engines, max_queue=1) as (base, _, _):
+    with running_server(engines, max_queue=1, max_batch=1) as (base, _, _):
         body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 256, "cache": "none",
                 "threshold": 1.0}
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -320,7 +321,7 @@ def test_limits_must_be_positive():
     from dllm_trt.runtime.server import create_app
 
     with pytest.raises(ValueError, match="max_queue"):
-        create_app(None, max_queue=0)
+        create_app(None, max_queue=-1)
     with pytest.raises(ValueError, match="max_body"):
         create_app(None, max_body=0)
 

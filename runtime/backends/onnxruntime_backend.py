@@ -134,6 +134,7 @@ class OnnxRuntimeBackend(Backend):
         self.ort = ort
         self.manifest = load_manifest(engine_dir)
         self.config, self.calibration = self.manifest.config, self.manifest.calibration
+        self.activation_dtype = self.manifest.dtype
         self.ranges = [tuple(r) for r in self.manifest.layer_ranges]
         available = ort.get_available_providers()
         if providers is None:

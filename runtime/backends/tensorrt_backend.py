@@ -166,6 +166,7 @@ class TensorRTBackend(Backend):
             path = d / f"{p.name}.plan"
             self.engines[p.name] = load_plan(trt, self.runtime, path, flavor, hashes.get(p.name), sizes.get(p.name))
             check_profiles(path, self.engines[p.name], p.kind)
+        self.activation_dtype = manifest.dtype
         self.act = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest.dtype]
         self.dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                        "int64": torch.int64, "bool": torch.bool}

@@ -47,7 +47,7 @@ class _TorchBase(Backend):
         self.torch = torch
         self.device = _device(torch, device)
         self.fast = fast
-        self.dtype_name = dtype
+        self.dtype_name = self.activation_dtype = dtype
         self.dtype = dtypes[dtype]
         torch.set_grad_enabled(False)
         if isinstance(model_dir, RandomWeights):

@@ -1,0 +1,253 @@
+"""Several requests decoded together: each sequence's tokens, steps and refreshes equal decoding it alone, whatever
+it shares a step with (other options, prompt lengths, caches, requests joining and leaving)."""
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dllm_trt.runtime.api import Cancelled, Engine, QueueFull
+from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from dllm_trt.runtime.backends.torch_backend import TorchBackend
+from dllm_trt.runtime.decoder import Decoder
+from dllm_trt.runtime.options import build, decode_options
+from dllm_trt.runtime.scheduler import Scheduler
+from dllm_trt.runtime.tokenizer import TextTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+ARITH = ROOT / "models" / "arith"
+# every cache and both schedules, different gammas, windows, thresholds, drift metrics and alignments in one batch
+MIXED = [dict(), dict(gamma=0.95, window=8), dict(cache="dual", block_length=32),
+         dict(cache="none", block_length=32, steps=32), dict(cache="prefix", threshold=0.8),
+         dict(drift_metric="keys", refresh_alignment="next", gamma=0.97), dict(block_length=32, gamma=0.99),
+         dict(gamma=1.5, window=4)]
+
+
+@pytest.fixture(scope="module")
+def arith_engines(tmp_path_factory):
+    """The bundled model exported once for this module (three layers per range: two graphs, a quicker export)."""
+    from dllm_trt.export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("arith") / "arith"
+    export_model(ARITH, out, layers_per_range=3, max_batch=16, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def problems():
+    lines = (ROOT / "data" / "arith_heldout.jsonl").read_text().splitlines()[:24]
+    tok = TextTokenizer(ARITH)
+    return [tok.encode_prompt([{"role": "user", "content": json.loads(line)["question"]}], chat=True)
+            for line in lines]
+
+
+def requests(problems, n):
+    """n (prompt ids, options) pairs: mixed options and generation lengths, prompts of different lengths."""
+    out = []
+    for i in range(n):
+        opts = dict(MIXED[i % len(MIXED)])
+        opts["max_tokens"] = (32, 64, 96)[i % 3] if "block_length" not in opts else (32, 64)[i % 2]
+        ids = problems[i % len(problems)][: 20 + 7 * (i % 5)]   # prompts cut to different lengths
+        out.append((ids, decode_options(opts)))
+    return out
+
+
+def alone(backend, reqs):
+    out = []
+    for ids, opts in reqs:
+        schedule, policy = build(opts, opts.gen_length)
+        out.append(Decoder(backend, policy, schedule).generate(ids))
+    return out
+
+
+def together(backend, reqs, batch):
+    """Continuous batching by hand: at most `batch` sequences step together; a finished one leaves and the next
+    request joins at the next step."""
+    decoder, waiting, running, results = Decoder(backend), list(range(len(reqs))), {}, {}
+    while waiting or running:
+        while waiting and len(running) < batch:
+            i = waiting.pop(0)
+            ids, opts = reqs[i]
+            schedule, policy = build(opts, opts.gen_length)
+            running[i] = decoder.start(ids, schedule, policy)
+        decoder.step(list(running.values()))
+        for i, seq in list(running.items()):
+            if seq.done:
+                results[i] = decoder.finish(running.pop(i))
+    return [results[i] for i in range(len(reqs))]
+
+
+def key(res):
+    return res.token_ids, res.canvas_ids, res.steps, res.layer_steps_refreshed, res.finish_reason
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_onnxruntime_batch_decodes_each_sequence_as_alone(arith_engines, problems, batch):
+    backend = OnnxRuntimeBackend(arith_engines, threads=1)
+    reqs = requests(problems, 24)
+    expected = alone(backend, reqs)
+    got = together(backend, reqs, batch)
+    assert [key(r) for r in got] == [key(r) for r in expected]
+    # the mix really mixes: partial refreshes, full refreshes and pure window steps all happened
+    fractions = {round(r.refresh_fraction, 3) for r in expected}
+    assert len(fractions) > 3 and max(fractions) == 1.0 and min(fractions) < 0.5
+
+
+def test_torch_backend_interleaves_sequences_as_alone(problems):
+    """The torch backend runs one sequence per piece call; stepping several in turn must keep their caches apart."""
+    backend = TorchBackend(ARITH)
+    reqs = requests(problems, 6)
+    assert [key(r) for r in together(backend, reqs, 4)] == [key(r) for r in alone(backend, reqs)]
+
+
+def test_batched_call_pads_to_the_longest_canvas_and_row_count(arith_engines, problems):
+    """Sequences of very different canvas lengths share calls; each one's statistics are cut to its own canvas."""
+    backend = OnnxRuntimeBackend(arith_engines, threads=1)
+    reqs = [(problems[0][:12], decode_options({"max_tokens": 16})), (problems[1], decode_options({"max_tokens": 128}))]
+    assert [key(r) for r in together(backend, reqs, 2)] == [key(r) for r in alone(backend, reqs)]
+
+
+# ---- the engine's scheduler -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(arith_engines):
+    return Engine.load(arith_engines, threads=1, max_batch=4)
+
+
+def chats(n):
+    lines = (ROOT / "data" / "arith_heldout.jsonl").read_text().splitlines()[:n]
+    return [[{"role": "user", "content": json.loads(line)["question"]}] for line in lines]
+
+
+def test_generate_batch_equals_generate_one_by_one(engine):
+    prompts = chats(6)
+    batch = engine.generate_batch(prompts, max_tokens=64)
+    assert [r.text for r in batch] == [engine.generate(p, max_tokens=64).text for p in prompts]
+    assert engine.scheduler.running == engine.scheduler.queued == 0
+
+
+def test_generate_batch_checks_every_prompt_before_decoding(engine):
+    steps = engine.scheduler.steps
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.generate_batch(["What is 2 plus 2 ?", "x " * 400], max_tokens=64)
+    assert engine.scheduler.steps == steps
+
+
+def test_threads_decoding_at_once_get_their_own_answers(engine):
+    prompts = chats(8)
+    expected = [engine.generate(p, max_tokens=64, cache=("elastic", "dual")[i % 2]).text
+                for i, p in enumerate(prompts)]
+    got = [None] * len(prompts)
+
+    def ask(i):
+        got[i] = engine.generate(prompts[i], max_tokens=64, cache=("elastic", "dual")[i % 2]).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+def test_a_cancelled_request_leaves_and_the_others_finish_as_alone(engine):
+    prompts = chats(4)
+    expected = [engine.generate(p, max_tokens=96).text for p in prompts]
+    seen = {"steps": 0}
+
+    def cancelled():
+        seen["steps"] += 1
+        return seen["steps"] > 2
+
+    results = [None] * 4
+
+    def ask(i):
+        try:
+            results[i] = engine.generate(prompts[i], max_tokens=96, cancelled=cancelled if i == 1 else None).text
+        except Cancelled:
+            results[i] = "cancelled"
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[1] == "cancelled" and seen["steps"] == 3
+    assert [results[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+
+
+class _Recorder(Decoder):
+    """A decoder that records how many sequences each step advanced."""
+
+    def __init__(self, backend):
+        super().__init__(backend, detokenize=str)
+        self.sizes = []
+
+    def step(self, seqs):
+        self.sizes.append(len(seqs))
+        super().step(seqs)
+
+
+def submit_all(scheduler, problems, n, max_tokens=32):
+    opts = decode_options({"max_tokens": max_tokens})
+    futures = []
+    for ids in problems[:n]:
+        schedule, policy = build(opts, max_tokens)
+        futures.append(scheduler.submit(ids, schedule, policy, cache_bytes=100))
+    return [f.result(timeout=120) for f in futures]
+
+
+def test_scheduler_runs_at_most_max_batch_and_within_the_memory_budget(arith_engines, problems):
+    backend = OnnxRuntimeBackend(arith_engines, threads=1)
+    wide = _Recorder(backend)
+    submit_all(Scheduler(wide, max_batch=3), problems, 8)
+    assert max(wide.sizes) == 3
+    tight = _Recorder(backend)
+    submit_all(Scheduler(tight, max_batch=3, memory_budget=250), problems, 8)   # two requests' caches fit
+    assert max(tight.sizes) == 2
+
+
+def test_scheduler_queue_bound(arith_engines, problems):
+    backend = OnnxRuntimeBackend(arith_engines, threads=1)
+    gate = threading.Event()
+
+    class Held(Decoder):
+        def step(self, seqs):
+            gate.wait(60)
+            super().step(seqs)
+
+    scheduler = Scheduler(Held(backend), max_batch=1, max_queue=2)
+    opts = decode_options({"max_tokens": 16})
+
+    def submit():
+        schedule, policy = build(opts, 16)
+        return scheduler.submit(problems[0], schedule, policy)
+
+    futures = [submit()]
+    for _ in range(50):   # wait for the first to be admitted: then two more may wait
+        if scheduler.running == 1:
+            break
+        threading.Event().wait(0.05)
+    futures += [submit(), submit()]
+    with pytest.raises(QueueFull):
+        submit()
+    gate.set()
+    assert len({tuple(f.result(timeout=60).token_ids) for f in futures}) == 1
+
+
+def test_engine_refuses_bad_batch_settings(arith_engines):
+    backend = OnnxRuntimeBackend(arith_engines, threads=1)
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(backend, TextTokenizer(arith_engines), "arith", max_batch=0)
+
+
+def test_one_sequence_backends_decode_one_request_at_a_time():
+    engine = Engine.load(ARITH, backend="torch", max_batch=8)
+    assert engine.max_batch == 1
+
+
+def test_memory_budget_counts_canvas_caches(engine):
+    assert engine.sequence_bytes(100) < engine.sequence_bytes(200)
+    fit = engine.sequences_that_fit()
+    assert fit is None or fit >= 1
+    assert np.isfinite(engine.sequence_bytes())
