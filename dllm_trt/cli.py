@@ -143,12 +143,12 @@ def open_backend(a):
     return open_engines(engines, a.backend, a.threads), engines
 
 
-def engine_on(backend, source: Path):
+def engine_on(backend, source: Path, max_batch: int | None = None):
     """The Engine (runtime/api.py) over an opened backend, with the tokenizer found in `source`."""
     from .runtime.api import Engine
     from .runtime.tokenizer import TextTokenizer
 
-    return Engine(backend, TextTokenizer(source), source.name)
+    return Engine(backend, TextTokenizer(source), source.name, max_batch=max_batch)
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
@@ -266,10 +266,21 @@ def cmd_bench(a) -> None:
             check_gamma(g)
         except OptionError as e:
             raise UsageError(f"--gamma-sweep: every gamma {e.problem}") from None
+    try:
+        clients = [int(x) for x in a.concurrency.split(",")] if a.concurrency else []
+    except ValueError:
+        raise UsageError("--concurrency takes comma-separated numbers of clients, e.g. 1,4,16,64") from None
+    if any(c < 1 for c in clients) or (a.max_batch is not None and a.max_batch < 1):
+        raise UsageError("--concurrency and --max-batch take numbers of at least 1")
+    if clients and (gammas or a.plot):
+        raise UsageError("--concurrency is a benchmark of its own: run --gamma-sweep separately")
     check_output(a.out, "--out", run_inputs(a))
     check_plot(a.plot, "--plot", run_inputs(a))
-    a.gen_length, a.limit = max(lengths), a.prompts
+    a.gen_length = max(lengths) if not clients else lengths[0]
+    a.limit = a.prompts if a.prompts is not None else (4 * max(clients) if clients else 8)
     problems, configs, backend, tok = _eval_inputs(a)
+    if clients:
+        return bench_load(a, problems, backend, clients, lengths[0])
     limit = backend.config.max_sequence_length
     prompts = [p["question"] for p in problems]
     results = {}
@@ -303,6 +314,30 @@ def cmd_bench(a) -> None:
     if a.out:
         saved = save(a.out, "results", lambda path: Path(path).write_text(json.dumps(report, indent=1))) and saved
     if not saved:
+        sys.exit(1)
+
+
+def bench_load(a, problems, backend, clients: list[int], gen_length: int) -> None:
+    """bench --concurrency: the same prompts from C client threads, one request at a time vs batched."""
+    from .evaluate.load import load_table, run_load
+    from .runtime.api import Engine
+
+    source = Path(a.engines or a.model or DEFAULT_MODEL)
+    one = engine_on(backend, source, max_batch=1)
+    batched = engine_on(backend, source, max_batch=a.max_batch)
+    if batched.max_batch == 1:
+        print(f"the {backend.name} backend decodes one request at a time: both rows measure the same thing",
+              file=sys.stderr)
+    one.generate_batch([[{"role": "user", "content": problems[0]["question"]}]], max_tokens=gen_length)  # warm-up
+    results = []
+    for c in clients:
+        for mode, engine in (("one at a time", one), (f"batched (max {batched.max_batch})", batched)):
+            results.append(run_load(engine, problems, c, mode, max_tokens=gen_length))
+    print(f"serving load in process: {len(problems)} chat prompts from {a.data}, max_tokens {gen_length}, engine "
+          f"defaults otherwise, backend {backend.describe()}\n")
+    print(load_table(results))
+    if a.out and not save(a.out, "results", lambda path: Path(path).write_text(
+            json.dumps({"load": [r.row() for r in results]}, indent=1))):
         sys.exit(1)
 
 
@@ -496,7 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help=f"LLaDA checkpoint directory (default: the bundled {DEFAULT_MODEL.name})")
     src.add_argument("--engines", help="exported engine directory (manifest.json)")
     bn.add_argument("--data", required=True, help="JSONL whose questions are the prompts")
-    bn.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
+    bn.add_argument("--prompts", type=int, default=None,
+                    help="number of prompts (default 8; with --concurrency 4 per client of the largest load)")
+    bn.add_argument("--concurrency", help="serving load instead: comma-separated numbers of client threads (e.g. "
+                                          "1,4,16,64) sending the prompts, one request at a time vs batched, at the "
+                                          "first --gen-lengths value")
+    bn.add_argument("--max-batch", type=int, default=None,
+                    help="with --concurrency: requests decoded together in the batched rows (default: the engine's)")
     bn.add_argument("--gen-lengths", default="128,256,512")
     bn.add_argument("--repeats", type=int, default=3)
     bn.add_argument("--gamma-sweep", help="comma-separated gammas for an accuracy-vs-speed sweep")

@@ -82,11 +82,16 @@ def key(res):
     return res.token_ids, res.canvas_ids, res.steps, res.layer_steps_refreshed, res.finish_reason
 
 
-@pytest.mark.parametrize("batch", [1, 4, 16])
-def test_onnxruntime_batch_decodes_each_sequence_as_alone(arith_engines, problems, batch):
+@pytest.fixture(scope="module")
+def decoded_alone(arith_engines, problems):
     backend = OnnxRuntimeBackend(arith_engines, threads=1)
     reqs = requests(problems, 24)
-    expected = alone(backend, reqs)
+    return backend, reqs, alone(backend, reqs)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_onnxruntime_batch_decodes_each_sequence_as_alone(decoded_alone, batch):
+    backend, reqs, expected = decoded_alone
     got = together(backend, reqs, batch)
     assert [key(r) for r in got] == [key(r) for r in expected]
     # the mix really mixes: partial refreshes, full refreshes and pure window steps all happened
