@@ -256,3 +256,11 @@ def test_memory_budget_counts_canvas_caches(engine):
     fit = engine.sequences_that_fit()
     assert fit is None or fit >= 1
     assert np.isfinite(engine.sequence_bytes())
+
+
+def test_torch_batched_calls_decode_each_sequence_as_alone(problems):
+    """max_batch > 1: the torch backend runs the exported formulation (LayerRange.forward) on padded batches; it must
+    decode as the reference passes do one sequence at a time."""
+    reference, batched = TorchBackend(ARITH), TorchBackend(ARITH, max_batch=4)
+    reqs = requests(problems, 8)
+    assert [key(r) for r in together(batched, reqs, 4)] == [key(r) for r in alone(reference, reqs)]

@@ -146,12 +146,33 @@ class _TorchBase(Backend):
 
 
 class TorchBackend(_TorchBase):
-    """The reference: every piece runs eagerly at the step's own shapes."""
+    """The reference: every piece runs eagerly at the step's own shapes.
+
+    max_batch > 1: several sequences go through one call of each piece, as the exported graphs do
+    (LayerRange.forward on inputs padded to the longest canvas and row count); one sequence at a time still runs the
+    reference passes (LayerRange.window / refresh). Off by default: this backend is the reference."""
 
     def __init__(self, model_dir: str | Path | RandomWeights, layers_per_range: int = 1, device: str | None = None,
-                 dtype: str = "fp32", fast: bool = False):
+                 dtype: str = "fp32", fast: bool = False, max_batch: int = 1):
+        self._rows_now: dict[int, Any] = {}   # id(caches) -> that sequence's current hidden rows (see current)
         super().__init__(model_dir, layers_per_range, device, dtype, fast)
         self.one_sync_per_step = self.device.type == "cuda"
+        if max_batch < 1:
+            raise BackendError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+
+    # The hidden rows the next pass or the head reads are kept per sequence (by its caches): a step may run its
+    # embedding for several sequences in one call and a later range for one of them alone.
+    @property
+    def current(self):
+        return self._rows_now.get(id(self.caches))
+
+    @current.setter
+    def current(self, hidden) -> None:
+        self._rows_now[id(self.caches)] = hidden
+
+    def _release(self, caches) -> None:
+        self._rows_now.pop(id(caches), None)
 
     def _caches_for(self, n: int) -> "Caches":
         return Caches.zeros(self.config, n, scratch_slots=0, n_boundaries=len(self.ranges), dtype=self.dtype,
@@ -193,6 +214,92 @@ class TorchBackend(_TorchBase):
             self.caches.put_all(layer, n, new)
         self._store(r + 1, None, hidden)
         return RangeStats(colsum=self.torch.stack([x.colsum for x in per_layer]))
+
+    # ---- several sequences per call (max_batch > 1): padded as the contract says, caches stacked per call ------
+    def _padded(self, rows: list, fill, length: int | None = None):
+        """Tensors or arrays of one sequence each ([n_i, ...]) as one [B, longest, ...] device tensor."""
+        rows = [r if isinstance(r, self.torch.Tensor) else self._t(np.asarray(r)) for r in rows]
+        length = max(len(r) for r in rows) if length is None else length
+        out = self.torch.full((len(rows), length, *rows[0].shape[1:]), fill, dtype=rows[0].dtype, device=self.device)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
+    def _stacked(self, caches: list, length: int):
+        """Caches [H, n_i, hd] of each sequence as one [B, H, length, hd] tensor (zeros past each canvas)."""
+        heads, _, dim = caches[0].shape
+        out = self.torch.zeros((len(caches), heads, length, dim), dtype=self.dtype, device=self.device)
+        for i, c in enumerate(caches):
+            out[i, :, : c.shape[1]] = c
+        return out
+
+    def _embed_many(self, caches, ids, positions):
+        hidden = self.embedding(self._padded(ids, 0))
+        for i, (c, p) in enumerate(zip(caches, positions)):
+            n = len(c.positions)
+            if p is None:
+                c.boundary[0].copy_(hidden[i, :n])
+                self._rows_now[id(c)] = c.boundary[0]
+            else:
+                c.boundary[0].index_copy_(0, self._t(p), hidden[i, : len(p)])
+                self._rows_now[id(c)] = hidden[i, : len(p)]
+
+    def _window_many(self, r, caches, positions, track_rows, track_positions, window_rows, key_is_mask):
+        first, last = self.ranges[r]
+        lengths = [len(c.positions) for c in caches]
+        longest, n_track = max(lengths), max(len(t) for t in track_positions)
+        inputs = [self._padded([self._rows_now[id(c)] for c in caches], 0.0), self._padded(positions, -1),
+                  self._t(np.array(lengths)), self._padded(key_is_mask, True, longest), self._padded(track_rows, -1),
+                  self._padded(window_rows, -1)]
+        for layer in range(first, last):
+            inputs += [self._stacked([c.k[layer] for c in caches], longest),
+                       self._stacked([c.v[layer] for c in caches], longest),
+                       self._stacked([c.q[layer][:, self._t(t)] for c, t in zip(caches, track_positions)], n_track)]
+        hidden, *per_layer = self.layers[r].forward(*inputs)
+        outs = [per_layer[i: i + 5] for i in range(0, len(per_layer), 5)]   # key, value, query, drift, colsum
+        stats = []
+        for i, (c, p) in enumerate(zip(caches, positions)):
+            pos, rows = self._t(p), len(p)
+            for layer, (k, v, q, _, _) in zip(range(first, last), outs):
+                c.put_rows(layer, pos, WindowOut(k[i, :, :rows], v[i, :, :rows], q[i, :, :rows], None, None))
+            if r + 1 < len(self.ranges):
+                c.boundary[r + 1].index_copy_(0, pos, hidden[i, :rows])
+            self._rows_now[id(c)] = hidden[i, :rows]
+            stats.append(RangeStats(colsum=self.torch.stack([o[4][i, : lengths[i]] for o in outs]),
+                                    drift=self.torch.stack([o[3][i] for o in outs])))
+        return stats
+
+    def _refresh_many(self, r, caches, window_positions, key_is_mask):
+        first, last = self.ranges[r]
+        lengths = [len(c.positions) for c in caches]
+        batch, longest, cfg = len(caches), max(lengths), self.config
+        unread = self.torch.zeros((batch, cfg.n_heads, longest, cfg.head_dim), dtype=self.dtype, device=self.device)
+        no_track = unread[:, :, :1]
+        inputs = [self._padded([c.boundary[r] for c in caches], 0.0), self._padded([c.positions for c in caches], -1),
+                  self._t(np.array(lengths)), self._padded(key_is_mask, True),
+                  self.torch.zeros((batch, 1), dtype=self.torch.int64, device=self.device),
+                  self._padded(window_positions, -1)]
+        inputs += [unread, unread, no_track] * (last - first)
+        hidden, *per_layer = self.layers[r].forward(*inputs)
+        outs = [per_layer[i: i + 5] for i in range(0, len(per_layer), 5)]
+        stats = []
+        for i, c in enumerate(caches):
+            n = lengths[i]
+            for layer, (k, v, q, _, _) in zip(range(first, last), outs):
+                c.put_all(layer, n, RefreshOut(k[i, :, :n], v[i, :, :n], q[i, :, :n], None))
+            if r + 1 < len(self.ranges):
+                c.boundary[r + 1].copy_(hidden[i, :n])
+            self._rows_now[id(c)] = hidden[i, :n]
+            stats.append(RangeStats(colsum=self.torch.stack([o[4][i, :n] for o in outs])))
+        return stats
+
+    def _head_many(self, caches, rows):
+        # only the rows to decode are handed over, as the ONNX Runtime backend does
+        hidden = self._padded([self._rows_now[id(c)][self._t(r)] for c, r in zip(caches, rows)], 0.0)
+        picked = self._padded([np.arange(len(r)) for r in rows], -1)
+        tokens, probs = self.head_piece(hidden, picked)
+        tokens, probs = tokens.cpu().numpy(), probs.float().cpu().numpy()
+        return [(tokens[i, : len(r)], probs[i, : len(r)]) for i, r in enumerate(rows)]
 
 
 class PaddedTorchBackend(_TorchBase):
