@@ -122,7 +122,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     report = (tmp_path / "gpu_check.md").read_text()
     assert run.returncode == 0, run.stderr[-2000:]
     assert "failed" not in report, report
-    for header in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e)", "## (f)"):
+    for header in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e)", "## (f)", "## (g)"):
         assert header in report
     assert "| 64 | window | 13 | graphs |" in report and "| elastic (next) | 1/1 | 1/1 | 1/1 |" in report
 

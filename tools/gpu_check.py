@@ -10,7 +10,9 @@
     (docs/GPU.md explains the arithmetic);
 (e) the TensorRT GPU tests, when a TensorRT flavour is installed;
 (f) the ONNX Runtime CUDA-provider test (caches on the device), when onnxruntime-gpu is installed (last: skipped
-    when time runs out).
+    when time runs out);
+(g) (run before (e) and (f)) several sequences decoded together: aggregate positions/s at batch 1, 8 and 32,
+    LLaDA-8B shape, random weights, torch backend running each piece once per step for the whole batch.
 
 Every section reports its own failure and the report is rewritten after each one. `--device cpu --quick` runs the
 same code on small shapes (tests/test_cuda_graphs.py), to catch crashes before a GPU session.
@@ -307,7 +309,80 @@ def onnxruntime_cuda_tests(ck: Check) -> None:
     ck.lines.append(f"pytest exit {run.returncode} ({verdict})\n\n```\n{tail}\n```")
 
 
-SECTIONS = (parity, timings, arith_eval, projection, tensorrt_tests, onnxruntime_cuda_tests)
+# ---- (g) several requests decoded together ------------------------------------------------------------------------
+BATCHES = (1, 8, 32)
+
+
+def batched_decoding(ck: Check) -> None:
+    """Aggregate decoding speed of B sequences stepped together (Decoder.step; the torch backend runs each piece
+    once for all of them, eagerly: no CUDA graphs for batches yet), LLaDA-8B shape, random weights. Random weights
+    give no meaningful confidences or drift, so the schedules are fixed: 3 tokens per step (about the published
+    tokens/step), Elastic-Cache with gamma -1 (a full pass at each sequence's first step, window steps after) and
+    Fast-dLLM's dual cache (a full pass at each block start, block steps after); positions decoded, not tokens up to
+    an end token."""
+    import torch
+
+    from dllm_trt.runtime.backends.torch_backend import TorchBackend
+    from dllm_trt.runtime.config import ModelConfig
+    from dllm_trt.runtime.decoder import Decoder
+    from dllm_trt.runtime.options import DecodeOptions, build
+
+    cfg = ModelConfig(**(SMALL if ck.quick else LLADA_8B))
+    dtype_name = "fp32" if ck.device == "cpu" else "bf16"
+    prompt_len, gen, block = (24, 24, 8) if ck.quick else (256, 128, 32)
+    batches = (1, 2, 4) if ck.quick else BATCHES
+    configs = {"elastic, window 16": DecodeOptions(cache="elastic", window=16, threshold=None, tokens_per_step=3,
+                                                   gamma=-1.0, early_stop=False),
+               "dual cache, block 32": DecodeOptions(cache="dual", block_length=block, steps=gen // 3 // (gen // block)
+                                                     * (gen // block), early_stop=False)}
+    be = TorchBackend.random(cfg, 1, ck.device, dtype_name, max_batch=max(batches))
+    ck.lines += [f"\n## (g) batched decoding, {'small' if ck.quick else 'LLaDA-8B'} shape, random weights, "
+                 f"{dtype_name}, torch backend (eager) on {ck.device}\n",
+                 f"B sequences (prompt {prompt_len}, {gen} positions each) decoded together, one piece call per step "
+                 f"for all of them; positions decoded per second, all sequences together.\n",
+                 "| schedule | batch | steps | seconds | positions/s | vs batch 1 | ms per step |", "|---|---|---|---|---|---|---|"]
+    ck.write()
+    rng = np.random.default_rng(0)
+    for label, opts in configs.items():
+        base = None
+        for b in batches:
+            if ck.left() < 90:
+                ck.lines.append(f"| {label} | {b} | skipped: time budget | | | | |")
+                continue
+            decoder = Decoder(be)
+
+            def run():
+                seqs = []
+                for _ in range(b):
+                    schedule, policy = build(opts, gen)
+                    seqs.append(decoder.start(rng.integers(0, cfg.mask_token_id, prompt_len).tolist(), schedule,
+                                              policy))
+                steps = 0
+                while not all(s.done for s in seqs):
+                    decoder.step([s for s in seqs if not s.done])
+                    steps += 1
+                for s in seqs:
+                    decoder.finish(s)
+                return steps
+
+            run()  # warm-up: allocator, kernels
+            ck.sync()
+            t0 = time.perf_counter()
+            steps = run()
+            ck.sync()
+            seconds = time.perf_counter() - t0
+            rate = b * gen / seconds
+            base = base or rate
+            ck.measured[("batched", label, b)] = rate
+            ck.lines.append(f"| {label} | {b} | {steps} | {seconds:.2f} | {rate:.0f} | {rate / base:.2f}x | "
+                            f"{seconds / steps * 1e3:.1f} |")
+            ck.write()
+    del be
+    if ck.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+SECTIONS = (parity, timings, arith_eval, projection, batched_decoding, tensorrt_tests, onnxruntime_cuda_tests)
 
 
 def main(argv: list[str] | None = None) -> Check:
