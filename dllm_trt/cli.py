@@ -557,8 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
     add_threads_arg(sv)
     sv.add_argument("--max-batch", type=int, default=None,
-                    help="requests decoded together (continuous batching; default: the batch the engine was exported "
-                         "for, 8 unless export --max-batch said otherwise; 1: one at a time)")
+                    help="requests decoded together (continuous batching; default 32, fewer where their caches do not "
+                         "fit in memory; pieces are called for at most the export's --max-batch at once; 1: one at a "
+                         "time)")
     sv.add_argument("--max-queue", type=int, default=16,
                     help="requests that may wait while --max-batch decode, before 503 (default 16)")
     sv.add_argument("--max-body", type=int, default=1 << 20,

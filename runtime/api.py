@@ -29,13 +29,15 @@ from .tokenizer import TextTokenizer
 __all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong", "QueueFull"]
 
 MEMORY_SHARE = 0.8   # of the memory left at start-up, what the caches of running requests may take together
+DEFAULT_MAX_BATCH = 32   # requests decoded together (in piece calls of at most the engine's exported batch each)
 
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: TextTokenizer, name: str, max_batch: int | None = None,
                  max_queue: int | None = None):
-        """max_batch: requests decoded together at most (None: what the backend's pieces take in one call; 1:
-        one request at a time); max_queue: requests waiting beyond those (None: no bound; more raise QueueFull)."""
+        """max_batch: requests decoded together at most (None: DEFAULT_MAX_BATCH; 1: one request at a time; the
+        memory budget may admit fewer); max_queue: requests waiting beyond those (None: no bound; more raise
+        QueueFull)."""
         tokenizer.check_embedding(backend.config.embedding_size)
         self.backend, self.tokenizer, self.name = backend, tokenizer, name
         self.max_positions = backend.config.max_sequence_length
@@ -47,7 +49,7 @@ class Engine:
             raise ValueError(f"max_queue must be at least 0, got {max_queue}")
         # backends whose pieces take one sequence per call decode one request at a time: interleaving their steps
         # would gain nothing, and some keep caches per canvas length, not per request
-        self.max_batch = 1 if backend.max_batch == 1 else (max_batch or backend.max_batch)
+        self.max_batch = 1 if backend.max_batch == 1 else (max_batch or DEFAULT_MAX_BATCH)
         left = memory.machine_memory_bytes()
         self.memory_budget = None if left is None else int((left - memory.current_rss_bytes()) * MEMORY_SHARE)
         self.scheduler = Scheduler(Decoder(backend, detokenize=tokenizer.decode), self.max_batch,
