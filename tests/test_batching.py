@@ -15,6 +15,8 @@ from dllm_trt.runtime.options import build, decode_options
 from dllm_trt.runtime.scheduler import Scheduler
 from dllm_trt.runtime.tokenizer import TextTokenizer
 
+# one worker runs this module, so that the bundled model is exported once (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("arith_engines")
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "models" / "arith"
 # every cache and both schedules, different gammas, windows, thresholds, drift metrics and alignments in one batch

@@ -15,6 +15,9 @@ from dllm_trt.export.out_folder import export_into
 from dllm_trt.runtime.config import ModelError
 from dllm_trt.runtime.manifest import dims_for, load_manifest
 
+# one worker runs this module: its module fixtures (exports, builds) run once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_export_configs")
+
 # (n_heads, d_model, n_layers, layers_per_range, max_len, max_active): 1, 2, 3 and 5 heads; 1..5 layers; ranges
 # of 1..4 layers; the first is smaller than the sizes dllm-trt check prefers
 CONFIGS = [(1, 8, 1, 1, 20, 6), (2, 16, 2, 2, 64, 16), (3, 96, 5, 3, 64, 16), (5, 40, 4, 4, 64, 16)]
@@ -58,16 +61,20 @@ def test_example_sizes_search_upwards_past_static_sizes():
     assert sizes["batch"] == 4 and sizes["track_len"] == 5 and len(set(sizes.values())) == 5
 
 
-@pytest.mark.parametrize("heads,head_dim,max_len,max_active",
-                         [c for c in itertools.product([1, 2, 3, 5, 7, 13], [2, 4, 8, 32], [16, 40, 256], [8, 16, 64])
-                          if c[3] <= c[2]])
-def test_example_sizes_are_distinct_in_range_and_unlike_static_sizes(heads, head_dim, max_len, max_active):
-    static = {2, heads, head_dim, head_dim // 2, heads * head_dim}
-    dims = dims_for(max_len, max_active)
-    for names in PIECE_DIMS:
-        sizes = example_sizes(dims, static, names)
-        assert set(sizes) == names and len(set(sizes.values())) == len(sizes) and not set(sizes.values()) & static
-        assert all(2 <= v <= dims[n]["max"] for n, v in sizes.items())
+def test_example_sizes_are_distinct_in_range_and_unlike_static_sizes():
+    # one test over every combination (168): each is a few microseconds, a test case each would cost more to schedule
+    for heads, head_dim, max_len, max_active in itertools.product([1, 2, 3, 5, 7, 13], [2, 4, 8, 32], [16, 40, 256],
+                                                                  [8, 16, 64]):
+        if max_active > max_len:
+            continue
+        static = {2, heads, head_dim, head_dim // 2, heads * head_dim}
+        dims = dims_for(max_len, max_active)
+        for names in PIECE_DIMS:
+            sizes = example_sizes(dims, static, names)
+            case = (heads, head_dim, max_len, max_active, sorted(names))
+            assert set(sizes) == names and len(set(sizes.values())) == len(sizes), case
+            assert not set(sizes.values()) & static, case
+            assert all(2 <= v <= dims[n]["max"] for n, v in sizes.items()), case
 
 
 def test_example_sizes_refuse_impossible_ranges():

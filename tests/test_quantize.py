@@ -20,6 +20,9 @@ from dllm_trt.runtime.manifest import TensorSpec, load_manifest
 from dllm_trt.runtime.policies import make_policy
 from dllm_trt.runtime.schedule import WindowSchedule
 
+# one worker runs this module: its module fixtures (exports, builds) run once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_quantize")
+
 
 @pytest.fixture(scope="module")
 def quantized(tiny_dir, tiny_engines, tmp_path_factory):

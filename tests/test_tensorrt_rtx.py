@@ -21,6 +21,9 @@ from dllm_trt.export.tensorrt_build import build_plans  # noqa: E402
 from dllm_trt.runtime.backends.tensorrt_backend import cuda_device  # noqa: E402
 from dllm_trt.runtime.trt_plans import gpu_support  # noqa: E402
 
+# one worker runs this module: its module fixtures (exports, builds) run once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_tensorrt_rtx")
+
 _, GPU_NAME, DEVICE_CC = cuda_device()
 GPU_OK = DEVICE_CC is not None and gpu_support("rtx", DEVICE_CC)[0]
 NEEDS_GPU = pytest.mark.skipif(not GPU_OK, reason=(
