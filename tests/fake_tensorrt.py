@@ -83,6 +83,7 @@ class FakeContext:
             assert size == value.nbytes, f"{spec.name}: output {t.name} bound to {size} bytes, needs {value.nbytes}"
             ctypes.memmove(self.addresses[t.name], value.ctypes.data, value.nbytes)
         self.engine.fake.calls.append((spec.name, self.profile))
+        self.engine.fake.batches.append(self.shapes[spec.inputs[0].name][0])
         return True
 
 
@@ -114,6 +115,7 @@ class FakeTensorRT:
         self.manifest = load_manifest(engine_dir)
         self.torch = FakeTorch()
         self.calls: list[tuple[str, int]] = []   # (piece, profile index) of every enqueue
+        self.batches: list[int] = []             # the batch size of every enqueue
         fake = self
 
         class Runtime:

@@ -316,3 +316,36 @@ def test_tensorrt_build_and_generate(engines):
 
     build_plans(engines, precision="fp32", progress=False, flavor="tensorrt")
     assert TensorRTBackend(engines, flavor="tensorrt").describe().startswith("tensorrt")
+
+
+def test_backend_decodes_several_sequences_per_call_on_the_batch_profiles(engines, tmp_path, monkeypatch, prompts):
+    """Sequences stepped together go through one call per piece at batch > 1 (inside the plans' batch profiles, as
+    the stand-in checks); each decodes as the ONNX Runtime backend decodes it alone."""
+    from fake_tensorrt import VERSION, FakeTensorRT
+    from dllm_trt.runtime.backends import tensorrt_backend
+    from dllm_trt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from dllm_trt.runtime.decoder import Decoder
+    from dllm_trt.runtime.options import DecodeOptions, build
+
+    eng = shutil.copytree(engines, tmp_path / "e")
+    fake_build(eng, load_manifest(eng), Target("", "ampere+", VERSION, "fp32", 320, 64, flavor="rtx", max_batch=3))
+    fake = FakeTensorRT(eng)
+    monkeypatch.setattr(tensorrt_backend, "cuda_device", fake.cuda_device)
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", fake.import_tensorrt)
+    trt, ort = tensorrt_backend.TensorRTBackend(eng), OnnxRuntimeBackend(eng, threads=1)
+    assert trt.max_batch == 3
+    options = [DecodeOptions(cache="elastic", window=8, threshold=0.08, gamma=g) for g in (0.97, 0.995, 1.5)]
+    options.append(DecodeOptions(cache="dual", threshold=0.08))
+    reqs = [(prompts[i], options[i % len(options)]) for i in range(5)]
+
+    def plan(opts):
+        return build(opts, 32)
+
+    expected = [Decoder(ort, *plan(o)[::-1]).generate(p).canvas_ids for p, o in reqs]
+    decoder = Decoder(trt)
+    seqs = [decoder.start(p, *plan(o)) for p, o in reqs]
+    while not all(s.done for s in seqs):
+        decoder.step([s for s in seqs if not s.done])
+    assert [decoder.finish(s).canvas_ids for s in seqs] == expected
+    batched = [c for c in fake.batches if c > 1]
+    assert batched and max(batched) == 3   # five sequences: calls of three and of two

@@ -3,7 +3,8 @@ TensorRT proper (`tensorrt`, 10.x/11.x: plans built on and for one GPU) or Tenso
 plans compiled ahead of time without a GPU for compute-capability targets, finished just in time on the user's GPU).
 One plan per piece; a layer range's plan has a window and a refresh optimization profile, and the backend holds one
 execution context per profile, switched to it once at load, so a call picks its mode's context and never switches
-profiles. Every binding has the leading batch axis (batch 1 here). Both flavours share the API used here (named
+profiles. Every binding has the leading batch axis: several sequences go through one call, up to the plans' batch
+profile (build --max-batch), padded as the contract says. Both flavours share the API used here (named
 I/O tensors, execute_async_v3); their differences are the few lines marked "flavour:". Device memory comes from
 torch CUDA tensors so caches sit at fixed addresses; only the small statistics and the head's tokens/probabilities
 are copied to (pinned) host memory. Importing a flavour and its logger are here too, and shared with the builder.
@@ -17,6 +18,7 @@ import atexit
 import importlib
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from ..manifest import TensorSpec, layer_names, load_manifest
 from ..trt_plans import (FLAVOR_NAMES, FLAVORS, ONE_PROFILE, PlanError, StalePlan, choose_flavor, find_built,
                          gpu_support, plan_dir, profile_index, profile_modes, read_plan, read_record, replace_file)
 from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
+from .torch_backend import padded_rows, stacked_caches
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
 
@@ -96,7 +99,7 @@ def load_plan(trt, runtime, path: Path, flavor: str, sha256: str | None, size: i
 
 
 def layer_dims(mode: str, n_positions: int, n_window: int, n_rows: int = 0, n_track: int = 0) -> dict[str, int]:
-    """The dimensions a layer-range call binds in `mode`, at batch 1. Window mode: the step's n_rows query rows and
+    """The dimensions a layer-range call for one sequence binds in `mode`. Window mode: the step's n_rows query rows and
     n_track tracked rows. Refresh mode: one query row per canvas slot (rows = seq_len) and one tracked row, whose
     drift is ignored."""
     if mode == "refresh":
@@ -156,6 +159,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"no up-to-date {FLAVOR_NAMES[flavor]} {trt.__version__} plans for this GPU "
                                f"(sm{device_cc.replace('.', '')}) and {precision}: run dllm-trt build {engine_dir}")
         self.max_len, self.max_active = target.max_len, target.max_active   # the plans' limits (build may lower)
+        self.max_batch = max(1, target.max_batch)   # their batch profiles: sequences one call may carry
         self.logger = make_logger(trt)  # kept: the bindings do not keep a Python logger (or the runtime) alive
         self.runtime = trt.Runtime(self.logger)
         d = plan_dir(engine_dir, target)
@@ -172,6 +176,7 @@ class TensorRTBackend(Backend):
                        "int64": torch.int64, "bool": torch.bool}
         self.device = torch.device("cuda")
         self.stream = torch.cuda.current_stream()  # torch's copies and TensorRT's kernels share one stream, in order
+        self.no_track_rows = self._t(np.zeros((1, 1), dtype=np.int64))
         scratch = max(e.device_memory_size_v2 for e in self.engines.values())   # the largest profile of any plan
         self.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)  # shared: pieces run in turn
         self.runtime_cache, self.runtime_configs = None, []
@@ -249,25 +254,44 @@ class TensorRTBackend(Backend):
         self.stream.synchronize()
         return [h.float().numpy() if h.is_floating_point() else h.numpy() for h in host]
 
-    # ---- the backend primitives ----------------------------------------------------------------------------------
-    # Every binding has a leading batch axis; this backend decodes one sequence, so every tensor has batch 1.
-    def _allocate(self, n: int) -> None:
+    # ---- one sequence's buffers --------------------------------------------------------------------------------
+    def _allocate(self, n: int) -> "TrtCanvas":
         if n > self.max_len:
             raise ModelError(f"the canvas needs {n} positions but the plans were built for at most {self.max_len} "
                              f"(rebuild with a larger --max-len, up to the export's)")
         c = self.config
         shape, hidden = (1, c.n_heads, n, c.head_dim), (1, n, c.d_model)
-        self.k = [self._empty(*shape) for _ in range(c.n_layers)]
-        self.v = [self._empty(*shape) for _ in range(c.n_layers)]
-        self.q = [self._empty(*shape) for _ in range(c.n_layers)]
-        self.boundary = [self._empty(*hidden) for _ in range(len(self.ranges) + 1)]
-        self.positions = self._t(np.arange(n, dtype=np.int64)[None])
-        self.canvas_lengths = self._t(np.array([n], dtype=np.int64))
-        # refresh mode reads no cached key/value and tracks nothing (its drift output is not used): every layer's
-        # past key/value input is bound to one scratch buffer of cache shape, its tracked query to one query row
-        self.unread_cache = self._empty(*shape)
-        self.no_track_rows = self._t(np.zeros((1, 1), dtype=np.int64))
-        self.no_track_queries = self._empty(1, c.n_heads, 1, c.head_dim)
+        return TrtCanvas(
+            n=n, k=[self._empty(*shape) for _ in range(c.n_layers)], v=[self._empty(*shape) for _ in range(c.n_layers)],
+            q=[self._empty(*shape) for _ in range(c.n_layers)],
+            boundary=[self._empty(*hidden) for _ in range(len(self.ranges) + 1)],
+            positions=self._t(np.arange(n, dtype=np.int64)[None]),
+            canvas_lengths=self._t(np.array([n], dtype=np.int64)),
+            # refresh mode reads no cached key/value and tracks nothing (its drift output is not used): every
+            # layer's past key/value input is bound to one scratch buffer of cache shape, its tracked query to one
+            # query row
+            unread_cache=self._empty(*shape), no_track_queries=self._empty(1, c.n_heads, 1, c.head_dim))
+
+    def _use(self, canvas: "TrtCanvas") -> None:
+        self.canvas = canvas
+
+    # the buffers of the sequence in use (the single-sequence passes below read and write these)
+    k = property(lambda self: self.canvas.k)
+    v = property(lambda self: self.canvas.v)
+    q = property(lambda self: self.canvas.q)
+    boundary = property(lambda self: self.canvas.boundary)
+    positions = property(lambda self: self.canvas.positions)
+    canvas_lengths = property(lambda self: self.canvas.canvas_lengths)
+    unread_cache = property(lambda self: self.canvas.unread_cache)
+    no_track_queries = property(lambda self: self.canvas.no_track_queries)
+
+    @property
+    def current(self):
+        return self.canvas.current
+
+    @current.setter
+    def current(self, hidden) -> None:
+        self.canvas.current = hidden
 
     def _check_active(self, count: int, what: str) -> None:
         if count > self.max_active:
@@ -344,3 +368,105 @@ class TensorRTBackend(Backend):
         out = self._run("head", ONE_PROFILE, dims, {"hidden_states": self.current, "rows": self._t(rows[None])}, {})
         tokens, probs = self._host([out["tokens"], out["probs"]])
         return tokens[0], probs[0]
+
+    # ---- several sequences per call, on the plans' batch profiles: inputs padded as the contract says, each
+    # sequence's caches stacked for the call and its new rows copied back (as the ONNX Runtime backend does) --------
+    def _padded(self, rows: list, fill, length: int | None = None):
+        return padded_rows(self.torch, self.device, rows, fill, length)
+
+    def _embed_many(self, canvases, ids, positions):
+        tokens = self._padded(ids, 0)
+        hidden = self._run("embed", ONE_PROFILE, {"batch": len(ids), "n_tokens": tokens.shape[1]},
+                           {"input_ids": tokens}, {})["hidden_states"]
+        for i, (c, p) in enumerate(zip(canvases, positions)):
+            if p is None:
+                c.boundary[0][0].copy_(hidden[i, : c.n])
+                c.current = c.boundary[0]
+            else:
+                self._check_active(len(p), "a window pass")
+                c.boundary[0][0].index_copy_(0, self._t(p), hidden[i, : len(p)])
+                c.current = hidden[i: i + 1, : len(p)]
+
+    def _window_many(self, r, canvases, positions, track_rows, track_positions, window_rows, key_is_mask):
+        a, b = self.ranges[r]
+        layers = [layer_names(L) for L in range(a, b)]
+        longest = max(c.n for c in canvases)
+        inputs = {"hidden_states": self._padded([c.current[0] for c in canvases], 0.0),
+                  "position_ids": self._padded(positions, -1),
+                  "canvas_lengths": self._t(np.array([c.n for c in canvases], dtype=np.int64)),
+                  "key_is_mask": self._padded(key_is_mask, True, longest),
+                  "track_rows": self._padded(track_rows, -1), "window_rows": self._padded(window_rows, -1)}
+        n_track = inputs["track_rows"].shape[1]
+        for L, n in zip(range(a, b), layers):
+            inputs |= {n.past_key: stacked_caches(self.torch, [c.k[L][0] for c in canvases], longest),
+                       n.past_value: stacked_caches(self.torch, [c.v[L][0] for c in canvases], longest),
+                       n.track_queries: stacked_caches(self.torch, [c.q[L][0][:, self._t(t)] for c, t in
+                                                                    zip(canvases, track_positions)], n_track)}
+        dims = {"batch": len(canvases), "seq_len": longest, "rows": inputs["position_ids"].shape[1],
+                "track_len": n_track, "window_len": inputs["window_rows"].shape[1]}
+        out = self._run(self.manifest.range_piece(r).name, "window", dims, inputs, {})
+        hidden, stats = out["hidden_states_out"], []
+        for i, (c, p) in enumerate(zip(canvases, positions)):
+            pos, rows = self._t(p), len(p)
+            for L, n in zip(range(a, b), layers):
+                c.k[L][0].index_copy_(1, pos, out[n.new_key][i, :, :rows])
+                c.v[L][0].index_copy_(1, pos, out[n.new_value][i, :, :rows])
+                c.q[L][0].index_copy_(1, pos, out[n.new_queries][i, :, :rows])
+            c.boundary[r + 1][0].index_copy_(0, pos, hidden[i, :rows])
+            c.current = hidden[i: i + 1, :rows]
+            stats.append(RangeStats(colsum=self.torch.stack([out[n.colsum][i, : c.n] for n in layers]),
+                                    drift=self.torch.stack([out[n.drift][i] for n in layers])))
+        return stats
+
+    def _refresh_many(self, r, canvases, window_positions, key_is_mask):
+        a, b = self.ranges[r]
+        layers = [layer_names(L) for L in range(a, b)]
+        batch, longest, cfg = len(canvases), max(c.n for c in canvases), self.config
+        unread = self._empty(batch, cfg.n_heads, longest, cfg.head_dim)
+        no_track = self.torch.zeros((batch, cfg.n_heads, 1, cfg.head_dim), dtype=self.act, device=self.device)
+        inputs = {"hidden_states": self._padded([c.boundary[r][0] for c in canvases], 0.0),
+                  "position_ids": self._padded([c.positions[0] for c in canvases], -1),
+                  "canvas_lengths": self._t(np.array([c.n for c in canvases], dtype=np.int64)),
+                  "key_is_mask": self._padded(key_is_mask, True, longest),
+                  "track_rows": self._t(np.zeros((batch, 1), dtype=np.int64)),
+                  "window_rows": self._padded(window_positions, -1)}
+        for n in layers:
+            inputs |= {n.past_key: unread, n.past_value: unread, n.track_queries: no_track}
+        dims = {"batch": batch, "seq_len": longest, "rows": longest, "track_len": 1,
+                "window_len": inputs["window_rows"].shape[1]}
+        out = self._run(self.manifest.range_piece(r).name, "refresh", dims, inputs, {})
+        stats = []
+        for i, c in enumerate(canvases):
+            for L, n in zip(range(a, b), layers):
+                c.k[L][0].copy_(out[n.new_key][i, :, : c.n])
+                c.v[L][0].copy_(out[n.new_value][i, :, : c.n])
+                c.q[L][0].copy_(out[n.new_queries][i, :, : c.n])
+            c.boundary[r + 1][0].copy_(out["hidden_states_out"][i, : c.n])
+            c.current = c.boundary[r + 1]
+            stats.append(RangeStats(colsum=self.torch.stack([out[n.colsum][i, : c.n] for n in layers])))
+        return stats
+
+    def _head_many(self, canvases, rows):
+        # only the rows to decode are handed over, as the ONNX Runtime backend does
+        hidden = self._padded([c.current[0][self._t(r)] for c, r in zip(canvases, rows)], 0.0)
+        picked = self._padded([np.arange(len(r), dtype=np.int64) for r in rows], -1)
+        dims = {"batch": len(rows), "n_hidden": hidden.shape[1], "n_rows": picked.shape[1]}
+        out = self._run("head", ONE_PROFILE, dims, {"hidden_states": hidden, "rows": picked}, {})
+        tokens, probs = self._host([out["tokens"], out["probs"]])
+        return [(tokens[i, : len(r)], probs[i, : len(r)]) for i, r in enumerate(rows)]
+
+
+@dataclass
+class TrtCanvas:
+    """One sequence's device buffers: per layer key, value, query caches [1, H, n, hd]; the hidden states entering
+    each range and after the last one [1, n, D]; what refresh passes bind; the rows the next pass reads."""
+    n: int
+    k: list
+    v: list
+    q: list
+    boundary: list
+    positions: object
+    canvas_lengths: object
+    unread_cache: object
+    no_track_queries: object
+    current: object = None

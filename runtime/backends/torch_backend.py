@@ -217,21 +217,10 @@ class TorchBackend(_TorchBase):
 
     # ---- several sequences per call (max_batch > 1): padded as the contract says, caches stacked per call ------
     def _padded(self, rows: list, fill, length: int | None = None):
-        """Tensors or arrays of one sequence each ([n_i, ...]) as one [B, longest, ...] device tensor."""
-        rows = [r if isinstance(r, self.torch.Tensor) else self._t(np.asarray(r)) for r in rows]
-        length = max(len(r) for r in rows) if length is None else length
-        out = self.torch.full((len(rows), length, *rows[0].shape[1:]), fill, dtype=rows[0].dtype, device=self.device)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out
+        return padded_rows(self.torch, self.device, rows, fill, length)
 
     def _stacked(self, caches: list, length: int):
-        """Caches [H, n_i, hd] of each sequence as one [B, H, length, hd] tensor (zeros past each canvas)."""
-        heads, _, dim = caches[0].shape
-        out = self.torch.zeros((len(caches), heads, length, dim), dtype=self.dtype, device=self.device)
-        for i, c in enumerate(caches):
-            out[i, :, : c.shape[1]] = c
-        return out
+        return stacked_caches(self.torch, caches, length)
 
     def _embed_many(self, caches, ids, positions):
         hidden = self.embedding(self._padded(ids, 0))
@@ -517,6 +506,27 @@ class PaddedTorchBackend(_TorchBase):
         self.captures += 1
         self._graphs.append(graph)
         return graph.replay
+
+
+# ---- several sequences in one call: inputs padded as the contract says (shared with the TensorRT backend) ---------
+def padded_rows(torch, device, rows: list, fill, length: int | None = None):
+    """Tensors or arrays of one sequence each ([n_i, ...]) as one [B, longest (or length), ...] device tensor,
+    `fill` after each sequence's own rows."""
+    rows = [r if isinstance(r, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(r)).to(device) for r in rows]
+    length = max(len(r) for r in rows) if length is None else length
+    out = torch.full((len(rows), length, *rows[0].shape[1:]), fill, dtype=rows[0].dtype, device=device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def stacked_caches(torch, caches: list, length: int):
+    """Caches [H, n_i, hd] of each sequence as one [B, H, length, hd] tensor (zeros past each canvas)."""
+    heads, _, dim = caches[0].shape
+    out = torch.zeros((len(caches), heads, length, dim), dtype=caches[0].dtype, device=caches[0].device)
+    for i, c in enumerate(caches):
+        out[i, :, : c.shape[1]] = c
+    return out
 
 
 def torch_backend(model_dir: str | Path | RandomWeights, layers_per_range: int = 1, device: str | None = None,
