@@ -112,6 +112,39 @@ def test_concurrent_requests_equal_solo_runs(client):
     assert len(set(alone)) > 1
 
 
+def test_streams_decoded_together_equal_solo_answers_and_health_counts_them(client, server):
+    """Streamed requests with different options decoded together (continuous batching): each stream concatenates
+    to the answer the same request gets alone; /health meanwhile reports requests running together."""
+    options = [{"cache": "elastic"}, {"cache": "dual", "threshold": 0.5}, {"cache": "none"},
+               {"cache": "elastic", "gamma": 0.99, "window": 4}]
+    asks = [(f"stream number {i} wants a story", options[i % len(options)]) for i in range(12)]
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            with urllib.request.urlopen(server[0] + "/health", timeout=5) as r:
+                seen.append(json.loads(r.read()))
+
+    def streamed(ask):
+        prompt, extra = ask
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=64, stream=True, extra_body=extra)
+        return "".join(c.choices[0].text for c in chunks)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+            together = list(pool.map(streamed, asks))
+    finally:
+        stop.set()
+        watcher.join()
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=64, extra_body=e).choices[0].text
+             for p, e in asks]
+    assert together == alone
+    assert max(h["running"] for h in seen) >= 2 and all(h["max_batch"] == 32 for h in seen)
+    assert all(h["running"] + h["queued"] <= h["active_requests"] for h in seen)
+
+
 def post(base, path, body, raw=False):
     data = body if raw else json.dumps(body).encode()
     req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
