@@ -28,27 +28,30 @@ ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16
 NUMPY_NATIVE = {1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13}
 
 
-def peak_rss_bytes() -> int:
-    """Largest resident set of this process so far (VmHWM), in bytes."""
+def _status_bytes(field: str) -> int | None:
+    """A size line of /proc/self/status (VmHWM, VmRSS, ...) in bytes; None where it cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Largest resident set of this process so far (VmHWM), in bytes."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def current_rss_bytes() -> int:
     """This process's resident set now (VmRSS; the peak where that cannot be read)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    rss = _status_bytes("VmRSS")
+    return peak_rss_bytes() if rss is None else rss
 
 
 def smaps_rollup(pid: int | str = "self") -> dict[str, int]:

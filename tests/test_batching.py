@@ -266,3 +266,23 @@ def test_torch_batched_calls_decode_each_sequence_as_alone(problems):
     reference, batched = TorchBackend(ARITH), TorchBackend(ARITH, max_batch=4)
     reqs = requests(problems, 8)
     assert [key(r) for r in together(batched, reqs, 4)] == [key(r) for r in alone(reference, reqs)]
+
+
+def test_bench_concurrency_table(arith_engines, capsys):
+    from dllm_trt.cli import main
+
+    main(["bench", "--engines", str(arith_engines), "--data", str(ROOT / "data" / "arith_heldout.jsonl"),
+          "--concurrency", "1,3", "--prompts", "6", "--gen-lengths", "96", "--max-batch", "4"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "clients" not in line]
+    assert [r.split(" | ")[:2] for r in rows] == [["| 1", "one at a time"], ["| 1", "batched (max 4)"],
+                                                  ["| 3", "one at a time"], ["| 3", "batched (max 4)"]]
+    assert all(r.rstrip(" |").endswith("6/6") for r in rows)   # every answer as one request at a time gives it
+
+
+def test_bench_concurrency_refuses_bad_numbers(capsys):
+    from dllm_trt.cli import main
+
+    for bad in ("1,x", "0"):
+        with pytest.raises(SystemExit):
+            main(["bench", "--data", str(ROOT / "data" / "arith_heldout.jsonl"), "--concurrency", bad])
+        assert "--concurrency" in capsys.readouterr().err

@@ -16,14 +16,12 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dllm_trt.evaluate.load import LoadResult, load_table  # noqa: E402
-from dllm_trt.evaluate.scoring import is_correct  # noqa: E402
+from dllm_trt.evaluate.load import LoadResult, drive, graded, load_table  # noqa: E402
 
 
 def free_port() -> int:
@@ -58,29 +56,12 @@ def ask(base: str, model: str, question: str, max_tokens: int) -> dict:
 
 
 def load(base: str, model: str, problems: list[dict], clients: int, mode: str, max_tokens: int) -> LoadResult:
-    texts, latencies, tokens = [None] * len(problems), [0.0] * len(problems), [0] * len(problems)
-    todo, lock = iter(range(len(problems))), threading.Lock()
+    def ask_one(i):
+        out = ask(base, model, problems[i]["question"], max_tokens)
+        return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
 
-    def client():
-        while True:
-            with lock:
-                i = next(todo, None)
-            if i is None:
-                return
-            sent = time.perf_counter()
-            out = ask(base, model, problems[i]["question"], max_tokens)
-            latencies[i] = time.perf_counter() - sent
-            texts[i], tokens[i] = out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - began
-    correct = sum(is_correct(t, p["answer"]) for t, p in zip(texts, problems))
-    return LoadResult(mode, clients, len(problems), sum(tokens), seconds, latencies, correct, texts)
+    seconds, done = drive(len(problems), clients, ask_one, f"{mode}, {clients} clients")
+    return graded(mode, clients, problems, seconds, done)
 
 
 def main() -> None:

@@ -42,30 +42,29 @@ class LoadResult:
                 "mean_seconds": statistics.fmean(self.latencies), "correct": self.correct}
 
 
-def run_load(engine, problems: list[dict], clients: int, mode: str, progress: bool = True,
-             **options) -> LoadResult:
-    """Every problem's question sent once, by `clients` threads taking the next unsent one in turn."""
+def drive(n_requests: int, clients: int, ask, label: str = "", progress: bool = True) -> tuple[float, list]:
+    """Requests 0..n-1 sent by `clients` threads, each taking the next unsent one once its previous answer came back;
+    ask(i) -> (text, tokens). Returns (wall seconds of the whole load, [(latency, text, tokens)] by request); the
+    first error any client met is raised once all clients stopped (the others stop taking new requests)."""
     from tqdm import tqdm
 
-    prompts = [[{"role": "user", "content": p["question"]}] for p in problems]
-    texts, latencies, tokens = [None] * len(prompts), [0.0] * len(prompts), [0] * len(prompts)
-    next_index, lock, errors = iter(range(len(prompts))), threading.Lock(), []
-    bar = tqdm(total=len(prompts), desc=f"{mode}, {clients} clients", unit="req", disable=not progress,
-               file=sys.stderr)
+    done: list = [None] * n_requests
+    todo, lock, errors = iter(range(n_requests)), threading.Lock(), []
+    bar = tqdm(total=n_requests, desc=label, unit="req", disable=not progress, file=sys.stderr)
 
     def client():
-        while True:
+        while not errors:
             with lock:
-                i = next(next_index, None)
-            if i is None or errors:
+                i = next(todo, None)
+            if i is None:
                 return
             sent = time.perf_counter()
             try:
-                res = engine.generate(prompts[i], **options)
-            except BaseException as e:   # shown by the caller; the other clients stop
+                text, tokens = ask(i)
+            except BaseException as e:   # shown by the caller
                 errors.append(e)
                 return
-            latencies[i], texts[i], tokens[i] = time.perf_counter() - sent, res.text, res.tokens
+            done[i] = (time.perf_counter() - sent, text, tokens)
             bar.update()
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
@@ -78,9 +77,29 @@ def run_load(engine, problems: list[dict], clients: int, mode: str, progress: bo
     bar.close()
     if errors:
         raise errors[0]
-    graded = all("answer" in p for p in problems)
-    correct = sum(is_correct(t, p["answer"]) for t, p in zip(texts, problems)) if graded else None
-    return LoadResult(mode, clients, len(prompts), sum(tokens), seconds, latencies, correct, texts)
+    return seconds, done
+
+
+def graded(mode: str, clients: int, problems: list[dict], seconds: float, done: list) -> LoadResult:
+    """A LoadResult from drive()'s answers to `problems` (exact match counted where every problem has an answer)."""
+    texts = [text for _, text, _ in done]
+    correct = (sum(is_correct(t, p["answer"]) for t, p in zip(texts, problems))
+               if all("answer" in p for p in problems) else None)
+    return LoadResult(mode, clients, len(problems), sum(tokens for _, _, tokens in done), seconds,
+                      [latency for latency, _, _ in done], correct, texts)
+
+
+def run_load(engine, problems: list[dict], clients: int, mode: str, progress: bool = True,
+             **options) -> LoadResult:
+    """Every problem's question sent once to `engine` by `clients` threads."""
+    prompts = [[{"role": "user", "content": p["question"]}] for p in problems]
+
+    def ask(i):
+        res = engine.generate(prompts[i], **options)
+        return res.text, res.tokens
+
+    seconds, done = drive(len(prompts), clients, ask, f"{mode}, {clients} clients", progress)
+    return graded(mode, clients, problems, seconds, done)
 
 
 def load_table(results: list[LoadResult]) -> str:
