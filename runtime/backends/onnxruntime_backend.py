@@ -36,7 +36,7 @@ from .ort_arrays import DeviceArrays, HostArrays, as_ortvalue
 
 THREADS_ENV = "DLLM_TRT_THREADS"       # intra-op threads per session; default: physical cores (see default_threads)
 WEIGHTS_ENV = "DLLM_TRT_ORT_WEIGHTS"   # "shared" (default) or "per-session" (ONNX Runtime's own loading)
-EXTENDED_FROM = 64 << 20               # weight bytes from which sessions get ONNX Runtime's extended fusions
+GRAPH_OPTIMIZATION = "extended"       # ONNX Runtime's graph rewrites: "extended" (fusions) or "basic"
 LOAD_WORKERS = 4                       # sessions built at once at start-up (at most the physical cores)
 CACHES_ENV = "DLLM_TRT_ORT_CACHES"     # "host" (numpy) or "device" (OrtValues); default: device off the CPU
 PREPACK_ENV = "DLLM_TRT_ORT_PREPACK"   # "1" / "0"; default: pre-pack when sessions have their own weights or the
@@ -211,11 +211,12 @@ class OnnxRuntimeBackend(Backend):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # The extended fusions (FusedMatMul absorbing the key transposes, ...) make a mid-size int4 window step 8%
-        # faster but add a quarter to a small engine's session start-up, where they save nothing measurable
-        # (docs/BENCHMARKS.md section 12): basic rewrites only below EXTENDED_FROM bytes of weights.
+        # The extended fusions (FusedMatMul absorbing the key transposes and the score scale, ...) make a window
+        # pass of the format-2 graphs faster at every size (bundled model: 25% per call at batch 1, 8% more
+        # tokens/s, 10% at batch 32; a mid-size int4 window step 8%) for about 4 ms more start-up per session
+        # (docs/BENCHMARKS.md sections 12 and 16).
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-                                         if self.weight_bytes >= EXTENDED_FROM
+                                         if GRAPH_OPTIMIZATION == "extended"
                                          else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
