@@ -79,36 +79,17 @@ def key_axis_cosine(a: torch.Tensor, b: torch.Tensor, row_valid=None) -> torch.T
     return masked_mean(cosine(a, b, -1), None if row_valid is None else row_valid[None, :])
 
 
-def sum_after_batch(x: torch.Tensor, n_axes: int) -> torch.Tensor:
-    """x [B, a1 .. an, ...] summed over the n axes after the batch axis, as a matrix product with a row of ones.
-    ONNX Runtime's ReduceSum over axes that are not the last ones takes another path (another summation order) when
-    the batch is 1 than when it is larger; a MatMul sums each sequence the same way at every batch size, so a
-    sequence's statistics do not depend on what it is batched with (tests/test_onnx.py)."""
-    rest = x.shape[1 + n_axes:]
-    rows = x.reshape(x.shape[0], -1, *rest).flatten(2) if rest else x.reshape(x.shape[0], -1, 1)
-    return torch.matmul(x.new_ones((1, rows.shape[1])), rows).reshape(x.shape[0], *rest)   # [B, 1, rest] -> [B, rest]
-
-
 def batched_head_axis_cosine(a, b, row_valid, key_valid) -> torch.Tensor:
     """Per sequence: mean over valid (row, key) of the cosine across heads. a, b [B, H, T, N] -> [B]."""
     valid = row_valid[:, :, None] & key_valid[:, None, :]
-    norm_a = torch.sqrt(sum_after_batch(a * a, 1)).clamp_min(_COS_EPS)
-    norm_b = torch.sqrt(sum_after_batch(b * b, 1)).clamp_min(_COS_EPS)
-    c = torch.where(valid, sum_after_batch(a * b, 1) / (norm_a * norm_b), 0.0)
-    return sum_after_batch(c, 2) / valid.sum(dim=(1, 2)).clamp_min(1)
-
-
-def sum_last(x: torch.Tensor) -> torch.Tensor:
-    """x summed over its last axis as a matrix product with a column of ones (see sum_after_batch)."""
-    return torch.matmul(x, x.new_ones((x.shape[-1], 1)))[..., 0]
+    c = torch.where(valid, cosine(a, b, 1), 0.0)
+    return c.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
 
 
 def batched_key_axis_cosine(a, b, row_valid) -> torch.Tensor:
     """Per sequence: mean over (head, valid row) of the cosine across keys. a, b [B, H, T, N] -> [B]."""
-    norm_a = torch.sqrt(sum_last(a * a)).clamp_min(_COS_EPS)
-    norm_b = torch.sqrt(sum_last(b * b)).clamp_min(_COS_EPS)
-    c = torch.where(row_valid[:, None, :], sum_last(a * b) / (norm_a * norm_b), 0.0)
-    return sum_after_batch(c, 2) / (row_valid.sum(-1) * a.shape[1]).clamp_min(1)
+    c = torch.where(row_valid[:, None, :], cosine(a, b, -1), 0.0)
+    return c.sum(dim=(1, 2)) / (row_valid.sum(-1) * a.shape[1]).clamp_min(1)
 
 
 def sdpa(q, k, v, allowed=None):
@@ -246,7 +227,7 @@ class LayerRange(nn.Module):
             # reference (on the queries it saves a pass, but quantized engines amplify the changed rounding)
             probs = torch.softmax(self.scores(q, keys) + key_bias, dim=-1)
             hidden = block.finish(hidden, torch.matmul(probs.to(values.dtype), values))
-            colsum = torch.where(key_is_mask, 0.0, sum_after_batch(rows_of(probs, window_rows), 2))
+            colsum = torch.where(key_is_mask, 0.0, rows_of(probs, window_rows).sum(dim=(1, 2)))
             # slots x tracked rows, so that the cache is not transposed
             old_scores = torch.matmul(past_k.float(), track_q.float().transpose(-1, -2) * self.scale)
             old = torch.softmax(torch.where(key_valid_column, old_scores, float("-inf")), dim=-2).transpose(-1, -2)

@@ -288,29 +288,6 @@ def test_batched_range_piece_equals_one_call_per_sequence(engines):
                 np.testing.assert_allclose(x, y[0], rtol=0, atol=2e-6, err_msg=f"{case.label} {t.name} sequence {b}")
 
 
-def test_a_sequence_gets_the_same_bits_at_every_batch_size(engines):
-    """Sequences of one shape batched together: every output of each equals its batch-1 call bit for bit (the
-    statistics sum over heads and rows by matrix products: ONNX Runtime's ReduceSum takes another summation order
-    at batch 1, which would make refresh decisions at a tie with gamma depend on the batch)."""
-    import onnxruntime as ort
-
-    from dllm_trt.export.check import check_sizes, piece_cases
-
-    import torch
-
-    m = load_manifest(engines)
-    spec = m.piece("layers_00_02")
-    session = ort.InferenceSession(str(engines / spec.file), providers=["CPUExecutionProvider"])
-    sizes = check_sizes(m.dims) | {"seq_len": 37, "rows": 11}
-    for case in piece_cases(spec, None, m.config, sizes, 1, np.random.default_rng(2), torch.float32):
-        alone = session.run(None, case.inputs)
-        for batch in (2, 5):
-            together = session.run(None, {k: np.concatenate([v] * batch) for k, v in case.inputs.items()})
-            for t, x, y in zip(spec.outputs, together, alone):
-                for b in range(batch):
-                    assert np.array_equal(x[b], y[0], equal_nan=True), (case.label, t.name, batch, b)
-
-
 def test_version_1_engine_folder_is_refused_with_a_line_to_re_export(engines_copy):
     raw = json.loads((engines_copy / "manifest.json").read_text())
     raw["format_version"] = 1
