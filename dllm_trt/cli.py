@@ -272,6 +272,8 @@ def cmd_bench(a) -> None:
         raise UsageError("--concurrency takes comma-separated numbers of clients, e.g. 1,4,16,64") from None
     if any(c < 1 for c in clients) or (a.max_batch is not None and a.max_batch < 1):
         raise UsageError("--concurrency and --max-batch take numbers of at least 1")
+    if a.max_batch is not None and not clients:
+        raise UsageError("--max-batch goes with --concurrency (the batched rows of the serving load)")
     if clients and (gammas or a.plot):
         raise UsageError("--concurrency is a benchmark of its own: run --gamma-sweep separately")
     check_output(a.out, "--out", run_inputs(a))
@@ -328,7 +330,9 @@ def bench_load(a, problems, backend, clients: list[int], gen_length: int) -> Non
     if batched.max_batch == 1:
         print(f"the {backend.name} backend decodes one request at a time: both rows measure the same thing",
               file=sys.stderr)
-    one.generate_batch([[{"role": "user", "content": problems[0]["question"]}]], max_tokens=gen_length)  # warm-up
+    warm = [[{"role": "user", "content": p["question"]}] for p in problems[: batched.max_batch]]
+    one.generate_batch(warm[:1], max_tokens=gen_length)   # warm-up: pages in, arenas grown at batch shapes too
+    batched.generate_batch(warm, max_tokens=gen_length)
     results = []
     for c in clients:
         for mode, engine in (("one at a time", one), (f"batched (max {batched.max_batch})", batched)):

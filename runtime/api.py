@@ -13,6 +13,7 @@ exactly the tokens it would get alone.
 """
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from .tokenizer import TextTokenizer
 
 __all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong", "QueueFull"]
 
-MEMORY_SHARE = 0.8   # of the memory left at start-up, what the caches of running requests may take together
+MEMORY_SHARE = 0.8   # of the memory free for caches at start-up, what the running requests' caches may take
 DEFAULT_MAX_BATCH = 32   # requests decoded together (in piece calls of at most the engine's exported batch each)
 
 
@@ -50,10 +51,26 @@ class Engine:
         # backends whose pieces take one sequence per call decode one request at a time: interleaving their steps
         # would gain nothing, and some keep caches per canvas length, not per request
         self.max_batch = 1 if backend.max_batch == 1 else (max_batch or DEFAULT_MAX_BATCH)
-        left = memory.machine_memory_bytes()
-        self.memory_budget = None if left is None else int((left - memory.current_rss_bytes()) * MEMORY_SHARE)
+        free = backend.free_cache_memory()
+        self.memory_budget = None if free is None else int(free * MEMORY_SHARE)
         self.scheduler = Scheduler(Decoder(backend, detokenize=tokenizer.decode), self.max_batch,
                                    self.memory_budget, max_queue)
+
+    def close(self) -> None:
+        """Stop the scheduler's thread once the requests already submitted are done (also when the Engine is
+        dropped, or at the end of a `with Engine.load(...) as engine:` block)."""
+        self.scheduler.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        scheduler = self.__dict__.get("scheduler")
+        if scheduler is not None:
+            scheduler.close()
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None, max_batch: int | None = None,
@@ -105,6 +122,13 @@ class Engine:
         gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions,
                                           self.backend.config.default_gen_length)
         schedule, policy = build(opts, gen_length, self.backend.calibration)
+        limit, width = getattr(self.backend, "max_active", None), getattr(schedule, "window", None)
+        field = "window"
+        if width is None:
+            field, width = "block_length", schedule.block_length
+        if limit is not None and width > limit:
+            raise OptionError(field, f"({width}) is more than the {limit} rows one call of this engine's pieces "
+                                     f"takes (its export's --max-active)")
         return Decoder(self.backend, policy, schedule, self.tokenizer.decode), prompt_ids, opts
 
     def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, prepared=None,
@@ -130,18 +154,20 @@ class Engine:
         is checked (OptionError, PromptTooLong) before any decoding starts."""
         prepared = [self.prepare(p, **options) for p in prompts]
         stop = threading.Event()
-        futures = [self._submit(p, None, stop.is_set) for p in prepared]
         try:
+            futures = [self._submit(p, None, stop.is_set) for p in prepared]
             return [f.result() for f in futures]
         except BaseException:
-            stop.set()   # an interrupted caller leaves nothing decoding behind
+            stop.set()   # a failed submit or an interrupted caller leaves nothing decoding behind
             raise
 
     def _submit(self, prepared, on_step, cancelled):
         decoder, prompt_ids, _ = prepared
         n = len(prompt_ids) + decoder.schedule.gen_length
-        return self.scheduler.submit(prompt_ids, decoder.schedule, decoder.policy, self.sequence_bytes(n), on_step,
-                                     cancelled)
+        # schedule and policy keep per-generation state: each submission gets its own, so one prepared request can
+        # be decoded several times at once
+        return self.scheduler.submit(prompt_ids, copy.deepcopy(decoder.schedule), copy.deepcopy(decoder.policy),
+                                     self.sequence_bytes(n), on_step, cancelled)
 
     def stream(self, prompt: str | list[dict], **options) -> Iterator[str]:
         """Yield text pieces as they become final (the longest committed prefix); concatenated they equal

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .backends.base import Backend, RangeStats, SequenceCaches
+from .backends.base import Backend, RangeStats, RowLimit, SequenceCaches
 from .policies import Policy
 from .schedule import BlockSchedule, Canvas
 
@@ -48,6 +48,7 @@ class Sequence:
     caches_kept: bool = False          # the backend's begin() caches: left open when the sequence ends
     refreshed: int = 0                 # layer-steps recomputed for every position
     total: int = 0                     # layer-steps
+    error: BaseException | None = None # why it could not take a step (it takes no more; the others go on)
     # this step's plan (set by Decoder.step)
     targets: object = None
     queries: np.ndarray | None = None  # rows recomputed in window mode; None: a full refresh
@@ -80,6 +81,8 @@ class Decoder:
         try:
             while not seq.done:
                 self.step([seq])
+                if seq.error is not None:
+                    raise seq.error
         finally:
             self.release(seq)
         return self.finish(seq)
@@ -96,19 +99,22 @@ class Decoder:
                               np.full(schedule.gen_length, cfg.mask_token_id, dtype=np.int64)])
         canvas = Canvas(ids, len(prompt_ids), cfg.mask_token_id, cfg.end_ids)
         started = time.perf_counter()
-        caches = self.backend.begin(canvas.n) if keep_caches else self.backend.open(canvas.n)
         schedule.begin()
         policy.begin(canvas)
+        caches = self.backend.begin(canvas.n) if keep_caches else self.backend.open(canvas.n)
         return Sequence(canvas, schedule, policy, caches, started, on_step, keep_caches)
 
     def step(self, seqs: list[Sequence]) -> None:
         """One step of every sequence in `seqs` (none of them done). Sequences go to the backend together, up to its
-        max_batch per call; each decides its own refreshes, so each ends the step exactly as if it ran alone."""
+        max_batch per call; each decides its own refreshes, so each ends the step exactly as if it ran alone. A
+        sequence whose step the backend cannot take (more rows than its pieces take) gets `error` set and is left
+        out; the others go on."""
+        seqs = [s for s in seqs if s.error is None]
         size = max(1, self.backend.max_batch)
         for i in range(0, len(seqs), size):
             self._step(seqs[i: i + size])
         for s in seqs:
-            if s.on_step is not None:
+            if s.on_step is not None and s.error is None:
                 s.on_step(s.canvas)
 
     def release(self, seq: Sequence) -> None:
@@ -134,12 +140,22 @@ class Decoder:
 
     # ---- one step of one group (one backend call per piece) --------------------------------------------------------
     def _step(self, seqs: list[Sequence]) -> None:
-        backend = self.backend
+        backend, planned = self.backend, []
         for s in seqs:
             s.targets = s.schedule.targets(s.canvas)
             s.queries = s.policy.plan(s.canvas, s.targets).queries
             s.key_is_mask = s.canvas.is_mask()
+            try:
+                backend.check_rows(0 if s.queries is None else len(s.queries),
+                                   0 if s.queries is None else len(s.policy.tracked()), len(s.targets.positions))
+            except RowLimit as e:
+                s.error = e
+                continue
             s.total += backend.config.n_layers
+            planned.append(s)
+        seqs = planned
+        if not seqs:
+            return
         backend.embed_many([s.caches for s in seqs], [s.canvas.ids if s.queries is None else s.canvas.ids[s.queries] for s in seqs],
                            [s.queries for s in seqs])
         window = [s for s in seqs if s.queries is not None]

@@ -42,7 +42,8 @@ class Scheduler:
     def __init__(self, decoder: Decoder, max_batch: int, memory_budget: int | None = None,
                  max_queue: int | None = None):
         """max_batch: requests decoded together at most; memory_budget: bytes their caches may take together
-        (None: no bound; one request always runs); max_queue: waiting requests at most (None: no bound)."""
+        (None: no bound; one request always runs); max_queue: requests that may wait beyond the free places among
+        the max_batch (None: no bound)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.decoder, self.max_batch, self.memory_budget, self.max_queue = decoder, max_batch, memory_budget, max_queue
@@ -50,6 +51,7 @@ class Scheduler:
         self._running: list[Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.steps = 0                      # decoding steps run (each advances every running request)
 
     @property
@@ -62,31 +64,45 @@ class Scheduler:
 
     def submit(self, prompt_ids: list[int], schedule, policy, cache_bytes: int = 0, on_step=None,
                cancelled=None) -> Future:
-        """Queue one decoding; its Future gives the GenerationResult, or raises what ended it (Cancelled, ...)."""
+        """Queue one decoding; its Future gives the GenerationResult, or raises what ended it (Cancelled, ...).
+        Raises QueueFull when max_queue requests already wait beyond the places free at the next step."""
         request = Request(list(prompt_ids), schedule, policy, cache_bytes, on_step, cancelled)
         with self._wake:
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            if self._closed:
+                raise RuntimeError("this scheduler is closed")
+            free = max(0, self.max_batch - len(self._running))
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting")
-            self._waiting.append(request)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="dllm-trt-scheduler", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._loop, name="dllm-trt-scheduler", daemon=True)
+                thread.start()
+                self._thread = thread
+            self._waiting.append(request)
             self._wake.notify()
         return request.future
+
+    def close(self) -> None:
+        """No more requests: the decoding thread ends once those already submitted are done."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
 
     # ---- the decoding thread --------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            self._drop_cancelled()
             with self._wake:
                 while not self._waiting and not self._running:
+                    if self._closed:
+                        return
                     self._wake.wait()
-                self._admit()
-            self._drop_cancelled()
+                admitted = self._admit()
+            for request in admitted:
+                self._start(request)
             if not self._running:
                 continue
-            seqs = [r.seq for r in self._running]
             try:
-                self.decoder.step(seqs)
+                self.decoder.step([r.seq for r in self._running])
             except BaseException as e:   # a failing step fails the requests in it; the scheduler goes on
                 for r in list(self._running):
                     self._end(r, error=e)
@@ -94,6 +110,8 @@ class Scheduler:
             self.steps += 1
             for r in list(self._running):
                 try:
+                    if r.seq.error is not None:   # this request could not take the step (the others did)
+                        raise r.seq.error
                     if r.on_step is not None:
                         r.on_step(r.seq.canvas)
                     if r.seq.done:
@@ -101,40 +119,66 @@ class Scheduler:
                 except BaseException as e:
                     self._end(r, error=e)
 
-    def _admit(self) -> None:
-        """Waiting requests join in arrival order while there is room (called with the lock held)."""
+    def _admit(self) -> list[Request]:
+        """Waiting requests that join now, in arrival order while there is room (called with the lock held)."""
         used = sum(r.cache_bytes for r in self._running)
-        while self._waiting and len(self._running) < self.max_batch:
+        admitted = []
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
             request = self._waiting[0]
-            if (self._running and self.memory_budget is not None
+            if ((self._running or admitted) and self.memory_budget is not None
                     and used + request.cache_bytes > self.memory_budget):
                 break   # first in, first out: no later request overtakes it
             self._waiting.popleft()
-            if not request.future.set_running_or_notify_cancel():
-                continue
-            try:
-                if request.cancelled is not None and request.cancelled():
-                    raise Cancelled()
-                request.seq = self.decoder.start(request.prompt_ids, request.schedule, request.policy)
-            except BaseException as e:
-                request.future.set_exception(e)
-                continue
-            self._running.append(request)
-            used += request.cache_bytes
+            if request.future.set_running_or_notify_cancel():
+                admitted.append(request)
+                used += request.cache_bytes
+        return admitted
+
+    def _start(self, request: Request) -> None:
+        """Open a joining request's sequence (outside the lock: its caches are allocated here)."""
+        try:
+            request.seq = self.decoder.start(request.prompt_ids, request.schedule, request.policy)
+        except BaseException as e:
+            request.future.set_exception(e)
+            return
+        self._running.append(request)
 
     def _drop_cancelled(self) -> None:
+        """Requests whose caller went away leave, running or waiting (their callables are polled without the lock:
+        they are the callers' code)."""
         for r in list(self._running):
-            try:
-                gone = r.cancelled is not None and r.cancelled()
-            except BaseException as e:
-                self._end(r, error=e)
-                continue
-            if gone:
-                self._end(r, error=Cancelled())
+            gone = self._gone(r)
+            if gone is not None:
+                self._end(r, error=gone)
+        with self._wake:
+            waiting = list(self._waiting)
+        for r in waiting:
+            gone = self._gone(r)
+            if gone is not None:
+                with self._wake:
+                    if r not in self._waiting:
+                        continue
+                    self._waiting.remove(r)
+                if r.future.set_running_or_notify_cancel():
+                    r.future.set_exception(gone)
+
+    @staticmethod
+    def _gone(request: Request) -> BaseException | None:
+        """Cancelled() if the caller went away, the exception its check raised, else None."""
+        try:
+            return Cancelled() if request.cancelled is not None and request.cancelled() else None
+        except BaseException as e:
+            return e
 
     def _end(self, request: Request, result=None, error: BaseException | None = None) -> None:
-        self._running.remove(request)
-        self.decoder.release(request.seq)
+        if request in self._running:
+            self._running.remove(request)
+        try:
+            self.decoder.release(request.seq)
+        except BaseException as e:   # the request ends either way; the scheduler must not
+            error = error or e
+        if request.future.done():
+            return
         if error is not None:
             request.future.set_exception(error)
         else:

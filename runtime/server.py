@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .api import Cancelled, Engine, OptionError, PromptTooLong
+from .api import Cancelled, Engine, OptionError, PromptTooLong, QueueFull
+from .backends.base import RowLimit
 from .options import DecodeOptions
 from .config import ModelError
 from .memory import peak_rss_bytes
@@ -304,6 +305,12 @@ async def unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def decoding_failed(rid: str, exc: BaseException) -> ApiError:
+    """The answer to a decoding that ended with `exc`: the request's own fault (options too large for the engine)
+    400, a full queue 503, anything else a logged 500."""
+    if isinstance(exc, RowLimit):
+        return ApiError(400, str(exc))
+    if isinstance(exc, QueueFull):
+        return ApiError(503, "server busy: the decoding queue is full; retry later", kind="server_busy")
     log.error("%s: decoding failed", rid, exc_info=(type(exc), exc, exc.__traceback__))
     return internal_error(rid)
 

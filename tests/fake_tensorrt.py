@@ -32,7 +32,8 @@ class FakeTorch:
         self.sizes: dict[int, int] = {}
         self.cuda = SimpleNamespace(current_stream=lambda: SimpleNamespace(cuda_stream=0, synchronize=lambda: None),
                                     Event=lambda: SimpleNamespace(record=lambda stream: None, synchronize=lambda: None),
-                                    get_device_name=lambda: "NVIDIA GeForce RTX 4090")
+                                    get_device_name=lambda: "NVIDIA GeForce RTX 4090",
+                                    mem_get_info=lambda *device: (20 << 30, 24 << 30))
 
     def __getattr__(self, name):
         return getattr(torch, name)

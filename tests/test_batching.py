@@ -286,3 +286,94 @@ def test_bench_concurrency_refuses_bad_numbers(capsys):
         with pytest.raises(SystemExit):
             main(["bench", "--data", str(ROOT / "data" / "arith_heldout.jsonl"), "--concurrency", bad])
         assert "--concurrency" in capsys.readouterr().err
+
+
+# ---- one request's trouble stays its own ------------------------------------------------------------------------------
+def test_a_request_too_large_for_the_engine_fails_alone(arith_engines, problems):
+    """A step needing more rows than a piece call takes (the export's --max-active) fails that request before any
+    call; the requests stepping with it decode as alone."""
+    from dllm_trt.runtime.backends.base import RowLimit
+
+    backend = OnnxRuntimeBackend(arith_engines, threads=1)
+    reqs = requests(problems, 6)
+    backend.max_active = 24   # as if exported with --max-active 24: window 16 plus tracked and fresh rows exceed it
+    big = (problems[0], decode_options({"max_tokens": 64, "window": 16}))
+    small = [(ids, decode_options({"max_tokens": opts.gen_length, "window": 4, "cache": "elastic"})) for ids, opts in
+             reqs]
+    expected = alone(OnnxRuntimeBackend(arith_engines, threads=1), small)
+    decoder = Decoder(backend)
+    seqs = [decoder.start(ids, *build(o, o.gen_length)) for ids, o in [big, *small]]
+    while any(not s.done and s.error is None for s in seqs):
+        decoder.step([s for s in seqs if not s.done and s.error is None])
+    assert isinstance(seqs[0].error, RowLimit) and "--max-active" in str(seqs[0].error)
+    assert [key(decoder.finish(s)) for s in seqs[1:]] == [key(r) for r in expected]
+
+
+def test_engine_refuses_a_window_wider_than_the_engine_takes(arith_engines):
+    from dllm_trt.runtime.api import OptionError
+
+    engine = Engine.load(arith_engines, threads=1)
+    engine.backend.max_active = 12
+    with pytest.raises(OptionError, match="window .*more than the 12 rows"):
+        engine.prepare("What is 2 plus 2 ?", window=16)
+    engine.close()
+
+
+def test_queue_counts_only_requests_beyond_the_free_places(arith_engines, problems):
+    engine = Engine.load(arith_engines, threads=1, max_batch=4, max_queue=0)
+    assert len(engine.generate_batch(chats(3), max_tokens=32)) == 3   # three free places: nothing waits
+    engine.close()
+
+
+def test_a_dead_waiting_request_leaves_the_queue_without_starting(arith_engines, problems):
+    backend = OnnxRuntimeBackend(arith_engines, threads=1)
+    gate, started = threading.Event(), []
+
+    class Held(Decoder):
+        def start(self, *args, **kwargs):
+            started.append(1)
+            return super().start(*args, **kwargs)
+
+        def step(self, seqs):
+            gate.wait(60)
+            super().step(seqs)
+
+    scheduler = Scheduler(Held(backend), max_batch=1)
+    opts = decode_options({"max_tokens": 16})
+    first = scheduler.submit(problems[0], *build(opts, 16))
+    for _ in range(100):
+        if scheduler.running == 1:
+            break
+        threading.Event().wait(0.05)
+    dead = scheduler.submit(problems[1], *build(opts, 16), cancelled=lambda: True)
+    gate.set()
+    with pytest.raises(Cancelled):
+        dead.result(timeout=60)
+    assert first.result(timeout=60).tokens >= 0 and len(started) == 1
+    scheduler.close()
+
+
+def test_closing_an_engine_ends_its_scheduler_thread(arith_engines):
+    with Engine.load(arith_engines, threads=1) as engine:
+        engine.generate(chats(1)[0], max_tokens=16)
+        thread = engine.scheduler._thread
+    thread.join(10)
+    assert not thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(chats(1)[0], max_tokens=16)
+
+
+def test_one_prepared_request_decoded_twice_at_once(engine):
+    prepared = engine.prepare(chats(1)[0], max_tokens=64)
+    expected = engine.generate(None, prepared=prepared).token_ids
+    results = [None, None]
+
+    def ask(i):
+        results[i] = engine.generate(None, prepared=prepared).token_ids
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected, expected]

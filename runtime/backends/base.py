@@ -13,11 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, ModelError
 
 
 class BackendError(Exception):
     """A backend cannot be used here (not installed, no device, bad engine files): one clear line."""
+
+
+class RowLimit(ModelError):
+    """A step needs more rows in one call than the engine's pieces take (its --max-active): the request's options
+    (window, block length, generation length with the prefix cache) are too large for this engine."""
 
 
 @dataclass
@@ -140,6 +145,16 @@ class Backend:
     def _rows(self) -> np.ndarray | None:
         return self._seq.rows
 
+    def check_rows(self, queries: int, tracked: int, targets: int) -> None:
+        """RowLimit when one sequence's step needs more rows than a piece call takes (checked before any call, so
+        that a request too large for the engine fails alone, not the batch it would have joined)."""
+        for count, what in ((queries, "a window pass"), (tracked, "the tracked rows"), (targets, "the decoding window")):
+            if count:
+                self._check_active(count, what)
+
+    def _check_active(self, count: int, what: str) -> None:
+        """RowLimit when `count` rows are more than a piece call takes (no limit here)."""
+
     # ---- the interface: the sequence in use --------------------------------------------------------------------
     def embed(self, ids: np.ndarray, positions: np.ndarray | None = None) -> None:
         self._seq.rows = None if positions is None else np.asarray(positions, dtype=np.int64)
@@ -213,6 +228,14 @@ class Backend:
     def _head_rows(seq: SequenceCaches, targets) -> np.ndarray:
         targets = np.asarray(targets, dtype=np.int64)
         return targets if seq.rows is None else rows_of(seq.rows, targets)
+
+    def free_cache_memory(self) -> int | None:
+        """Bytes free where this backend keeps its caches (here: host memory the process may still use; None where
+        unknown)."""
+        from ..memory import current_rss_bytes, machine_memory_bytes
+
+        total = machine_memory_bytes()
+        return None if total is None else max(0, total - current_rss_bytes())
 
     def warmup(self, max_len: int | None = None) -> None:
         """Do at load what the first request at canvas length max_len would otherwise pay for (a no-op here)."""

@@ -30,7 +30,7 @@ import numpy as np
 from ..config import ModelError
 from ..manifest import layer_names, load_manifest, range_name
 from ..memory import SharedWeights
-from .base import Backend, BackendError, RangeStats
+from .base import Backend, BackendError, RangeStats, RowLimit
 from .ort_arrays import DeviceArrays, HostArrays, as_ortvalue
 
 
@@ -346,9 +346,12 @@ class OnnxRuntimeBackend(Backend):
     def _release(self, canvas: "OrtCanvas") -> None:
         self.arrays.recycle(canvas.buffers())
 
+    def free_cache_memory(self) -> int | None:
+        return super().free_cache_memory() if not self.device_caches else None   # device memory: not known here
+
     def _check_active(self, count: int, what: str) -> None:
         if count > self.max_active:
-            raise ModelError(f"{what} needs {count} rows but the engines were exported for at most "
+            raise RowLimit(f"{what} needs {count} rows but the engines were exported for at most "
                              f"{self.max_active} (re-export with a larger --max-active)")
 
     # ---- one sequence: every array has batch 1 and the caches are bound as they are -----------------------------
@@ -440,7 +443,8 @@ class OnnxRuntimeBackend(Backend):
         names = [layer_names(L) for L in layers]
         batch, longest = len(canvases), max(c.n for c in canvases)
         inputs = {"hidden_states": _padded([c.current[0] for c in canvases], 0.0),
-                  "position_ids": _padded(positions, -1), "canvas_lengths": np.array([c.n for c in canvases]),
+                  "position_ids": _padded(positions, -1),
+                  "canvas_lengths": np.array([c.n for c in canvases], dtype=np.int64),
                   "key_is_mask": _padded(key_is_mask, True, longest), "track_rows": _padded(track_rows, -1),
                   "window_rows": _padded(window_rows, -1)}
         n_track = max(len(t) for t in track_positions)
@@ -475,7 +479,7 @@ class OnnxRuntimeBackend(Backend):
         unread = self._scratch("unread", (batch, c0.n_heads, longest, c0.head_dim))
         inputs = {"hidden_states": _padded([c.boundary[r][0] for c in canvases], 0.0),
                   "position_ids": _padded([c.positions[0] for c in canvases], -1),
-                  "canvas_lengths": np.array([c.n for c in canvases]),
+                  "canvas_lengths": np.array([c.n for c in canvases], dtype=np.int64),
                   "key_is_mask": _padded(key_is_mask, True), "track_rows": np.zeros((batch, 1), dtype=np.int64),
                   "window_rows": _padded(window_positions, -1)}
         no_track = self._scratch("no_track", (batch, c0.n_heads, 1, c0.head_dim))
@@ -517,10 +521,13 @@ class OnnxRuntimeBackend(Backend):
         return out
 
     def _scratch(self, name: str, shape: tuple) -> np.ndarray:
-        buf = self._scratches.get(name)
-        if buf is None or buf.shape != shape:
-            buf = self._scratches[name] = np.zeros(shape, self.arrays.dtype)
-        return buf
+        """A [shape] view at the start of one flat buffer per name, grown (never shrunk) as batches need: group
+        sizes and canvas lengths change from step to step, the buffer is allocated a few times per process."""
+        size = int(np.prod(shape))
+        flat = self._scratches.get(name)
+        if flat is None or flat.size < size:
+            flat = self._scratches[name] = np.zeros(size, self.arrays.dtype)
+        return flat[:size].reshape(shape)
 
 
 def _padded(rows: list, fill, length: int | None = None) -> np.ndarray:

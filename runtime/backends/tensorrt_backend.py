@@ -27,7 +27,7 @@ from ..config import ModelError
 from ..manifest import TensorSpec, layer_names, load_manifest
 from ..trt_plans import (FLAVOR_NAMES, FLAVORS, ONE_PROFILE, PlanError, StalePlan, choose_flavor, find_built,
                          gpu_support, plan_dir, profile_index, profile_modes, read_plan, read_record, replace_file)
-from .base import Backend, BackendError, RangeStats, split_stats, stat_tensors
+from .base import Backend, BackendError, RangeStats, RowLimit, split_stats, stat_tensors
 from .torch_backend import padded_rows, stacked_caches
 
 RUNTIME_CACHE = "runtime.cache"  # RTX: kernels compiled just in time, kept next to the plans for the next start
@@ -293,9 +293,12 @@ class TensorRTBackend(Backend):
     def current(self, hidden) -> None:
         self.canvas.current = hidden
 
+    def free_cache_memory(self) -> int | None:
+        return int(self.torch.cuda.mem_get_info()[0])   # the caches live on the GPU
+
     def _check_active(self, count: int, what: str) -> None:
         if count > self.max_active:
-            raise ModelError(f"{what} needs {count} rows but the plans were built for at most {self.max_active} "
+            raise RowLimit(f"{what} needs {count} rows but the plans were built for at most {self.max_active} "
                              f"(rebuild with a larger --max-active, up to the export's)")
 
     def _embed(self, ids, positions):

@@ -123,6 +123,11 @@ class _TorchBase(Backend):
     def _caches_for(self, n: int) -> "Caches":
         raise NotImplementedError
 
+    def free_cache_memory(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(self.torch.cuda.mem_get_info(self.device)[0])
+        return super().free_cache_memory()
+
     def _check_room(self, n: int) -> None:
         """Refuse a canvas whose caches cannot fit (one line naming the sizes) before torch tries: a checkpoint may
         declare a million positions, and torch's own answer is an allocation traceback."""
@@ -238,7 +243,7 @@ class TorchBackend(_TorchBase):
         lengths = [len(c.positions) for c in caches]
         longest, n_track = max(lengths), max(len(t) for t in track_positions)
         inputs = [self._padded([self._rows_now[id(c)] for c in caches], 0.0), self._padded(positions, -1),
-                  self._t(np.array(lengths)), self._padded(key_is_mask, True, longest), self._padded(track_rows, -1),
+                  self._t(np.array(lengths, dtype=np.int64)), self._padded(key_is_mask, True, longest), self._padded(track_rows, -1),
                   self._padded(window_rows, -1)]
         for layer in range(first, last):
             inputs += [self._stacked([c.k[layer] for c in caches], longest),
@@ -265,7 +270,7 @@ class TorchBackend(_TorchBase):
         unread = self.torch.zeros((batch, cfg.n_heads, longest, cfg.head_dim), dtype=self.dtype, device=self.device)
         no_track = unread[:, :, :1]
         inputs = [self._padded([c.boundary[r] for c in caches], 0.0), self._padded([c.positions for c in caches], -1),
-                  self._t(np.array(lengths)), self._padded(key_is_mask, True),
+                  self._t(np.array(lengths, dtype=np.int64)), self._padded(key_is_mask, True),
                   self.torch.zeros((batch, 1), dtype=self.torch.int64, device=self.device),
                   self._padded(window_positions, -1)]
         inputs += [unread, unread, no_track] * (last - first)
@@ -315,6 +320,10 @@ class PaddedTorchBackend(_TorchBase):
         self._graphs: list = []                    # the captured graphs must outlive their replays
         self._canvases: dict[int, Caches] = {}     # canvas length -> its caches, least recently used first
         self._step: _WindowStep | None = None      # the window step being recorded (after a partial embed)
+        self._open: set[int] = set()               # canvas lengths of the sequences open now
+
+    def _release(self, caches: "Caches") -> None:
+        self._open.discard(len(caches.positions))
 
     def _describe_mode(self) -> str:
         return ", graphs" if self.graphs else ", buckets"
@@ -325,7 +334,12 @@ class PaddedTorchBackend(_TorchBase):
 
     def _caches_for(self, n: int) -> "Caches":
         """Caches per canvas length, kept for the next generations of that length (their programs hold the
-        caches' addresses); the least recently used length is dropped beyond MAX_CANVASES, with its programs."""
+        caches' addresses); the least recently used length is dropped beyond MAX_CANVASES, with its programs.
+        One sequence per canvas length may be open at a time (its programs hold those addresses)."""
+        if n in self._open:
+            raise BackendError(f"a sequence of {n} positions is already open: the bucketed torch backend decodes one "
+                               f"sequence per canvas length at a time")
+        self._open.add(n)
         caches = self._canvases.pop(n, None)
         if caches is None:
             caches = Caches.zeros(self.config, n, scratch_slots=1, n_boundaries=len(self.ranges) + 1,
