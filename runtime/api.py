@@ -24,6 +24,7 @@ from .backends.base import Backend
 from .config import ModelError
 from .decoder import Decoder, GenerationResult
 from .options import DecodeOptions, OptionError, PromptTooLong, build, decode_options
+from .schedule import WindowSchedule
 from .scheduler import Cancelled, QueueFull, Scheduler
 from .tokenizer import TextTokenizer
 
@@ -122,13 +123,11 @@ class Engine:
         gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions,
                                           self.backend.config.default_gen_length)
         schedule, policy = build(opts, gen_length, self.backend.calibration)
-        limit, width = getattr(self.backend, "max_active", None), getattr(schedule, "window", None)
-        field = "window"
-        if width is None:
-            field, width = "block_length", schedule.block_length
-        if limit is not None and width > limit:
-            raise OptionError(field, f"({width}) is more than the {limit} rows one call of this engine's pieces "
-                                     f"takes (its export's --max-active)")
+        limit = self.backend.max_active
+        if limit is not None and schedule.width > limit:
+            raise OptionError("window" if isinstance(schedule, WindowSchedule) else "block_length",
+                              f"({schedule.width}) is more than the {limit} rows one call of this engine's pieces "
+                              f"takes (its export's --max-active)")
         return Decoder(self.backend, policy, schedule, self.tokenizer.decode), prompt_ids, opts
 
     def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, prepared=None,

@@ -77,14 +77,11 @@ class Decoder:
 
     def generate(self, prompt_ids: list[int], on_step=None) -> GenerationResult:
         """Decode `schedule.gen_length` positions after the prompt. `on_step(canvas)` is called after each step."""
-        seq = self.start(prompt_ids, on_step=on_step, keep_caches=True)
-        try:
-            while not seq.done:
-                self.step([seq])
-                if seq.error is not None:
-                    raise seq.error
-        finally:
-            self.release(seq)
+        seq = self.start(prompt_ids, on_step=on_step, keep_caches=True)   # open until the next begin()
+        while not seq.done:
+            self.step([seq])
+            if seq.error is not None:
+                raise seq.error
         return self.finish(seq)
 
     # ---- several sequences: start each, step them together, finish each ------------------------------------------

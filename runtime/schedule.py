@@ -85,6 +85,11 @@ class BlockSchedule:
             raise ValueError(f"steps ({self.steps}) must be a positive multiple of the number of blocks ({n_blocks})")
         self.begin()
 
+    @property
+    def width(self) -> int:
+        """The most positions one step targets."""
+        return self.block_length
+
     def begin(self) -> None:
         self._block = -1
         self._quota: list[int] = []
@@ -127,6 +132,11 @@ class WindowSchedule:
     def __post_init__(self):
         if self.window < 1:
             raise ValueError(f"window must be at least 1, got {self.window}")
+
+    @property
+    def width(self) -> int:
+        """The most positions one step targets."""
+        return self.window
 
     def begin(self) -> None:
         pass  # stateless

@@ -64,6 +64,20 @@ class Check:
 
             torch.cuda.synchronize()
 
+    def timed(self, fn):
+        """(seconds, fn()) with the device synchronised before and after."""
+        self.sync()
+        t0 = time.perf_counter()
+        value = fn()
+        self.sync()
+        return time.perf_counter() - t0, value
+
+    def free_device_cache(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
     def write(self) -> None:
         self.out.write_text("\n".join(self.lines) + "\n")
 
@@ -113,12 +127,7 @@ def measure_floors(ck: Check, dtype) -> tuple[float, float]:
 
     def rate(fn, reps):
         fn()
-        ck.sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        ck.sync()
-        return (time.perf_counter() - t0) / reps
+        return ck.timed(lambda: [fn() for _ in range(reps)])[0] / reps
 
     size = (64 << 20) if ck.quick else (2 << 30)
     x = torch.empty(size, dtype=torch.uint8, device=ck.device)
@@ -181,14 +190,7 @@ def timings(ck: Check) -> None:
                     ck.lines.append(f"| {n} | {name} | {rows} | {mode} | skipped: time budget | | |")
                     continue
                 fn()  # first call: programs built / graphs captured
-                times = []
-                for _ in range(repeats):
-                    ck.sync()
-                    t0 = time.perf_counter()
-                    fn()
-                    ck.sync()
-                    times.append(time.perf_counter() - t0)
-                t = statistics.median(times)
+                t = statistics.median(ck.timed(fn)[0] for _ in range(repeats))
                 weights, flops = step_cost(cfg, n, rows, heads, layer_params)
                 floor_w, floor_f = weights / (bandwidth / 2), flops / matmul  # copy bandwidth counts 2 bytes/byte
                 ck.measured[(n, name, mode)] = t
@@ -196,8 +198,7 @@ def timings(ck: Check) -> None:
                                 f"{t / floor_f:.1f}x |")
                 ck.write()
         del be
-        if ck.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        ck.free_device_cache()
     ck.measured["canvas"] = canvases[-1]
 
 
@@ -320,8 +321,6 @@ def batched_decoding(ck: Check) -> None:
     tokens/step), Elastic-Cache with gamma -1 (a full pass at each sequence's first step, window steps after) and
     Fast-dLLM's dual cache (a full pass at each block start, block steps after); positions decoded, not tokens up to
     an end token."""
-    import torch
-
     from dllm_trt.runtime.backends.torch_backend import TorchBackend
     from dllm_trt.runtime.config import ModelConfig
     from dllm_trt.runtime.decoder import Decoder
@@ -366,11 +365,7 @@ def batched_decoding(ck: Check) -> None:
                 return steps
 
             run()  # warm-up: allocator, kernels
-            ck.sync()
-            t0 = time.perf_counter()
-            steps = run()
-            ck.sync()
-            seconds = time.perf_counter() - t0
+            seconds, steps = ck.timed(run)
             rate = b * gen / seconds
             base = base or rate
             ck.measured[("batched", label, b)] = rate
@@ -378,8 +373,7 @@ def batched_decoding(ck: Check) -> None:
                             f"{seconds / steps * 1e3:.1f} |")
             ck.write()
     del be
-    if ck.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    ck.free_device_cache()
 
 
 SECTIONS = (parity, timings, arith_eval, projection, batched_decoding, tensorrt_tests, onnxruntime_cuda_tests)

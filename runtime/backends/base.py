@@ -83,6 +83,7 @@ class Backend:
     weight_bytes: int | None = None   # the weights held in memory, each stored tensor counted once (when known)
     one_sync_per_step = False   # the decoder batches window passes and reads statistics once per step
     max_batch = 1               # sequences one piece call may carry (> 1: the *_many calls are implemented)
+    max_active: int | None = None   # query, tracked, window or head rows one piece call takes (None: no limit)
     activation_dtype = "fp32"   # of the caches (what a sequence's memory is counted in)
     config: ModelConfig
     ranges: list[tuple[int, int]]

@@ -441,7 +441,7 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError("window mode needs caches filled by a full refresh (every policy starts with one)")
         layers = range(*self.ranges[r])
         names = [layer_names(L) for L in layers]
-        batch, longest = len(canvases), max(c.n for c in canvases)
+        longest = max(c.n for c in canvases)
         inputs = {"hidden_states": _padded([c.current[0] for c in canvases], 0.0),
                   "position_ids": _padded(positions, -1),
                   "canvas_lengths": np.array([c.n for c in canvases], dtype=np.int64),
