@@ -17,7 +17,7 @@ from pathlib import Path
 from .evaluate.outputs import OutputError, check_output, check_plot, save
 from .runtime.backends.base import BackendError
 from .runtime.config import ModelError
-from .runtime.manifest import DEFAULT_MAX_BATCH
+from .runtime.manifest import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT
 from .runtime.options import (CALIBRATED, DEFAULT_GAMMA, DEFAULT_GEN_LENGTH, DEFAULT_WINDOW, DecodeOptions,
                               OptionError, PromptTooLong, check_gamma, check_schedule, decode_options,
                               default_gen_length, option_names, resolve_gamma)
@@ -270,8 +270,9 @@ def cmd_bench(a) -> None:
         clients = [int(x) for x in a.concurrency.split(",")] if a.concurrency else []
     except ValueError:
         raise UsageError("--concurrency takes comma-separated numbers of clients, e.g. 1,4,16,64") from None
-    if any(c < 1 for c in clients) or (a.max_batch is not None and a.max_batch < 1):
-        raise UsageError("--concurrency and --max-batch take numbers of at least 1")
+    if any(not 1 <= c <= MAX_BATCH_LIMIT for c in clients) or (
+            a.max_batch is not None and not 1 <= a.max_batch <= MAX_BATCH_LIMIT):
+        raise UsageError(f"--concurrency and --max-batch take numbers in 1..{MAX_BATCH_LIMIT}")
     if a.max_batch is not None and not clients:
         raise UsageError("--max-batch goes with --concurrency (the batched rows of the serving load)")
     if clients and (gammas or a.plot):
@@ -435,8 +436,8 @@ def cmd_serve(a) -> None:
         raise UsageError(f"--port must be in 1..65535, got {a.port}")
     if a.max_queue < 0:
         raise UsageError(f"--max-queue must be at least 0, got {a.max_queue}")
-    if a.max_batch is not None and a.max_batch < 1:
-        raise UsageError(f"--max-batch must be at least 1, got {a.max_batch}")
+    if a.max_batch is not None and not 1 <= a.max_batch <= MAX_BATCH_LIMIT:
+        raise UsageError(f"--max-batch must be in 1..{MAX_BATCH_LIMIT}, got {a.max_batch}")
     if a.max_body < 1:
         raise UsageError(f"--max-body must be at least 1, got {a.max_body}")
     engine = Engine.load(a.engines, a.backend, a.threads, max_batch=a.max_batch)

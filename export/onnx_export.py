@@ -21,15 +21,14 @@ from tqdm import tqdm
 from dllm_trt.runtime import buckets
 from dllm_trt.runtime.checkpoint import PREFIX, Checkpoint, layer_keys
 from dllm_trt.runtime.config import ModelError, layer_ranges
-from dllm_trt.runtime.manifest import (DEFAULT_MAX_BATCH, DTYPES, RANGE_INPUTS, Manifest, PieceSpec, dims_for,
-                                       piece_specs, profiles_for, sha256_file)
+from dllm_trt.runtime.manifest import (DEFAULT_MAX_BATCH, DTYPES, MAX_BATCH_LIMIT, RANGE_INPUTS, Manifest, PieceSpec,
+                                       dims_for, piece_specs, profiles_for, sha256_file)
 from dllm_trt.runtime.model_torch import Embedding, Head, LayerRange, range_state_dict
 
 from .quantize import (DEFAULT_BLOCK, QuantizeError, check_scheme, embedding_bits, quantize_file,
                        scheme_record)
 
 MAX_ACTIVE = 256  # default largest window pass (query rows), or the whole canvas when that is shorter
-MAX_BATCH_LIMIT = 1024
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_KINDS = ("layers", "head")  # and the embedding with int4 (see quantize.embedding_bits)
 

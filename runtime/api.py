@@ -9,7 +9,7 @@
 
 Every decoding goes through the Engine's scheduler (runtime/scheduler.py): calls from several threads, and the
 prompts of one generate_batch, are decoded together, up to `max_batch` at once, each with its own options and
-exactly the tokens it would get alone.
+the tokens it would get alone (its statistics may differ in the last bits: docs/BENCHMARKS.md section 16).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from . import memory
 from .backends.base import Backend
 from .config import ModelError
 from .decoder import Decoder, GenerationResult
+from .manifest import MAX_BATCH_LIMIT
 from .options import DecodeOptions, OptionError, PromptTooLong, build, decode_options
 from .schedule import WindowSchedule
 from .scheduler import Cancelled, QueueFull, Scheduler
@@ -45,8 +46,8 @@ class Engine:
         self.max_positions = backend.config.max_sequence_length
         if hasattr(backend, "max_len"):  # exported engines cover fewer positions than the model may
             self.max_positions = min(self.max_positions, backend.max_len)
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_batch is not None and not 1 <= max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch must be in 1..{MAX_BATCH_LIMIT}, got {max_batch}")
         if max_queue is not None and max_queue < 0:
             raise ValueError(f"max_queue must be at least 0, got {max_queue}")
         # backends whose pieces take one sequence per call decode one request at a time: interleaving their steps

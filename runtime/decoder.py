@@ -103,7 +103,8 @@ class Decoder:
 
     def step(self, seqs: list[Sequence]) -> None:
         """One step of every sequence in `seqs` (none of them done). Sequences go to the backend together, up to its
-        max_batch per call; each decides its own refreshes, so each ends the step exactly as if it ran alone. A
+        max_batch per call; each decides its own refreshes, so each ends the step as if it ran alone (up to
+        last-bit differences in its statistics, docs/BENCHMARKS.md section 16). A
         sequence whose step the backend cannot take (more rows than its pieces take) gets `error` set and is left
         out; the others go on."""
         seqs = [s for s in seqs if s.error is None]

@@ -176,6 +176,7 @@ def piece_specs(cfg: ModelConfig, ranges: list[tuple[int, int]], dtype: str) -> 
 
 
 DEFAULT_MAX_BATCH = 8   # sequences one piece call may take, unless export --max-batch says otherwise
+MAX_BATCH_LIMIT = 1024  # the most sequences any setting may ask for (export/build --max-batch, serve, bench)
 
 
 def dims_for(max_len: int, max_active: int, max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, dict[str, int]]:

@@ -9,7 +9,7 @@ Streaming: a diffusion model commits tokens out of order, so only the longest co
 event carries text that can no longer change. An error during a streamed decoding is sent as an error event
 (`data: {"error": {...}}`) and ends the stream without [DONE]. Requests are decoded together by the engine's
 scheduler (continuous batching: up to the engine's max_batch at once, joining and leaving at step boundaries, each
-with exactly the tokens it would get alone); at most `max_queue` more may wait, beyond that 503. A client that
+with the tokens it would get alone); at most `max_queue` more may wait, beyond that 503. A client that
 disconnects stops its decoding at its next step. /health reports the running and queued requests.
 
 Hostile input: the POST endpoints take only `Content-Type: application/json` (415 otherwise, before the body is

@@ -244,8 +244,9 @@ def test_scheduler_queue_bound(arith_engines, problems):
 
 def test_engine_refuses_bad_batch_settings(arith_engines):
     backend = OnnxRuntimeBackend(arith_engines, threads=1)
-    with pytest.raises(ValueError, match="max_batch"):
-        Engine(backend, TextTokenizer(arith_engines), "arith", max_batch=0)
+    for bad in (0, 1025):
+        with pytest.raises(ValueError, match="max_batch must be in 1..1024"):
+            Engine(backend, TextTokenizer(arith_engines), "arith", max_batch=bad)
 
 
 def test_one_sequence_backends_decode_one_request_at_a_time():
