@@ -428,14 +428,14 @@ def cmd_serve(a) -> None:
     from .runtime.api import Engine
 
     try:
-        from .runtime.server import serve
+        from .runtime.server import MAX_QUEUE, serve
         import fastapi, uvicorn  # noqa: E401, F401
     except ImportError as e:
         raise UsageError(f"serving needs the serve extra: pip install 'dllm-trt[serve]' (missing {e.name})") from None
     if not 1 <= a.port <= 65535:
         raise UsageError(f"--port must be in 1..65535, got {a.port}")
-    if a.max_queue < 0:
-        raise UsageError(f"--max-queue must be at least 0, got {a.max_queue}")
+    if not 0 <= a.max_queue <= MAX_QUEUE:
+        raise UsageError(f"--max-queue must be in 0..{MAX_QUEUE}, got {a.max_queue}")
     if a.max_batch is not None and not 1 <= a.max_batch <= MAX_BATCH_LIMIT:
         raise UsageError(f"--max-batch must be in 1..{MAX_BATCH_LIMIT}, got {a.max_batch}")
     if a.max_body < 1:

@@ -45,6 +45,7 @@ from .config import ModelError
 from .memory import peak_rss_bytes
 
 DEFAULT_MAX_BODY = 1 << 20
+MAX_QUEUE = 4096   # waiting requests at most: each holds a worker thread while it waits
 DEFAULT_ADMIT_SECONDS = 30.0  # parsing, chat rendering and tokenization of one request, its wait for them included
 log = logging.getLogger("dllm_trt.server")
 
@@ -537,8 +538,8 @@ class Server:
 def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
                admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> FastAPI:
     """max_queue: requests that may wait while the engine decodes its max_batch (more get 503)."""
-    if max_queue < 0:
-        raise ValueError(f"max_queue must be at least 0, got {max_queue}")
+    if not 0 <= max_queue <= MAX_QUEUE:
+        raise ValueError(f"max_queue must be in 0..{MAX_QUEUE}, got {max_queue}")
     if max_body < 1:
         raise ValueError(f"max_body must be at least 1, got {max_body}")
     if not admit_timeout > 0:
