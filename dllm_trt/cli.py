@@ -440,10 +440,58 @@ def cmd_serve(a) -> None:
         raise UsageError(f"--max-batch must be in 1..{MAX_BATCH_LIMIT}, got {a.max_batch}")
     if a.max_body < 1:
         raise UsageError(f"--max-body must be at least 1, got {a.max_body}")
-    engine = Engine.load(a.engines, a.backend, a.threads, max_batch=a.max_batch)
-    print(f"serving {engine.name} ({engine.backend.describe()}) on http://{a.host}:{a.port}/v1", file=sys.stderr)
-    print(batching_line(engine, a.max_batch), file=sys.stderr)
-    serve(engine, a.host, a.port, a.max_queue, a.max_body)
+    names = [Path(folder).name for folder in a.engines]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--engines: the folders' names are the model names and must differ, got {names}")
+    if a.ray:
+        return serve_on_ray(a)
+    if a.replicas is not None or a.autoscale is not None or a.ray_address is not None:
+        raise UsageError("--replicas, --autoscale and --ray-address need --ray")
+    engines = [Engine.load(folder, a.backend, a.threads, max_batch=a.max_batch) for folder in a.engines]
+    for engine in engines:
+        print(f"serving {engine.name} ({engine.backend.describe()}) on http://{a.host}:{a.port}/v1", file=sys.stderr)
+        print(batching_line(engine, a.max_batch), file=sys.stderr)
+    serve(engines, a.host, a.port, a.max_queue, a.max_body)
+
+
+def serve_on_ray(a) -> None:
+    """serve --ray: the same server on Ray Serve replicas (runtime/ray_serve.py)."""
+    try:
+        from .runtime.ray_serve import AppArgs, DeployFailed, ModelArgs, NotEnoughResources, serve_on_ray as run_on_ray
+    except ImportError as e:
+        raise UsageError(f"--ray needs the ray extra: pip install 'dllm-trt[ray]' (missing {e.name})") from None
+    from pydantic import ValidationError
+
+    from .runtime.manifest import load_manifest
+
+    if a.replicas is not None and a.autoscale is not None:
+        raise UsageError("--replicas and --autoscale exclude each other")
+    autoscale = None
+    if a.autoscale is not None:
+        parts = a.autoscale.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise UsageError(f"--autoscale must be MIN,MAX (two whole numbers), got {a.autoscale!r}")
+        autoscale = tuple(int(p) for p in parts)
+    for folder in a.engines:
+        load_manifest(folder)  # a missing or broken folder fails here, in one line, before Ray starts
+    try:
+        args = AppArgs(models=[ModelArgs(engines=str(Path(folder).resolve()), backend=a.backend, threads=a.threads,
+                                         max_batch=a.max_batch or 32, replicas=1 if a.replicas is None else a.replicas,
+                                         autoscale=autoscale,
+                                         num_cpus=a.replica_cpus, num_gpus=a.replica_gpus)
+                               for folder in a.engines],
+                       max_queue=a.max_queue, max_body=a.max_body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = next((x for x in reversed(err["loc"]) if isinstance(x, str)), "")
+        flag = {"num_cpus": "--replica-cpus", "num_gpus": "--replica-gpus"}.get(field, "--" + field.replace("_", "-"))
+        raise UsageError(f"{flag if field else '--ray'}: {err['msg'].removeprefix('Value error, ')}") from None
+    try:
+        run_on_ray(args, a.host, a.port, a.ray_address)
+    except (NotEnoughResources, DeployFailed) as e:
+        raise UsageError(str(e)) from None
+    except ConnectionError as e:  # --ray-address names no running cluster
+        raise UsageError(f"--ray-address {a.ray_address}: {str(e).splitlines()[0]}") from None
 
 
 def batching_line(engine, asked: int | None) -> str:
@@ -556,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=cmd_bench, cache="none,dual,elastic")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server over exported engines")
-    sv.add_argument("--engines", required=True, help="exported engine directory (manifest.json)")
+    sv.add_argument("--engines", required=True, nargs="+", metavar="DIR",
+                    help="exported engine directory (manifest.json); several: one endpoint, the request's 'model' "
+                         "(the folder's name) picks one")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt")
@@ -569,6 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests that may wait while --max-batch decode, before 503 (default 16)")
     sv.add_argument("--max-body", type=int, default=1 << 20,
                     help="largest request body in bytes; larger ones get 413 before being read (default 1 MiB)")
+    ray = sv.add_argument_group("Ray Serve (docs/SCALING.md; needs the ray extra)")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas instead of this process")
+    ray.add_argument("--replicas", type=int, help="replicas per engine folder (default 1)")
+    ray.add_argument("--autoscale", metavar="MIN,MAX", help="scale replicas between MIN and MAX with the load")
+    ray.add_argument("--ray-address", help="join this Ray cluster ('auto': the one started on this node with "
+                                           "ray start); default: start a local Ray instance")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica reserves (default 1; also its "
+                                                                      "ONNX Runtime threads unless --threads)")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
     sv.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a checkpoint as ONNX pieces + manifest.json")

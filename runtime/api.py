@@ -17,6 +17,7 @@ import copy
 import queue
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import memory
@@ -29,10 +30,31 @@ from .schedule import WindowSchedule
 from .scheduler import Cancelled, QueueFull, Scheduler
 from .tokenizer import TextTokenizer
 
-__all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong", "QueueFull"]
+__all__ = ["Engine", "Cancelled", "DecodeOptions", "OptionError", "PromptTooLong", "QueueFull", "RequestLimits"]
 
 MEMORY_SHARE = 0.8   # of the memory free for caches at start-up, what the running requests' caches may take
 DEFAULT_MAX_BATCH = 32   # requests decoded together (in piece calls of at most the engine's exported batch each)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What checking a request against an engine takes, without its weights: a front end that decodes elsewhere
+    (runtime/ray_serve.py) refuses the same requests with the same errors as the engine itself."""
+    max_positions: int                # prompt plus generation, at most
+    default_gen_length: int | None    # the checkpoint's max_new_tokens
+    calibration: dict                 # the engine's calibration block (its default gamma)
+    max_active: int | None            # rows one piece call takes (None: no limit)
+
+    def plan(self, prompt_ids: list[int], opts: DecodeOptions):
+        """(schedule, policy) of a request: the generation length that fits (PromptTooLong), then the schedule and
+        policy (OptionError)."""
+        gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions, self.default_gen_length)
+        schedule, policy = build(opts, gen_length, self.calibration)
+        if self.max_active is not None and schedule.width > self.max_active:
+            raise OptionError("window" if isinstance(schedule, WindowSchedule) else "block_length",
+                              f"({schedule.width}) is more than the {self.max_active} rows one call of this engine's "
+                              f"pieces takes (its export's --max-active)")
+        return schedule, policy
 
 
 class Engine:
@@ -118,18 +140,20 @@ class Engine:
         opts = decode_options(options)
         return self.plan(self.encode(prompt), opts)
 
+    @property
+    def limits(self) -> RequestLimits:
+        be = self.backend
+        return RequestLimits(self.max_positions, be.config.default_gen_length, be.calibration, be.max_active)
+
     def plan(self, prompt_ids: list[int], opts: DecodeOptions) -> tuple[Decoder, list[int], DecodeOptions]:
-        """prepare() for a prompt already encoded and options already validated: the generation length that fits
-        (PromptTooLong), then the schedule and policy (OptionError)."""
-        gen_length = opts.fit_gen_length(len(prompt_ids), self.max_positions,
-                                          self.backend.config.default_gen_length)
-        schedule, policy = build(opts, gen_length, self.backend.calibration)
-        limit = self.backend.max_active
-        if limit is not None and schedule.width > limit:
-            raise OptionError("window" if isinstance(schedule, WindowSchedule) else "block_length",
-                              f"({schedule.width}) is more than the {limit} rows one call of this engine's pieces "
-                              f"takes (its export's --max-active)")
+        """prepare() for a prompt already encoded and options already validated (RequestLimits.plan's errors)."""
+        schedule, policy = self.limits.plan(prompt_ids, opts)
         return Decoder(self.backend, policy, schedule, self.tokenizer.decode), prompt_ids, opts
+
+    def status(self) -> dict:
+        """This engine's part of the server's /health."""
+        return {"backend": self.backend.describe(), "running": self.scheduler.running,
+                "queued": self.scheduler.queued, "max_batch": self.max_batch, "weight_bytes": self.weight_bytes}
 
     def generate(self, prompt: str | list[dict], on_text=None, cancelled=None, prepared=None,
                  **options) -> GenerationResult:

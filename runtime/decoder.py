@@ -30,6 +30,7 @@ class GenerationResult:
     schedule: str
     backend: str
     finish_reason: str = "length"  # "stop": an end token (EOS, EOT, ...) was generated; "length": none was
+    replica: str | None = None     # the Ray Serve replica that decoded it (runtime/ray_serve.py); None: this process
 
     def to_dict(self) -> dict:
         return asdict(self)

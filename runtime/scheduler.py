@@ -62,6 +62,11 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._waiting)
 
+    @property
+    def alive(self) -> bool:
+        """Whether requests submitted now would be decoded: not closed, and its thread (once started) running."""
+        return not self._closed and (self._thread is None or self._thread.is_alive())
+
     def submit(self, prompt_ids: list[int], schedule, policy, cache_bytes: int = 0, on_step=None,
                cancelled=None) -> Future:
         """Queue one decoding; its Future gives the GenerationResult, or raises what ended it (Cancelled, ...).

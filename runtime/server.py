@@ -166,16 +166,19 @@ def parse_json(raw: bytes):
         raise ApiError(400, f"the request body is not valid JSON: {str(e).splitlines()[0]}") from None
 
 
-def parse_request(body, engine: Engine, chat: bool) -> tuple[object, dict, bool]:
-    """(prompt or messages, generation options, stream) from a parsed JSON body, or ApiError."""
+def parse_request(body, engines: dict, chat: bool) -> tuple[object, object, dict, bool]:
+    """(the engine named by 'model', prompt or messages, generation options, stream) from a parsed JSON body, or
+    ApiError."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
         req = (ChatBody if chat else CompletionBody).model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
-    if req.model != engine.name:
-        raise ApiError(404, f"model {req.model[:100]!r} does not exist (this server serves '{engine.name}')", "model",
+    engine = engines.get(req.model)
+    if engine is None:
+        served = ", ".join(f"'{name}'" for name in engines)
+        raise ApiError(404, f"model {req.model[:100]!r} does not exist (this server serves {served})", "model",
                        "model_not_found")
     if chat:
         if not req.messages:
@@ -194,7 +197,7 @@ def parse_request(body, engine: Engine, chat: bool) -> tuple[object, dict, bool]
         raise ApiError(400, "'n' must be 1", "n")
     # absent fields stay None: the options factory fills in the same defaults as every other entry point
     opts = {"max_tokens": max_tokens, **{name: getattr(req, name) for name in DECODING_FIELDS}}
-    return prompt, opts, bool(req.stream)
+    return engine, prompt, opts, bool(req.stream)
 
 
 def longest_token_bytes(engine: Engine) -> int | None:
@@ -305,13 +308,20 @@ async def unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(internal_error(rid))
 
 
+class Unavailable(Exception):
+    """A decoding lost for a reason outside the request (the replica decoding it stopped): 503, retry."""
+
+
 def decoding_failed(rid: str, exc: BaseException) -> ApiError:
     """The answer to a decoding that ended with `exc`: the request's own fault (options too large for the engine)
-    400, a full queue 503, anything else a logged 500."""
+    400, a full queue or a lost replica 503, anything else a logged 500."""
     if isinstance(exc, RowLimit):
         return ApiError(400, str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(503, "server busy: the decoding queue is full; retry later", kind="server_busy")
+    if isinstance(exc, Unavailable):
+        log.warning("%s: %s", rid, exc)
+        return ApiError(503, f"{exc}; retry", kind="server_busy")
     log.error("%s: decoding failed", rid, exc_info=(type(exc), exc, exc.__traceback__))
     return internal_error(rid)
 
@@ -349,7 +359,8 @@ class Reply:
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice], "usage": usage(res),
                 "dllm_trt": {"steps": res.steps, "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
-                             "refresh_fraction": res.refresh_fraction, "cache": res.policy}}
+                             "refresh_fraction": res.refresh_fraction, "cache": res.policy,
+                             **({} if res.replica is None else {"replica": res.replica})}}
 
 
 @dataclass
@@ -425,30 +436,32 @@ async def complete(request: Request, reply: Reply, decoding: Decoding):
 
 @dataclass
 class Server:
-    """What the handlers share: one engine, its limits, the two thread pools, and the requests in progress. The
-    route methods carry no docstrings or return annotations: FastAPI would put those into /openapi.json and the
-    response handling."""
-    engine: Engine
-    max_queue: int
+    """What the handlers share: the engines by model name, their limits, the two thread pools, and the requests in
+    progress. An engine is an Engine, or anything with its name, max_positions, max_batch, tokenizer, prepare,
+    generate and status (runtime/ray_serve.py's RemoteEngine, which decodes on Ray Serve replicas). The route methods
+    carry no docstrings or return annotations: FastAPI would put those into /openapi.json and the response
+    handling."""
+    engines: dict
+    max_queue: int           # per model: requests that may wait while its max_batch decode
     max_body: int
     admit_timeout: float
-    token_bytes: int | None  # the longest token's UTF-8 bytes: prompts over positions times this are refused unread
+    token_bytes: dict        # per model, the longest token's UTF-8 bytes: prompts over positions times this are refused unread
     decoder: ThreadPoolExecutor
     # One thread prepares requests (parse, render, tokenize: mostly work that holds the GIL): more would only take
     # turns at the GIL with each other and with the event loop, and stretch every /health answer.
     admitter: ThreadPoolExecutor
-    active: int = 0
+    active: dict = field(default_factory=dict)  # per model: requests admitted and not yet finished
 
     async def health(self):
-        scheduler = self.engine.scheduler
-        return {"status": "ok", "model": self.engine.name, "backend": self.engine.backend.describe(),
-                "active_requests": self.active, "running": scheduler.running, "queued": scheduler.queued,
-                "max_batch": self.engine.max_batch, "max_queue": self.max_queue,
-                "weight_bytes": self.engine.weight_bytes, "peak_rss_bytes": peak_rss_bytes()}
+        models = [{"model": name, "active_requests": self.active[name], **engine.status()}
+                  for name, engine in self.engines.items()]
+        # one model: its fields at the top level too, as before several could be served
+        return {"status": "ok", **(models[0] if len(models) == 1 else {}), "max_queue": self.max_queue,
+                "peak_rss_bytes": peak_rss_bytes(), "models": models}
 
     async def models(self):
-        return {"object": "list", "data": [{"id": self.engine.name, "object": "model", "created": 0,
-                                            "owned_by": "dllm-trt"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dllm-trt"}
+                                           for name in self.engines]}
 
     async def chat_completions(self, request: Request):
         return await self.respond(request, chat=True)
@@ -461,10 +474,10 @@ class Server:
         admitting thread, so a large or hostile body never stalls the event loop; `began` gets the start time."""
         began.append(time.monotonic())
         try:
-            prompt, opts, stream = parse_request(parse_json(raw), self.engine, chat)
-            if self.token_bytes is not None:
-                check_text_size(prompt, self.engine.max_positions, self.token_bytes)
-            return prompt, self.engine.prepare(prompt, **opts), stream
+            engine, prompt, opts, stream = parse_request(parse_json(raw), self.engines, chat)
+            if self.token_bytes[engine.name] is not None:
+                check_text_size(prompt, engine.max_positions, self.token_bytes[engine.name])
+            return engine, prompt, engine.prepare(prompt, **opts), stream
         except PromptTooLong as e:
             raise ApiError(413, str(e).replace("gen length", "max_tokens"), "max_tokens") from None
         except OptionError as e:  # named as the request field is
@@ -495,31 +508,31 @@ class Server:
                                 f"retry later", kind="server_busy") from None
 
     async def accept(self, request: Request, chat: bool):
-        """(prompt, prepared, stream) of a request this server takes on, or ApiError."""
+        """(engine, prompt, prepared, stream) of a request this server takes on, or ApiError."""
         require_json(request)
         raw = await read_body(request, self.max_body)
-        prompt, prepared, stream = await self.admitted(raw, chat)
+        engine, prompt, prepared, stream = await self.admitted(raw, chat)
         # no await between this check and start_decoding() counting the request: the queue bound holds
-        if self.active >= self.engine.max_batch + self.max_queue:
-            raise ApiError(503, f"server busy: {self.engine.max_batch} requests decoding and {self.max_queue} "
+        if self.active[engine.name] >= engine.max_batch + self.max_queue:
+            raise ApiError(503, f"server busy: {engine.max_batch} requests decoding and {self.max_queue} "
                                 f"waiting; retry later", kind="server_busy")
-        return prompt, prepared, stream
+        return engine, prompt, prepared, stream
 
-    def start_decoding(self, prompt, prepared, stream: bool) -> Decoding:
-        self.active += 1
+    def start_decoding(self, engine, prompt, prepared, stream: bool) -> Decoding:
+        self.active[engine.name] += 1
         loop = asyncio.get_running_loop()
-        decoding = Decoding(self.engine, prompt, prepared, stream, loop)
+        decoding = Decoding(engine, prompt, prepared, stream, loop)
         decoding.future = loop.run_in_executor(self.decoder, decoding.run)
-        decoding.future.add_done_callback(self.finished)
+        decoding.future.add_done_callback(lambda _: self.finished(engine.name))
         return decoding
 
-    def finished(self, _future) -> None:
-        self.active -= 1
+    def finished(self, name: str) -> None:
+        self.active[name] -= 1
 
     async def respond(self, request: Request, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
-            prompt, prepared, stream = await self.accept(request, chat)
+            engine, prompt, prepared, stream = await self.accept(request, chat)
         except ApiError as e:
             return error_response(e, request)
         except ClientDisconnect:
@@ -528,30 +541,36 @@ class Server:
         except Exception:
             log.exception("%s: unexpected error while admitting the request", rid)
             return error_response(internal_error(rid))
-        decoding = self.start_decoding(prompt, prepared, stream)
-        reply = Reply(rid, chat, created=int(time.time()), model=self.engine.name)
+        decoding = self.start_decoding(engine, prompt, prepared, stream)
+        reply = Reply(rid, chat, created=int(time.time()), model=engine.name)
         if stream:
             return StreamingResponse(stream_events(reply, decoding), media_type="text/event-stream")
         return await complete(request, reply, decoding)
 
 
-def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
+def create_app(engines, max_queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
                admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> FastAPI:
-    """max_queue: requests that may wait while the engine decodes its max_batch (more get 503)."""
+    """engines: one Engine, or several (a request's 'model' picks one by name); max_queue: requests that may wait
+    while an engine decodes its max_batch (more get 503)."""
     if not 0 <= max_queue <= MAX_QUEUE:
         raise ValueError(f"max_queue must be in 0..{MAX_QUEUE}, got {max_queue}")
     if max_body < 1:
         raise ValueError(f"max_body must be at least 1, got {max_body}")
     if not admit_timeout > 0:
         raise ValueError(f"admit_timeout must be positive, got {admit_timeout}")
+    engines = [engines] if isinstance(engines, Engine) else list(engines)
+    names = [e.name for e in engines]
+    if not engines or len(set(names)) < len(names):
+        raise ValueError(f"create_app needs engines with distinct names, got {names}")
     app = FastAPI(title="dllm-trt", docs_url=None, redoc_url=None)
     app.add_middleware(json_faults)
-    server = Server(engine, max_queue, max_body, admit_timeout,
+    server = Server({e.name: e for e in engines}, max_queue, max_body, admit_timeout,
+                    token_bytes={e.name: longest_token_bytes(e) for e in engines},  # once, at start-up
                     # one thread per request in progress, waiting for the scheduler (which does the decoding)
-                    decoder=ThreadPoolExecutor(max_workers=engine.max_batch + max_queue + 1,
+                    decoder=ThreadPoolExecutor(max_workers=sum(e.max_batch + max_queue for e in engines) + 1,
                                                thread_name_prefix="decode"),
                     admitter=ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit"),
-                    token_bytes=longest_token_bytes(engine))  # once, at start-up
+                    active={e.name: 0 for e in engines})
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
     app.get("/health")(server.health)
@@ -561,16 +580,23 @@ def create_app(engine: Engine, max_queue: int = 16, max_body: int = DEFAULT_MAX_
     return app
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 16,
-          max_body: int = DEFAULT_MAX_BODY, admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> None:
-    import uvicorn
-
-    app = create_app(engine, max_queue, max_body, admit_timeout)  # ValueError on bad limits, before anything starts
-    if not log.handlers:  # one line per rejected request or disconnect; tracebacks only for server faults
+def log_requests() -> None:
+    """One line per rejected request or disconnect on stderr; tracebacks only for server faults."""
+    if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    engine.warmup()  # before /health answers: the first request must not pay for it
+
+
+def serve(engines, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 16,
+          max_body: int = DEFAULT_MAX_BODY, admit_timeout: float = DEFAULT_ADMIT_SECONDS) -> None:
+    """engines: one Engine or several (see create_app)."""
+    import uvicorn
+
+    app = create_app(engines, max_queue, max_body, admit_timeout)  # ValueError on bad limits, before anything starts
+    log_requests()
+    for engine in [engines] if isinstance(engines, Engine) else engines:
+        engine.warmup()  # before /health answers: the first request must not pay for it
     # uvicorn's graceful shutdown lets in-flight requests finish before the process exits
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=300)

@@ -219,7 +219,18 @@ class TextTokenizer:
                              f"{embedding_size}): tokenizer.json belongs to another model")
 
     def _compile(self, d: Path):
-        return compile_template(self.chat_template, str(d / "tokenizer_config.json"))
+        self._template_origin = str(d / "tokenizer_config.json")
+        return compile_template(self.chat_template, self._template_origin)
+
+    # pickled to Ray Serve's front end (runtime/ray_serve.py): a compiled template does not pickle, its source does
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_template": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plain.encode_special_tokens = True
+        if self.chat_template:
+            self._template = compile_template(self.chat_template, self._template_origin)
 
     def encode(self, text: str) -> list[int]:
         """User text: special-token spellings in it are encoded as ordinary text, and a piece of it that the

@@ -41,6 +41,18 @@ def tiny_bf16_engines(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def arith_engines(tmp_path_factory):
+    """The bundled model (models/arith) exported once per session (three layers per range: two graphs, a quicker
+    export). Modules that use it share the xdist_group "arith_engines", so that one worker exports it."""
+    from dllm_trt.export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("arith") / "arith"
+    export_model(Path(__file__).resolve().parents[1] / "models" / "arith", out, layers_per_range=3, max_batch=16,
+                 quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def prompts():
     """20 distinct prompts of varied length over ordinary byte tokens."""
     rng = np.random.default_rng(123)

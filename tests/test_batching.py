@@ -15,7 +15,8 @@ from dllm_trt.runtime.options import build, decode_options
 from dllm_trt.runtime.scheduler import Scheduler
 from dllm_trt.runtime.tokenizer import TextTokenizer
 
-# one worker runs this module, so that the bundled model is exported once (pytest-xdist, --dist loadgroup)
+# one worker runs the modules that use the bundled model's export (conftest.arith_engines), so that it is exported
+# once (pytest-xdist, --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("arith_engines")
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "models" / "arith"
@@ -24,16 +25,6 @@ MIXED = [dict(), dict(gamma=0.95, window=8), dict(cache="dual", block_length=32)
          dict(cache="none", block_length=32, steps=32), dict(cache="prefix", threshold=0.8),
          dict(drift_metric="keys", refresh_alignment="next", gamma=0.97), dict(block_length=32, gamma=0.99),
          dict(gamma=1.5, window=4)]
-
-
-@pytest.fixture(scope="module")
-def arith_engines(tmp_path_factory):
-    """The bundled model exported once for this module (three layers per range: two graphs, a quicker export)."""
-    from dllm_trt.export.onnx_export import export_model
-
-    out = tmp_path_factory.mktemp("arith") / "arith"
-    export_model(ARITH, out, layers_per_range=3, max_batch=16, quiet=True)
-    return out
 
 
 @pytest.fixture(scope="module")
