@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import platform
+import socket
+import tempfile
+from pathlib import Path
 
 from .trt_plans import FLAVOR_NAMES, FLAVORS, gpu_support, install_hint
 
@@ -57,6 +61,42 @@ def tensorrt_usable(versions: dict[str, str | None], device_cc: str | None, why_
     return "tensorrt: " + " / ".join(parts)
 
 
+def ray_cluster_address() -> str | None:
+    """The Ray cluster `ray.init(address="auto")` would join: $RAY_ADDRESS, else the one `ray start` last started on
+    this node (Ray records its address in <temp>/ray/ray_current_cluster)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        return (Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def reachable(address: str, timeout: float = 2.0) -> str | None:
+    """None when a TCP connection to the address's host:port opens, else why not."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return f"not a host:port address"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+def ray_line(version: str | None, address: str | None, why_not: str | None = None) -> str:
+    """What doctor says about Ray Serve (pure: Ray's version, the cluster address found, why it is not reachable)."""
+    if version is None:
+        return "ray: not installed (serve --ray needs it: pip install 'dllm-trt[ray]')"
+    if address is None:
+        return (f"ray: {version}; no Ray cluster found on this node (serve --ray starts a Ray instance of its own; "
+                f"ray start --head starts a lasting one, joined with serve --ray --ray-address auto)")
+    if why_not is None:
+        return f"ray: {version}; cluster at {address} reachable (serve --ray --ray-address auto joins it)"
+    return f"ray: {version}; cluster at {address} not reachable ({why_not}; is it stopped? ray start --head)"
+
+
 def report() -> list[str]:
     lines = [f"python {platform.python_version()} on {platform.machine()}"]
     gpu, device_cc, why_no_gpu = None, None, ""
@@ -92,6 +132,8 @@ def report() -> list[str]:
     usable.append(f"torch: {'yes (' + ('cuda' if gpu else 'cpu') + ')' if torch_v else 'no (pip install torch)'}")
     usable.append(tensorrt_usable(trt_versions, device_cc, why_no_gpu))
     lines.append("backends: " + "; ".join(usable))
+    ray_v, address = _version("ray"), ray_cluster_address()
+    lines.append(ray_line(ray_v, address, reachable(address) if ray_v and address else None))
     return lines
 
 

@@ -311,7 +311,16 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
     else:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+    def stop(*_):   # SIGINT or SIGTERM; SIGINT too where it came ignored (a background job of a script)
+        if not stopping.is_set() and serving:
+            stopping.set()
+        else:
+            raise KeyboardInterrupt
+
+    serving = False
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         serve.start(http_options={"host": host, "port": port})
         try:
@@ -322,9 +331,10 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
                                f"{SERVE_LOGS} on each node)") from None
         names = ", ".join(m.name for m in app_args.models)
         print(f"serving {names} on http://{host}:{port}/v1 through Ray Serve (Ctrl-C stops)", flush=True)
+        serving = True
         while not stopping.is_set():
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # while starting, or a second signal while draining
         pass
     finally:
         print("draining requests in progress, then stopping", flush=True)

@@ -1,4 +1,6 @@
-"""OpenAI-compatible HTTP server (Starlette via FastAPI, served by uvicorn) over one Engine.
+"""OpenAI-compatible HTTP server (Starlette via FastAPI, served by uvicorn) over one Engine or several, picked by the
+request's `model` (runtime/ray_serve.py runs this same app as Ray Serve's ingress, over engines that decode on
+replicas).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with stream=true as server-sent events in
 OpenAI's chunk format), GET /v1/models, GET /health. Extra body fields: the decoding options cache, gamma, window,

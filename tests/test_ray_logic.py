@@ -281,3 +281,38 @@ def test_serve_refuses_two_folders_of_one_name_and_a_missing_folder(tiny_engines
         main(["serve", "--engines", str(tmp_path / "nothing"), "--ray"])
     err = capsys.readouterr().err
     assert "nothing" in err and "Traceback" not in err
+
+
+def test_doctor_says_whether_ray_is_installed_and_a_cluster_reachable(monkeypatch, tmp_path):
+    import socket
+
+    from dllm_trt.runtime import doctor
+
+    assert "pip install 'dllm-trt[ray]'" in doctor.ray_line(None, None)
+    assert "no Ray cluster found" in doctor.ray_line("2.60.0", None)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert doctor.reachable(address) is None and doctor.reachable("ray://" + address) is None
+    assert doctor.reachable(address) is not None   # closed now
+    assert doctor.reachable("nonsense") == "not a host:port address"
+    line = doctor.ray_line("2.60.0", address, doctor.reachable(address))
+    assert "not reachable" in line and address in line
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert doctor.ray_cluster_address() == "10.0.0.1:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(doctor.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert doctor.ray_cluster_address() is None
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.2:6379\n")
+    assert doctor.ray_cluster_address() == "10.0.0.2:6379"
+
+
+def test_health_check_fails_once_the_engine_stops(tiny_engines):
+    r = ray_serve.ModelReplica.__new__(ray_serve.ModelReplica)
+    r.engine = Engine.load(tiny_engines, threads=1)
+    r.check_health()
+    r.engine.close()
+    with pytest.raises(RuntimeError, match="decoding thread stopped"):
+        r.check_health()

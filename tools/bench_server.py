@@ -1,21 +1,27 @@
-"""The HTTP server under load: one request at a time (`serve --max-batch 1`) against continuous batching, on the same
-machine and prompts, in one run.
+"""The HTTP server under load, in several set-ups on the same machine and prompts, in one run.
 
     python tools/bench_server.py ENGINES --data data/arith_heldout.jsonl [--clients 1,4,16,64] [--requests 128]
-        [--max-tokens 128] [--max-batch 32]
+        [--max-tokens 128] [--max-batch 32] [--servers one,batched,ray1,ray2]
 
-Starts `dllm-trt serve` twice (one server at a time, each warmed up), then for each number of clients C sends the
-first --requests chat prompts from C client threads (each waits for its answer before sending the next) as
-non-streamed /v1/chat/completions. Tokens are the server's completion_tokens (generated tokens up to the first end
-token); latency is per request, from sending to the whole answer; accuracy is exact match of the final answer.
+Servers: `one` = `serve --max-batch 1` (one request at a time), `batched` = `serve --max-batch B` (continuous
+batching), `rayN` = `serve --ray --replicas N --max-batch B` (Ray Serve, N replicas; the machine's CPUs are split
+between them: --replica-cpus = cores / N, which is also each replica's ONNX Runtime threads). Each is started alone
+and warmed up, then for each number of clients C the first --requests chat prompts are sent from C client threads
+(each waits for its answer before sending the next) as non-streamed /v1/chat/completions. Tokens are the server's
+completion_tokens (generated tokens up to the first end token); latency is per request, from sending to the whole
+answer; accuracy is exact match of the final answer. Also reported per server: the mean round trip of GET /v1/models
+(no decoding: the HTTP path alone, Ray's proxy and ingress included).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,21 +36,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(engines: str, max_batch: int, port: int) -> subprocess.Popen:
+def start(engines: str, max_batch: int, port: int, replicas: int | None = None) -> subprocess.Popen:
+    ray = [] if replicas is None else ["--ray", "--replicas", str(replicas),
+                                       "--replica-cpus", f"{max(1, (os.cpu_count() or 1) // replicas)}"]
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)   # a file: a full pipe would block the server
     proc = subprocess.Popen([sys.executable, "-m", "dllm_trt.cli", "serve", "--engines", engines, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "4096"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+                             "--max-batch", str(max_batch), "--max-queue", "4096", *ray],
+                            stdout=log, stderr=log, env={**os.environ, "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "180"})
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"the server did not start:\n{proc.stderr.read()}")
+                raise SystemExit(f"the server did not start:\n{Path(log.name).read_text()[-4000:]}")
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit("the server did not answer /health within 120 s")
+    raise SystemExit("the server did not answer /health within 240 s")
+
+
+def round_trip_ms(base: str, n: int = 200) -> float:
+    start_time = time.perf_counter()
+    for _ in range(n):
+        urllib.request.urlopen(base + "/v1/models").read()
+    return (time.perf_counter() - start_time) / n * 1e3
 
 
 def ask(base: str, model: str, question: str, max_tokens: int) -> dict:
@@ -72,26 +88,36 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--servers", default="one,batched", help="comma-separated: one, batched, ray1, ray2, ...")
     a = p.parse_args()
     clients = [int(c) for c in a.clients.split(",")]
     problems = [json.loads(line) for line in Path(a.data).read_text().splitlines()[: a.requests]]
-    results = []
-    for mode, max_batch in (("one at a time", 1), (f"batched (max {a.max_batch})", a.max_batch)):
+    setups = {"one": ("one at a time", 1, None), "batched": (f"batched (max {a.max_batch})", a.max_batch, None)}
+    order = a.servers.split(",")
+    results, trips = [], {}
+    for name in order:
+        replicas = int(name[3:]) if name.startswith("ray") else None
+        mode, max_batch, _ = setups.get(name) or (f"Ray Serve, {replicas} replica{'s' * (replicas > 1)} "
+                                                  f"(max {a.max_batch} each)", a.max_batch, replicas)
         port = free_port()
-        proc = start(a.engines, max_batch, port)
+        proc = start(a.engines, max_batch, port, replicas)
         base = f"http://127.0.0.1:{port}"
         try:
             model = json.loads(urllib.request.urlopen(base + "/v1/models").read())["data"][0]["id"]
-            ask(base, model, problems[0]["question"], a.max_tokens)   # warm-up
+            for _ in range(2 * (replicas or 1)):
+                ask(base, model, problems[0]["question"], a.max_tokens)   # warm-up
+            trips[mode] = round_trip_ms(base)
             for c in clients:
                 results.append(load(base, model, problems, c, mode, a.max_tokens))
                 print(f"{mode}, {c} clients: {results[-1].tokens_per_second:.0f} tok/s", file=sys.stderr)
         finally:
-            proc.terminate()
-            proc.wait(30)
-    results.sort(key=lambda r: (r.clients, r.mode != "one at a time"))
+            proc.send_signal(signal.SIGINT)   # serve --ray removes its application and stops its Ray instance
+            proc.wait(90)
+    modes = list(trips)
+    results.sort(key=lambda r: (r.clients, modes.index(r.mode)))
     print(f"HTTP server, {len(problems)} chat prompts from {a.data}, max_tokens {a.max_tokens}\n")
-    print(load_table(results))
+    print(load_table(results, modes[0]))
+    print("\nGET /v1/models round trip: " + "; ".join(f"{m}: {ms:.2f} ms" for m, ms in trips.items()))
 
 
 if __name__ == "__main__":

@@ -102,10 +102,10 @@ def run_load(engine, problems: list[dict], clients: int, mode: str, progress: bo
     return graded(mode, clients, problems, seconds, done)
 
 
-def load_table(results: list[LoadResult]) -> str:
-    """One row per (mode, clients); ratios against one request at a time at the same number of clients."""
-    alone = {r.clients: r for r in results if r.mode == "one at a time"}
-    lines = ["| clients | server | tok/s | vs one at a time | p50 latency | p95 latency | accuracy | same answers |",
+def load_table(results: list[LoadResult], baseline: str = "one at a time") -> str:
+    """One row per (mode, clients); ratios against the `baseline` mode at the same number of clients."""
+    alone = {r.clients: r for r in results if r.mode == baseline}
+    lines = [f"| clients | server | tok/s | vs {baseline} | p50 latency | p95 latency | accuracy | same answers |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = alone.get(r.clients)
