@@ -66,7 +66,7 @@ class EngineFacts:
 
 
 class ModelReplica:
-    """One replica of one engine folder (a Ray Serve deployment, see `deployments`)."""
+    """One replica of one engine folder (deployed by build_app, one deployment per folder)."""
 
     def __init__(self, engines: str, backend: str = "auto", threads: int | None = None,
                  max_batch: int | None = None):
@@ -75,8 +75,9 @@ class ModelReplica:
         self.engine.warmup()   # before the replica counts as ready: its first request must not pay for it
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
-        # each request in progress waits for the scheduler in a thread of its own, as in the single-process server
-        self.waiters = ThreadPoolExecutor(max_workers=self.engine.max_batch, thread_name_prefix="decode")
+        # each request in progress (at most max_batch: max_ongoing_requests) waits for the scheduler in a thread of its
+        # own, as in the single-process server
+        self.waiters = ThreadPoolExecutor(max_workers=max_batch or DEFAULT_MAX_BATCH, thread_name_prefix="decode")
 
     def facts(self) -> EngineFacts:
         e = self.engine
@@ -87,9 +88,6 @@ class ModelReplica:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
         if not self.engine.scheduler.alive:
             raise RuntimeError(f"{self.engine.name}: the decoding thread stopped")
-
-    def status(self) -> dict:
-        return {"replica": self.replica, **self.engine.status()}
 
     async def decode(self, prompt_ids: list[int], opts, stream: bool):
         """Yields ("text", delta) while decoding when `stream`, ("tick", None) at least every TICK_SECONDS, then

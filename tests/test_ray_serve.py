@@ -121,12 +121,10 @@ def test_two_replicas_serve_the_single_process_answers_survive_a_killed_replica_
 
     model = arith_engines.name
     qs = questions(20)
-    slow = dict(cache="none", max_tokens=64)   # long enough to be in flight when a replica is killed
     with TestClient(create_app(Engine.load(arith_engines, threads=1))) as local:
         one = openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=local, max_retries=0)
         expected = [ask(one, model, i, q)[1] for i, q in enumerate(qs)]
-        expected_slow = [ask(one, model, i, q, **slow)[1] for i, q in enumerate(qs)]
-    assert all(expected) and len(set(expected)) > 10   # real, distinct answers
+    assert all(expected[::2]) and len(set(expected)) > 10   # real, distinct answers (chat ones all non-empty)
 
     with ray_server(arith_engines, replicas=2) as (base, proc, log):
         client = openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=90)
@@ -149,9 +147,9 @@ def test_two_replicas_serve_the_single_process_answers_survive_a_killed_replica_
         pids = replica_pids(proc.pid)
         assert len(pids) == 2, pids
         first_text = threading.Event()
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(ask, client, model, i, qs[i], stream=i % 4 < 2, first_text=first_text, **slow)
-                       for i in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(ask, client, model, i, qs[i], stream=i % 4 < 2, first_text=first_text)
+                       for i in range(16)]
             first_text.wait(timeout=60)
             os.kill(pids[0], signal.SIGKILL)
             outcomes = [f.result(timeout=120) for f in futures]
@@ -159,8 +157,8 @@ def test_two_replicas_serve_the_single_process_answers_survive_a_killed_replica_
             if outcome[0] == "error":
                 assert outcome[1] in (503, None) and outcome[2] == "server_busy", outcome
             else:
-                assert outcome[1] == expected_slow[i], (i, outcome)
-        assert sum(o[0] != "error" for o in outcomes) >= 6, outcomes   # the other replica's own requests at least
+                assert outcome[1] == expected[i], (i, outcome)
+        assert sum(o[0] != "error" for o in outcomes) >= 8, outcomes   # the other replica's own requests at least
 
         deadline = time.monotonic() + 90   # Ray Serve starts a replacement
         while len(replica_pids(proc.pid)) < 2 or pids[0] in replica_pids(proc.pid):
@@ -169,12 +167,15 @@ def test_two_replicas_serve_the_single_process_answers_survive_a_killed_replica_
         after = [ask(client, model, i, qs[i]) for i in range(4)]
         assert [text for _, text in after] == expected[:4]
 
-        # Ctrl-C drains: requests in progress finish, then the application and Ray stop
+        # Ctrl-C drains: requests in progress (streams that sent their first text) finish, then the application
+        # and Ray stop
+        first_text = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(ask, client, model, i, qs[i], **slow) for i in range(4)]
-            time.sleep(0.5)
+            futures = [pool.submit(ask, client, model, i, qs[i], stream=True, first_text=first_text)
+                       for i in range(4)]
+            first_text.wait(timeout=60)
             proc.send_signal(signal.SIGINT)
             drained = [f.result(timeout=120) for f in futures]
-        assert [text for _, text in drained] == expected_slow[:4], drained
+        assert [text for _, text in drained] == expected[:4], drained
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
         assert replica_pids(proc.pid) == []
