@@ -215,9 +215,10 @@ class ModelArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] or \
-                self.autoscale is not None and self.autoscale[1] < 1:
-            raise ValueError(f"autoscale must be MIN,MAX with 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale}")
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            if not 0 <= low <= high or high < 1:
+                raise ValueError(f"autoscale must be MIN,MAX with 0 <= MIN <= MAX and MAX >= 1, got {low},{high}")
         return self
 
     @property
@@ -303,6 +304,8 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
 
     import ray
 
+    where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
+    print(f"starting on {where}: replicas load and warm up before serving (tens of seconds)", flush=True)
     if address is None:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         check_resources(app_args, ray.cluster_resources())
@@ -327,8 +330,12 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
             last = [line for line in str(e).splitlines() if line.strip()][-1]
             raise DeployFailed(f"Ray Serve could not start the application: {last.strip()} (the replicas' logs: "
                                f"{SERVE_LOGS} on each node)") from None
-        names = ", ".join(m.name for m in app_args.models)
-        print(f"serving {names} on http://{host}:{port}/v1 through Ray Serve (Ctrl-C stops)", flush=True)
+        for m in app_args.models:
+            count = f"{m.replicas}" if m.autoscale is None else f"{m.autoscale[0]}..{m.autoscale[1]}"
+            print(f"serving {m.name}: {count} replica(s), each decoding up to {m.max_batch} requests together on "
+                  f"{m.num_cpus:g} CPU(s){f' and {m.num_gpus:g} GPU(s)' if m.num_gpus else ''}", flush=True)
+        print(f"on http://{host}:{port}/v1 through Ray Serve (Ctrl-C drains requests in progress, then stops)",
+              flush=True)
         serving = True
         while not stopping.is_set():
             time.sleep(0.5)
