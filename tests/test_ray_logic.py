@@ -3,6 +3,7 @@ that replays a real replica's decoding (ModelReplica.decode over the tiny engine
 their first text, back pressure, cancellation; the application's configuration; serve's multi-model app; and the CLI's
 refusals of Ray options."""
 import asyncio
+import dataclasses
 import json
 import pickle
 import time
@@ -226,6 +227,21 @@ def test_several_engines_behind_one_app(engine, tiny_engines):
         other.close()
     with pytest.raises(ValueError, match="distinct names"):
         create_app([engine, engine])
+
+
+def test_two_models_on_replicas_behind_one_front_end(engine, replica):
+    first = replica.facts()
+    second = dataclasses.replace(first, name="second")
+    app = create_app([ray_serve.RemoteEngine(first, Handle(replica, []), 4),
+                      ray_serve.RemoteEngine(second, Handle(replica, []), 4)])
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [first.name, "second"]
+        a = post(client, "/v1/chat/completions", {"model": first.name, "messages": MESSAGES, "max_tokens": 16})
+        b = post(client, "/v1/chat/completions", {"model": "second", "messages": MESSAGES, "max_tokens": 16})
+        assert a[0] == b[0] == 200 and (a[1]["model"], b[1]["model"]) == (first.name, "second")
+        code, err = post(client, "/v1/completions", {"model": "third", "prompt": "Hi"})
+        assert code == 404 and err["error"]["type"] == "model_not_found"
+        assert [m["model"] for m in client.get("/health").json()["models"]] == [first.name, "second"]
 
 
 def test_application_configuration():

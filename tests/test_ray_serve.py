@@ -94,9 +94,9 @@ def ray_server(engines: Path, replicas: int):
     deadline = time.monotonic() + 150
     try:
         while True:
-            try:
+            try:   # up once serve --ray says so (every replica running) and the front end answers
                 with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if json.loads(r.read()).get("status") == "ok":
+                    if json.loads(r.read()).get("status") == "ok" and "through Ray Serve" in log.read_text():
                         break
             except (urllib.error.URLError, ConnectionError, ValueError, TimeoutError):
                 pass
