@@ -304,46 +304,45 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
 
     import ray
 
-    where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
-    print(f"starting on {where}: replicas load and warm up before serving (tens of seconds)", flush=True)
-    if address is None:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-        check_resources(app_args, ray.cluster_resources())
-    else:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    stopping = threading.Event()
+    stopping, serving = threading.Event(), threading.Event()
 
     def stop(*_):   # SIGINT or SIGTERM; SIGINT too where it came ignored (a background job of a script)
-        if not stopping.is_set() and serving:
-            stopping.set()
+        if serving.is_set() and not stopping.is_set():
+            stopping.set()   # the loop below ends, then the application drains
         else:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt   # while starting, or a second signal while draining
 
-    serving = False
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
+    print(f"starting on {where}: replicas load and warm up before serving (tens of seconds)", flush=True)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        if address is None:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            check_resources(app_args, ray.cluster_resources())
+        else:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         try:
+            serve.start(http_options={"host": host, "port": port})
             serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
-        except RuntimeError as e:  # Ray Serve's report holds the replica's traceback: its last line says what failed
-            last = [line for line in str(e).splitlines() if line.strip()][-1]
-            raise DeployFailed(f"Ray Serve could not start the application: {last.strip()} (the replicas' logs: "
-                               f"{SERVE_LOGS} on each node)") from None
+        except RuntimeError as e:  # Ray's report ends with what failed (a port in use, a replica's own error, ...)
+            last = [line for line in str(e).splitlines() if line.strip()][-1].strip()
+            raise DeployFailed(f"Ray Serve could not start: {last} (its logs: {SERVE_LOGS} on each node)") from None
         for m in app_args.models:
             count = f"{m.replicas}" if m.autoscale is None else f"{m.autoscale[0]}..{m.autoscale[1]}"
             print(f"serving {m.name}: {count} replica(s), each decoding up to {m.max_batch} requests together on "
                   f"{m.num_cpus:g} CPU(s){f' and {m.num_gpus:g} GPU(s)' if m.num_gpus else ''}", flush=True)
         print(f"on http://{host}:{port}/v1 through Ray Serve (Ctrl-C drains requests in progress, then stops)",
               flush=True)
-        serving = True
+        serving.set()
         while not stopping.is_set():
             time.sleep(0.5)
-    except KeyboardInterrupt:   # while starting, or a second signal while draining
+        print("draining requests in progress, then stopping", flush=True)
+    except KeyboardInterrupt:
         pass
     finally:
-        print("draining requests in progress, then stopping", flush=True)
         try:
-            serve.delete(APP_NAME)
+            if ray.is_initialized() and serve.status().applications.get(APP_NAME) is not None:
+                serve.delete(APP_NAME)   # waits while replicas finish their requests (graceful_shutdown_s)
         finally:
             ray.shutdown()
