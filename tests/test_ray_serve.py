@@ -51,15 +51,31 @@ def questions(n: int) -> list[str]:
     return [json.loads(line)["question"] for line in lines]
 
 
-def ask(client, model: str, i: int, question: str, stream=False, first_text=None, **extra):
-    """Request i: chat on even i, completion on odd i, streamed when `stream` (first_text, an Event, is set on its
-    first text). (replica or 'stream', text), or ('error', status code, error type) for an OpenAI error."""
+class Texted:
+    """How many streams have received text so far."""
+
+    def __init__(self):
+        self.streams, self.lock = set(), threading.Lock()
+
+    def add(self, i: int) -> None:
+        with self.lock:
+            self.streams.add(i)
+
+    def wait(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.streams) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def ask(client, model: str, i: int, question: str, stream=False, texted: Texted | None = None, **extra):
+    """Request i: chat on even i, completion on odd i, streamed when `stream` (`texted` counts it once it received
+    text). (replica or 'stream', text), or ('error', status code, error type) for an OpenAI error."""
     def joined(deltas):
         text = ""
         for delta in deltas:
             text += delta
-            if text and first_text is not None:
-                first_text.set()
+            if text and texted is not None:
+                texted.add(i)
         return text
 
     try:
@@ -141,16 +157,16 @@ def test_two_replicas_serve_the_single_process_answers_survive_a_killed_replica_
         unknown = ask(client, "no-such-model", 0, qs[0])
         assert unknown[:2] == ("error", 404)
 
-        # a replica dies with requests in flight, once some stream has sent text: each request ends with its answer
+        # a replica dies with requests in flight, once streams have sent text: each request ends with its answer
         # (one that had sent no text yet is decoded again on the other replica) or with a clean 503 (an error event
         # when streaming); none hangs, none is cut short
         pids = replica_pids(proc.pid)
         assert len(pids) == 2, pids
-        first_text = threading.Event()
+        texted = Texted()
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(ask, client, model, i, qs[i], stream=i % 4 < 2, first_text=first_text)
+            futures = [pool.submit(ask, client, model, i, qs[i], stream=i % 4 < 2, texted=texted)
                        for i in range(16)]
-            first_text.wait(timeout=60)
+            texted.wait(3, timeout=60)   # streams on both replicas have likely sent text
             os.kill(pids[0], signal.SIGKILL)
             outcomes = [f.result(timeout=120) for f in futures]
         for i, outcome in enumerate(outcomes):
@@ -169,11 +185,10 @@ def test_two_replicas_serve_the_single_process_answers_survive_a_killed_replica_
 
         # Ctrl-C drains: requests in progress (streams that sent their first text) finish, then the application
         # and Ray stop
-        first_text = threading.Event()
+        texted = Texted()
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(ask, client, model, i, qs[i], stream=True, first_text=first_text)
-                       for i in range(4)]
-            first_text.wait(timeout=60)
+            futures = [pool.submit(ask, client, model, i, qs[i], stream=True, texted=texted) for i in range(4)]
+            texted.wait(1, timeout=60)
             proc.send_signal(signal.SIGINT)
             drained = [f.result(timeout=120) for f in futures]
         assert [text for _, text in drained] == expected[:4], drained
