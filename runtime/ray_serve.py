@@ -322,6 +322,7 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
             check_resources(app_args, ray.cluster_resources())
         else:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)   # this process's part: our own lines say it
         try:
             serve.start(http_options={"host": host, "port": port})
             serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
