@@ -2,6 +2,7 @@
 Each tiny engine is checked once against the PyTorch reference on ONNX Runtime (dllm-trt check)."""
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -112,7 +113,7 @@ def test_export_onto_a_file_on_the_command_line(tmp_path):
                                                    f"folder; choose a new --out"
 
 
-def test_export_onto_a_folder_with_files(tmp_path, tiny_dir, capsys):
+def test_export_onto_a_folder_with_files(tmp_path, tiny_dir, tiny_engines, capsys):
     """--out may be new, empty, or an engine folder (replaced as a whole); never a folder with other files."""
     from dllm_trt.cli import main
 
@@ -130,10 +131,10 @@ def test_export_onto_a_folder_with_files(tmp_path, tiny_dir, capsys):
     cfg = tiny_config(n_layers=2, d_model=32, n_heads=2, max_len=32)
     small = write_checkpoint(tmp_path / "small", cfg, random_weights(cfg, 1), byte_tokenizer())
     out = tmp_path / "eng"
-    common = ["export", "--model", str(small), "--out", str(out)]
-    main(common + ["--layers-per-range", "1"])
-    main(common + ["--layers-per-range", "2"])
+    shutil.copytree(tiny_engines, out)   # an earlier export there, of other layer ranges (layers_00_02, layers_02_04)
+    main(["export", "--model", str(small), "--out", str(out), "--layers-per-range", "1"])
     listed = {f for p in json.loads((out / "manifest.json").read_text())["pieces"] for f in (p["file"], p["data_file"])}
     on_disk = {f.name for f in out.glob("*.onnx*")}
-    assert on_disk == listed - {""}   # no pieces of the first export left behind
+    assert "layers_00_01.onnx" in listed and not (out / "layers_02_04.onnx").exists()
+    assert on_disk == listed - {""}   # no pieces of the earlier export left behind
     assert not (tmp_path / "eng.partial").exists()
