@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,15 +19,34 @@ def tiny_dir(tmp_path_factory):
 TINY_ENGINE_MAX_LEN = 320
 
 
+def made_once(tmp_path_factory, worker_id: str, name: str, make) -> Path:
+    """A folder made once per test run and shared by its pytest-xdist workers (an export costs ~5 s per piece): the
+    first worker to ask makes it under a file lock, the others wait and reuse it. Only for folders tests read."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent   # the run's folder, above each worker's own
+    folder, done = shared / name / "out", shared / name / "done"
+    (shared / name).mkdir(exist_ok=True)
+    with FileLock(str(shared / name / "lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def tiny_engines(tiny_dir, tmp_path_factory):
-    """The tiny checkpoint exported once per test session (fp32, two layers per range). Tests that modify engine
-    files work on a copy."""
+def tiny_engines(tiny_dir, tmp_path_factory, worker_id):
+    """The tiny checkpoint exported once per test run (fp32, two layers per range; the checkpoint is the same in every
+    worker: a fixed seed). Tests that modify engine files work on a copy."""
     from dllm_trt.export.onnx_export import export_model
 
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    export_model(tiny_dir, out, layers_per_range=2, max_len=TINY_ENGINE_MAX_LEN, max_active=64, quiet=True)
-    return out
+    def make(out):
+        export_model(tiny_dir, out / "tiny", layers_per_range=2, max_len=TINY_ENGINE_MAX_LEN, max_active=64,
+                     quiet=True)
+
+    return made_once(tmp_path_factory, worker_id, "tiny_engines", make) / "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +61,16 @@ def tiny_bf16_engines(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def arith_engines(tmp_path_factory):
-    """The bundled model (models/arith) exported once per session (three layers per range: two graphs, a quicker
-    export). Modules that use it share the xdist_group "arith_engines", so that one worker exports it."""
+def arith_engines(tmp_path_factory, worker_id):
+    """The bundled model (models/arith) exported once per test run (three layers per range: two graphs, a quicker
+    export), shared by the workers like tiny_engines."""
     from dllm_trt.export.onnx_export import export_model
 
-    out = tmp_path_factory.mktemp("arith") / "arith"
-    export_model(Path(__file__).resolve().parents[1] / "models" / "arith", out, layers_per_range=3, max_batch=16,
-                 quiet=True)
-    return out
+    def make(out):
+        export_model(Path(__file__).resolve().parents[1] / "models" / "arith", out / "arith", layers_per_range=3,
+                     max_batch=16, quiet=True)
+
+    return made_once(tmp_path_factory, worker_id, "arith_engines", make) / "arith"
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,6 @@ from dllm_trt.runtime.options import build, decode_options
 from dllm_trt.runtime.scheduler import Scheduler
 from dllm_trt.runtime.tokenizer import TextTokenizer
 
-# one worker runs the modules that use the bundled model's export (conftest.arith_engines), so that it is exported
-# once (pytest-xdist, --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("arith_engines")
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "models" / "arith"
 # every cache and both schedules, different gammas, windows, thresholds, drift metrics and alignments in one batch

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("arith_engines")]
+pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 REPLICA_PROCESS = "ServeReplica:dllm-trt:model-"   # Ray titles a replica's process with its app and deployment
 
