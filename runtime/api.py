@@ -57,6 +57,19 @@ class RequestLimits:
         return schedule, policy
 
 
+def encode_prompt(tokenizer: TextTokenizer, prompt: str | list[dict]) -> list[int]:
+    """A prompt's ids: a list of messages through the chat template, a string as plain text."""
+    return tokenizer.encode_prompt(prompt, chat=isinstance(prompt, list))
+
+
+def check_request(tokenizer: TextTokenizer, limits: RequestLimits, prompt: str | list[dict], options: dict):
+    """Engine.prepare's checks, for whatever holds the engine's tokenizer and limits (the engine itself, or a front
+    end that decodes elsewhere): (prompt ids, options, schedule, policy), or OptionError / PromptTooLong."""
+    opts = decode_options(options)
+    ids = encode_prompt(tokenizer, prompt)
+    return ids, opts, *limits.plan(ids, opts)
+
+
 class Engine:
     def __init__(self, backend: Backend, tokenizer: TextTokenizer, name: str, max_batch: int | None = None,
                  max_queue: int | None = None):
@@ -131,14 +144,14 @@ class Engine:
         return self.backend.weight_bytes
 
     def encode(self, prompt: str | list[dict]) -> list[int]:
-        return self.tokenizer.encode_prompt(prompt, chat=isinstance(prompt, list))
+        return encode_prompt(self.tokenizer, prompt)
 
     def prepare(self, prompt: str | list[dict], **options) -> tuple[Decoder, list[int], DecodeOptions]:
         """Validate the options (OptionError) and the prompt length (PromptTooLong), both ValueErrors, before any
         work starts. Options are DecodeOptions' fields; `max_tokens` (OpenAI's name) is accepted for gen_length,
         and None for any option means its default (for gamma: the engine's calibrated gamma, else 0.9)."""
-        opts = decode_options(options)
-        return self.plan(self.encode(prompt), opts)
+        ids, opts, schedule, policy = check_request(self.tokenizer, self.limits, prompt, options)
+        return Decoder(self.backend, policy, schedule, self.tokenizer.decode), ids, opts
 
     @property
     def limits(self) -> RequestLimits:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,14 +31,12 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from .api import Cancelled, Engine, QueueFull, RequestLimits
+from .api import DEFAULT_MAX_BATCH, Cancelled, Engine, QueueFull, RequestLimits, check_request
 from .manifest import MAX_BATCH_LIMIT
-from .options import decode_options
-from .server import DEFAULT_ADMIT_SECONDS, DEFAULT_MAX_BODY, MAX_QUEUE, Unavailable, create_app
+from .server import DEFAULT_ADMIT_SECONDS, DEFAULT_MAX_BODY, MAX_QUEUE, Decoding, Unavailable, create_app
 from .tokenizer import TextTokenizer
 
 APP_NAME = "dllm-trt"
-DEFAULT_MAX_BATCH = 32          # the Engine's default: requests one replica decodes together
 TICK_SECONDS = 0.5              # a replica reports at least this often, so that the front end sees a client leave
 RETRIES = 2                     # decodings started again after their replica died, while no text was sent
 LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)   # the replica (or all) is gone
@@ -59,7 +58,6 @@ class EngineFacts:
     name: str
     tokenizer: TextTokenizer
     limits: RequestLimits
-    max_positions: int
     max_batch: int
     backend: str
     weight_bytes: int | None
@@ -81,7 +79,7 @@ class ModelReplica:
 
     def facts(self) -> EngineFacts:
         e = self.engine
-        return EngineFacts(e.name, e.tokenizer, e.limits, e.max_positions, e.max_batch, e.backend.describe(),
+        return EngineFacts(e.name, e.tokenizer, e.limits, e.max_batch, e.backend.describe(),
                            e.weight_bytes)
 
     def check_health(self) -> None:
@@ -93,38 +91,28 @@ class ModelReplica:
         """Yields ("text", delta) while decoding when `stream`, ("tick", None) at least every TICK_SECONDS, then
         ("result", GenerationResult); raises what the decoding raised. Cancelling the call (the client left) stops
         the decoding at its next step."""
-        prepared = self.engine.plan(prompt_ids, opts)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def work():
-            try:
-                res = self.engine.generate(None, cancelled=stop.is_set, prepared=prepared,
-                                           on_text=(lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t)))
-                                           if stream else None)
-            except BaseException as e:   # handed to the caller below
-                res = e
-            loop.call_soon_threadsafe(events.put_nowait, ("end", res))
-
-        loop.run_in_executor(self.waiters, work)
+        # the single-process server's decoding in a worker thread: text as it becomes final, then the result or
+        # the exception it ended with
+        decoding = Decoding(self.engine, None, self.engine.plan(prompt_ids, opts), stream, loop)
+        loop.run_in_executor(self.waiters, decoding.run)
         try:
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), TICK_SECONDS)
+                    item = await asyncio.wait_for(decoding.events.get(), TICK_SECONDS)
                 except asyncio.TimeoutError:
                     yield "tick", None
                     continue
-                if kind == "text":
-                    yield kind, value
+                if isinstance(item, str):
+                    yield "text", item
                     continue
-                if isinstance(value, BaseException):
-                    raise value
-                value.replica = self.replica
-                yield "result", value
+                if isinstance(item, BaseException):
+                    raise item
+                item.replica = self.replica
+                yield "result", item
                 return
         finally:
-            stop.set()   # cancelled or done: a decoding still running stops at its next step
+            decoding.stop.set()   # cancelled or done: a decoding still running stops at its next step
 
     def __del__(self):
         # Ray Serve waits for the requests in progress (graceful_shutdown_timeout_s) before it drops a replica
@@ -139,7 +127,7 @@ class RemoteEngine:
     def __init__(self, facts: EngineFacts, handle, capacity: int):
         """capacity: requests the replicas decode together at most (max_batch times the most replicas)."""
         self.facts, self.handle = facts, handle
-        self.name, self.tokenizer, self.max_positions = facts.name, facts.tokenizer, facts.max_positions
+        self.name, self.tokenizer, self.max_positions = facts.name, facts.tokenizer, facts.limits.max_positions
         self.max_batch = capacity
 
     def status(self) -> dict:
@@ -149,9 +137,7 @@ class RemoteEngine:
 
     def prepare(self, prompt, **options):
         """Engine.prepare's checks and errors, with the engine's own limits: (prompt ids, options)."""
-        opts = decode_options(options)
-        ids = self.tokenizer.encode_prompt(prompt, chat=isinstance(prompt, list))
-        self.facts.limits.plan(ids, opts)
+        ids, opts, _, _ = check_request(self.tokenizer, self.facts.limits, prompt, options)
         return ids, opts
 
     def generate(self, prompt, on_text=None, cancelled=None, prepared=None, **options):
@@ -315,7 +301,7 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
-    print(f"starting on {where}: replicas load and warm up before serving (tens of seconds)", flush=True)
+    print(f"starting on {where}: replicas load and warm up before serving (tens of seconds)", file=sys.stderr, flush=True)
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
@@ -332,13 +318,13 @@ def serve_on_ray(app_args: AppArgs, host: str, port: int, address: str | None) -
         for m in app_args.models:
             count = f"{m.replicas}" if m.autoscale is None else f"{m.autoscale[0]}..{m.autoscale[1]}"
             print(f"serving {m.name}: {count} replica(s), each decoding up to {m.max_batch} requests together on "
-                  f"{m.num_cpus:g} CPU(s){f' and {m.num_gpus:g} GPU(s)' if m.num_gpus else ''}", flush=True)
+                  f"{m.num_cpus:g} CPU(s){f' and {m.num_gpus:g} GPU(s)' if m.num_gpus else ''}", file=sys.stderr, flush=True)
         print(f"on http://{host}:{port}/v1 through Ray Serve (Ctrl-C drains requests in progress, then stops)",
-              flush=True)
+              file=sys.stderr, flush=True)
         serving.set()
         while not stopping.is_set():
             time.sleep(0.5)
-        print("draining requests in progress, then stopping", flush=True)
+        print("draining requests in progress, then stopping", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         pass
     finally:
