@@ -323,7 +323,6 @@ def cmd_bench(a) -> None:
 def bench_load(a, problems, backend, clients: list[int], gen_length: int) -> None:
     """bench --concurrency: the same prompts from C client threads, one request at a time vs batched."""
     from .evaluate.load import load_table, run_load
-    from .runtime.api import Engine
 
     source = Path(a.engines or a.model or DEFAULT_MODEL)
     one = engine_on(backend, source, max_batch=1)
@@ -475,10 +474,10 @@ def serve_on_ray(a) -> None:
     for folder in a.engines:
         load_manifest(folder)  # a missing or broken folder fails here, in one line, before Ray starts
     try:
+        given = {k: v for k, v in (("max_batch", a.max_batch), ("replicas", a.replicas)) if v is not None}
         args = AppArgs(models=[ModelArgs(engines=str(Path(folder).resolve()), backend=a.backend, threads=a.threads,
-                                         max_batch=a.max_batch or 32, replicas=1 if a.replicas is None else a.replicas,
-                                         autoscale=autoscale,
-                                         num_cpus=a.replica_cpus, num_gpus=a.replica_gpus)
+                                         autoscale=autoscale, num_cpus=a.replica_cpus, num_gpus=a.replica_gpus,
+                                         **given)   # absent: ModelArgs' defaults
                                for folder in a.engines],
                        max_queue=a.max_queue, max_body=a.max_body)
     except ValidationError as e:

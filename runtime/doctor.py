@@ -77,7 +77,7 @@ def reachable(address: str, timeout: float = 2.0) -> str | None:
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        return f"not a host:port address"
+        return "not a host:port address"
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
         return None
