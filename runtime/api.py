@@ -62,11 +62,11 @@ def encode_prompt(tokenizer: TextTokenizer, prompt: str | list[dict]) -> list[in
     return tokenizer.encode_prompt(prompt, chat=isinstance(prompt, list))
 
 
-def check_request(tokenizer: TextTokenizer, limits: RequestLimits, prompt: str | list[dict], options: dict):
-    """Engine.prepare's checks, for whatever holds the engine's tokenizer and limits (the engine itself, or a front
-    end that decodes elsewhere): (prompt ids, options, schedule, policy), or OptionError / PromptTooLong."""
+def check_request(encode, limits: RequestLimits, prompt: str | list[dict], options: dict):
+    """Engine.prepare's checks, for whatever encodes prompts and holds the engine's limits (the engine itself, or a
+    front end that decodes elsewhere): (prompt ids, options, schedule, policy), or OptionError / PromptTooLong."""
     opts = decode_options(options)
-    ids = encode_prompt(tokenizer, prompt)
+    ids = encode(prompt)
     return ids, opts, *limits.plan(ids, opts)
 
 
@@ -150,7 +150,7 @@ class Engine:
         """Validate the options (OptionError) and the prompt length (PromptTooLong), both ValueErrors, before any
         work starts. Options are DecodeOptions' fields; `max_tokens` (OpenAI's name) is accepted for gen_length,
         and None for any option means its default (for gamma: the engine's calibrated gamma, else 0.9)."""
-        ids, opts, schedule, policy = check_request(self.tokenizer, self.limits, prompt, options)
+        ids, opts, schedule, policy = check_request(self.encode, self.limits, prompt, options)
         return Decoder(self.backend, policy, schedule, self.tokenizer.decode), ids, opts
 
     @property

@@ -31,7 +31,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from .api import DEFAULT_MAX_BATCH, Cancelled, Engine, QueueFull, RequestLimits, check_request
+from .api import DEFAULT_MAX_BATCH, Cancelled, Engine, QueueFull, RequestLimits, check_request, encode_prompt
 from .manifest import MAX_BATCH_LIMIT
 from .server import DEFAULT_ADMIT_SECONDS, DEFAULT_MAX_BODY, MAX_QUEUE, Decoding, Unavailable, create_app
 from .tokenizer import TextTokenizer
@@ -137,8 +137,11 @@ class RemoteEngine:
 
     def prepare(self, prompt, **options):
         """Engine.prepare's checks and errors, with the engine's own limits: (prompt ids, options)."""
-        ids, opts, _, _ = check_request(self.tokenizer, self.facts.limits, prompt, options)
+        ids, opts, _, _ = check_request(self.encode, self.facts.limits, prompt, options)
         return ids, opts
+
+    def encode(self, prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
 
     def generate(self, prompt, on_text=None, cancelled=None, prepared=None, **options):
         """Engine.generate, decoded by a replica (blocks the calling thread, as Engine.generate does). A replica
